@@ -1,0 +1,260 @@
+"""Evaluate LoraRetriever on a mixed-task data file: retrieve LoRAs per input, compose them per sample, generate.
+
+Example (the embedded default, offline on CPU):
+
+    python main.py --data_path data/bigbench/combined_test.json --config_path config/bigbench_pool.json \
+        --res_path results/mixture.json --eval_type mixture --lora_num 3 --batch_size 8
+
+The paper's own setup on a GPU: add ``--settings config/paper_llama2_7b.json`` (base model, adapters and
+retriever of the paper) and point ``--data_path`` at the paper's ``combined_test.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+EVAL_TYPES = ("mixture", "fusion", "base")
+DEFAULT_BASE_MODEL = "embedded:smollm2-135m-instruct"
+DEFAULT_RETRIEVER = "embedded:all-minilm-l6-v2"
+DEFAULT_POOL = "config/bigbench_pool.json"
+PAPER_INSTRUCTION = "Represent the sentence for similar task retrieval: "
+
+logger = logging.getLogger("main")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    # The paper's flags.
+    a("--data_path", help="evaluation rows: JSON list or JSON Lines of {inputs, targets, task, domain, metric} (required)")
+    a("--res_path", help="results file to write, e.g. results/mixture.json (required)")
+    a("--config_path", default=DEFAULT_POOL, help="LoRA pool config: JSON list of {model_name, domain, sample, path?}")
+    a("--eval_type", default="mixture", choices=EVAL_TYPES, help="mixture / fusion of the top-k adapters, or base (no adapter)")
+    a("--lora_num", type=int, default=3, help="k, the number of adapters retrieved per input (1 = selection)")
+    a("--batch_size", type=int, default=8, help="rows generated together")
+    a("--ood", action="store_true", help="out-of-domain: remove the row's own task adapter before taking the top k")
+    a("--best_selection", action="store_true", help="perfect selection: use the row's own task adapter (k=1, weight 1)")
+    # Models and pool.
+    a("--base_model", default=DEFAULT_BASE_MODEL, help="causal LM: hub id, local dir or embedded:NAME")
+    a("--retriever", default=DEFAULT_RETRIEVER, help="sentence-transformers model: id, local dir or embedded:NAME")
+    a("--instruction", default=PAPER_INSTRUCTION, help="retrieval instruction given as the embedding prompt")
+    a("--exclude_prompt_from_pooling", default="auto", choices=("auto", "yes", "no"),
+      help="INSTRUCTOR-style pooling without the instruction tokens (auto: for ids naming instructor/lora_retriever)")
+    a("--adapter_pattern", default=None, help="adapter location for pool entries without 'path', e.g. loras/{name} or Styxxxx/llama2_7b_lora-{name}")
+    a("--weighting", default="uniform", choices=("uniform", "softmax"), help="composition weights: uniform 1/k (paper) or softmax of similarities")
+    a("--temperature", type=float, default=0.1, help="softmax temperature for --weighting softmax")
+    # Prompting and decoding.
+    a("--template", default="alpaca", help="prompt template name under templates/ or a .json path")
+    a("--max_new_tokens", type=int, default=50, help="tokens generated per row (greedy)")
+    a("--max_input_tokens", type=int, default=None, help="keep only the last N prompt tokens (default: no cut)")
+    # Run control.
+    a("--limit", type=int, default=None, help="evaluate only the first N rows")
+    a("--seed", type=int, default=42, help="random seed (decoding is greedy; recorded in the results)")
+    a("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    a("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
+    a("--device_map", default=None, help="e.g. auto: spread a large base model over the visible GPUs")
+    a("--no_resume", action="store_true", help="ignore and replace an existing checkpoint instead of resuming it")
+    a("--settings", default=None, help="JSON or YAML file of flag defaults (e.g. config/paper_llama2_7b.json); flags override it")
+    a("--log_level", default="INFO", help="logging level")
+    return p
+
+
+def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags, with defaults from ``--settings FILE`` when given; unknown flags and keys are errors."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.settings:
+        parser.set_defaults(**read_settings_file(pre.settings, parser))
+    return parser.parse_args(argv)
+
+
+def read_settings_file(path: str, parser: argparse.ArgumentParser) -> dict:
+    from utils.data import InputError
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"Settings file {path} does not exist; see config/ for examples.")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise InputError(f"Settings file {path} has unknown keys {unknown}; use flag names without dashes.")
+    return {k: v for k, v in values.items() if not k.startswith("_")}
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Checks of the flags alone (files are checked when read)."""
+    from utils.data import InputError
+
+    if not args.data_path:
+        raise InputError("--data_path is required, e.g. --data_path data/bigbench/combined_test.json")
+    if not args.res_path:
+        raise InputError("--res_path is required, e.g. --res_path results/mixture.json")
+    if args.lora_num < 1:
+        raise InputError(f"--lora_num must be at least 1 (got {args.lora_num}).")
+    if args.batch_size < 1:
+        raise InputError(f"--batch_size must be at least 1 (got {args.batch_size}).")
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max_new_tokens must be at least 1 (got {args.max_new_tokens}).")
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit must be at least 1 (got {args.limit}).")
+    if args.best_selection and args.eval_type == "base":
+        raise InputError("--best_selection uses adapters; it cannot go with --eval_type base.")
+    if args.best_selection and args.ood:
+        raise InputError("--best_selection uses the row's own adapter, which --ood removes; drop one of them.")
+
+
+def resolved_settings(args: argparse.Namespace) -> dict:
+    """The settings that decide the predictions (written into the results file and checkpoint)."""
+    s = {k: v for k, v in vars(args).items() if k not in ("log_level", "no_resume", "settings", "batch_size", "device", "device_map")}
+    if args.best_selection:
+        s["lora_num"] = 1
+    return s
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Validate everything, load each stage once, evaluate, and write the results file atomically."""
+    import numpy as np
+    import torch
+    import transformers
+    from tqdm.auto import tqdm
+
+    from utils.adapter_pool import AdapterPool
+    from utils.composition import compose
+    from utils.data import InputError, load_pool_config, load_rows
+    from utils.generation import generate_batch, length_sorted_batches
+    from utils.model_loading import load_base_model, load_tokenizer
+    from utils.prompter import Prompter
+    from utils.results import Checkpoint, check_writable, run_metadata, write_json_atomic
+    from utils.retrieval import Embedder, LoraRetriever, composition_weights
+
+    t_start = time.time()
+    validate(args)
+    rows = load_rows(args.data_path)
+    if args.limit:
+        rows = rows[: args.limit]
+    prompter = Prompter(args.template)
+    use_pool = args.eval_type != "base"
+    k = 1 if args.best_selection else args.lora_num
+    pool = []
+    if use_pool:
+        pool = load_pool_config(args.config_path, args.adapter_pattern)
+        names = {e.name for e in pool}
+        if args.best_selection:
+            missing = sorted({r["task"] for r in rows} - names)
+            if missing:
+                raise InputError(f"--best_selection needs each row's own adapter, but the pool has none for tasks {missing}; add them to {args.config_path}.")
+        else:
+            own_in_pool = args.ood and any(r["task"] in names for r in rows)
+            available = len(pool) - (1 if own_in_pool else 0)
+            if k > available:
+                raise InputError(
+                    f"--lora_num {k} is larger than the {available} candidate adapters"
+                    + (" left after OOD exclusion" if own_in_pool else "") + f" in {args.config_path}; lower --lora_num."
+                )
+    check_writable(args.res_path)
+    settings = resolved_settings(args)
+    checkpoint = Checkpoint(args.res_path, settings)
+    if args.no_resume:
+        checkpoint.remove()
+    done = checkpoint.load()
+    if done:
+        logger.info("Resuming: %d of %d rows already in %s", len(done), len(rows), checkpoint.path)
+    logger.info("Settings: %s", json.dumps(settings))
+
+    transformers.set_seed(args.seed)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    t0 = time.time()
+    tokenizer = load_tokenizer(args.base_model)
+    model = load_base_model(args.base_model, dtype=dtype, device=device, device_map=args.device_map)
+    adapter_pool = AdapterPool(model, pool) if use_pool else None
+    logger.info("Models and %d adapters loaded in %.1f s", len(pool), time.time() - t0)
+
+    # Retrieval for every row, batched.
+    t0 = time.time()
+    chosen: list[list[str]] = [[] for _ in rows]
+    scores = np.zeros((len(rows), k), dtype=np.float32)
+    if use_pool and args.best_selection:
+        chosen = [[r["task"]] for r in rows]
+        scores = np.ones((len(rows), 1), dtype=np.float32)
+    elif use_pool:
+        exclude = {"auto": None, "yes": True, "no": False}[args.exclude_prompt_from_pooling]
+        embedder = Embedder(args.retriever, args.instruction, device=device, exclude_prompt_from_pooling=exclude)
+        retriever = LoraRetriever(embedder, [e.name for e in pool], [e.samples for e in pool])
+        chosen, scores = retriever.search([r["inputs"] for r in rows], k, exclude=[r["task"] for r in rows] if args.ood else None)
+    weights = composition_weights(scores, "uniform" if args.best_selection else args.weighting, args.temperature) if use_pool else scores
+    t_retrieval = time.time() - t0
+
+    prompts = [prompter.generate_prompt(r["inputs"]) for r in rows]
+    todo = [i for i in range(len(rows)) if i not in done]
+    lengths = [len(tokenizer(prompts[i]).input_ids) for i in todo]
+    batches = [[todo[j] for j in batch] for batch in length_sorted_batches(lengths, args.batch_size)]
+    checkpoint.start(done)
+    t0, n_tokens = time.time(), 0
+    for batch in tqdm(batches, desc=f"Generating ({args.eval_type})", unit="batch"):
+        batch_prompts = [prompts[i] for i in batch]
+        if use_pool:
+            idx = adapter_pool.indices([chosen[i] for i in batch])
+            w = torch.as_tensor(weights[batch])
+            with compose(adapter_pool, idx, w, args.eval_type) as composed:
+                texts, counts = generate_batch(composed, tokenizer, batch_prompts, args.max_new_tokens, args.max_input_tokens)
+        else:
+            texts, counts = generate_batch(model, tokenizer, batch_prompts, args.max_new_tokens, args.max_input_tokens)
+        n_tokens += sum(counts)
+        out = []
+        for i, text in zip(batch, texts):
+            row = dict(rows[i])
+            row.update(index=i, predicted_answer=text, adapters=chosen[i], weights=[float(x) for x in weights[i]] if use_pool else [])
+            if use_pool and not args.best_selection:
+                row["scores"] = [float(x) for x in scores[i]]
+            out.append(row)
+            done[i] = row
+        checkpoint.append(out)
+    t_gen = time.time() - t0
+
+    meta = run_metadata(args.seed)
+    meta["timing_s"] = {"retrieval": round(t_retrieval, 3), "generation": round(t_gen, 3), "total": round(time.time() - t_start, 3)}
+    meta["generated_tokens"] = n_tokens
+    meta["device"], meta["dtype"] = device, dtype
+    result = {"format": "lora_retriever.results/1", "settings": settings, "meta": meta,
+              "rows": [{k2: v for k2, v in done[i].items() if k2 != "index"} for i in range(len(rows))]}
+    write_json_atomic(args.res_path, result)
+    checkpoint.remove()
+    logger.info("Wrote %d rows to %s (retrieval %.2f s, generation %.1f s, %d new tokens)", len(rows), args.res_path, t_retrieval, t_gen, n_tokens)
+    return Path(args.res_path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from utils.data import InputError
+
+    try:
+        args = parse_settings(argv)
+    except InputError as err:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+        logger.error("%s", err)
+        return 2
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        run(args)
+    except InputError as err:
+        logger.error("%s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

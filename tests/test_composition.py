@@ -1,0 +1,194 @@
+"""Composition math against stock peft and against the formulas computed directly from A and B."""
+
+import copy
+
+import pytest
+import torch
+
+from utils.adapter_pool import AdapterPool
+from utils.composition import build_composed, compose
+from utils.data import PoolEntry
+
+
+def load_base(tiny_base):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+
+
+def make_pool(tiny_base, loras, names):
+    entries = [PoolEntry(name=n, domain="d", samples=["x"], path=str(loras[n])) for n in names]
+    return AdapterPool(load_base(tiny_base), entries, show_progress=False)
+
+
+def batch_inputs(batch=3, length=7, vocab=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, vocab, (batch, length), generator=g)
+
+
+def lora_weights(peft_model, name):
+    """{module path in the base model: (A, B, scaling)} of one adapter, read from the peft layers."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for path, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer) and name in module.lora_A:
+            base_path = path.replace("base_model.model.", "", 1)
+            out[base_path] = (module.lora_A[name].weight.detach(), module.lora_B[name].weight.detach(), float(module.scaling[name]))
+    return out
+
+
+def merged_reference(tiny_base, deltas):
+    """A plain (peft-free) copy of the base model with W <- W + delta for each {module path: delta}."""
+    model = load_base(tiny_base)
+    with torch.no_grad():
+        for path, delta in deltas.items():
+            model.get_submodule(path).weight += delta
+    return model
+
+
+@pytest.fixture(scope="module")
+def pool(tiny_base, tiny_loras):
+    return make_pool(tiny_base, tiny_loras, ["alpha", "beta", "gamma"])
+
+
+def test_selection_equals_stock_peft(pool):
+    ids = batch_inputs()
+    for name in pool.names:
+        pool.model.set_adapter(name)
+        with torch.no_grad():
+            expected = pool.model(input_ids=ids).logits
+            idx = pool.indices([[name]] * ids.shape[0])
+            with compose(pool, idx, torch.ones(ids.shape[0], 1), "mixture") as m:
+                got = m(input_ids=ids).logits
+            with compose(pool, idx, torch.ones(ids.shape[0], 1), "fusion") as m:
+                got_fusion = m(input_ids=ids).logits
+            base = pool.model.get_base_model
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got_fusion, expected, atol=1e-5, rtol=0)
+        with pool.model.disable_adapter(), torch.no_grad():
+            assert not torch.allclose(pool.model(input_ids=ids).logits, expected, atol=1e-3), f"adapter {name} is a no-op"
+
+
+def test_hooks_removed_after_context(pool):
+    ids = batch_inputs()
+    with torch.no_grad(), pool.model.disable_adapter():
+        before = pool.model(input_ids=ids).logits
+    idx = pool.indices([["alpha", "beta"]] * 3)
+    with compose(pool, idx, torch.full((3, 2), 0.5), "mixture"):
+        pass
+    with torch.no_grad(), pool.model.disable_adapter():
+        after = pool.model(input_ids=ids).logits
+    torch.testing.assert_close(before, after)
+    assert all(not layer.module._forward_hooks for layer in pool.layers)
+
+
+def test_mixture_equals_peft_cat(tiny_base, tiny_loras, pool):
+    from peft import PeftModel
+
+    names, w = ["alpha", "beta", "gamma"], [0.5, 0.3, 0.2]
+    ref = PeftModel.from_pretrained(load_base(tiny_base), tiny_loras["alpha"], adapter_name="alpha")
+    for n in names[1:]:
+        ref.load_adapter(tiny_loras[n], adapter_name=n)
+    ref.add_weighted_adapter(names, w, adapter_name="cat", combination_type="cat")
+    ref.set_adapter("cat")
+    ids = batch_inputs()
+    with torch.no_grad():
+        expected = ref(input_ids=ids).logits
+        with compose(pool, pool.indices([names] * 3), torch.tensor([w] * 3), "mixture") as m:
+            got = m(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_mixture_uses_each_adapters_own_scaling(tiny_base, pool):
+    """Adapters of different r and alpha: delta W = sum_j w_j s_j B_j A_j with s_j = alpha_j / r_j."""
+    names, w = ["beta", "gamma"], [0.6, 0.4]  # beta: r=2, alpha=16 (s=8); gamma: r=8, alpha=4 (s=0.5)
+    deltas, wrong = {}, {}
+    last_scaling = None
+    for n, wj in zip(names, w):
+        for path, (A, B, s) in lora_weights(pool.model, n).items():
+            deltas[path] = deltas.get(path, 0) + wj * s * (B @ A)
+            wrong[path] = wrong.get(path, 0) + wj * (B @ A)
+            last_scaling = s
+    assert {8.0, 0.5} == {s for n in names for (_, _, s) in lora_weights(pool.model, n).values()}
+    ids = batch_inputs()
+    with torch.no_grad():
+        expected = merged_reference(tiny_base, deltas)(input_ids=ids).logits
+        paper_bug = merged_reference(tiny_base, {p: last_scaling * d for p, d in wrong.items()})(input_ids=ids).logits
+        with compose(pool, pool.indices([names] * 3), torch.tensor([w] * 3), "mixture") as m:
+            got = m(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(got, paper_bug, atol=1e-3)
+
+
+def test_fusion_equals_formula(tiny_base, tiny_loras, tmp_path):
+    """fusion: delta W = (sum_j w_j s_j B_j)(sum_j w_j A_j), cross terms included (same-rank adapters)."""
+    from tests.helpers import make_lora
+
+    extra = make_lora(tiny_base, tmp_path / "delta", r=4, alpha=2, seed=7)
+    loras = dict(tiny_loras, delta=extra)
+    pool = make_pool(tiny_base, loras, ["alpha", "delta"])
+    w = [0.7, 0.3]
+    per = [lora_weights(pool.model, n) for n in ("alpha", "delta")]
+    deltas = {}
+    for path in per[0]:
+        B_f = sum(wj * p[path][2] * p[path][1] for wj, p in zip(w, per))
+        A_f = sum(wj * p[path][0] for wj, p in zip(w, per))
+        deltas[path] = B_f @ A_f
+    ids = batch_inputs()
+    with torch.no_grad():
+        expected = merged_reference(tiny_base, deltas)(input_ids=ids).logits
+        with compose(pool, pool.indices([["alpha", "delta"]] * 3), torch.tensor([w] * 3), "fusion") as m:
+            got = m(input_ids=ids).logits
+        with compose(pool, pool.indices([["alpha", "delta"]] * 3), torch.tensor([w] * 3), "mixture") as m:
+            mixture = m(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(got, mixture, atol=1e-4), "fusion must differ from mixture (cross terms)"
+
+
+def test_build_composed_shapes():
+    N, R, d_in, d_out, b, k = 5, 3, 6, 4, 2, 2
+    A, B = torch.randn(N, R, d_in), torch.randn(N, d_out, R)
+    idx, w = torch.tensor([[0, 3], [4, 1]]), torch.tensor([[0.5, 0.5], [0.9, 0.1]])
+    At, Bt = build_composed(A, B, idx, w, "mixture")
+    assert At.shape == (b, d_in, k * R) and Bt.shape == (b, k * R, d_out)
+    x = torch.randn(b, d_in)
+    got = torch.einsum("bi,bir,bro->bo", x, At, Bt)
+    want = torch.stack([sum(w[i, j] * (B[idx[i, j]] @ A[idx[i, j]] @ x[i]) for j in range(k)) for i in range(b)])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    At, Bt = build_composed(A, B, idx, w, "fusion")
+    assert At.shape == (b, d_in, R) and Bt.shape == (b, R, d_out)
+    with pytest.raises(ValueError, match="Unknown composition mode"):
+        build_composed(A, B, idx, w, "average")
+
+
+def test_mixed_batch_equals_rows_alone(tiny_base, pool):
+    """Rows of one left-padded batch using different adapters give what each row gives alone."""
+    from tests.helpers import make_tokenizer
+
+    tok = make_tokenizer()
+    prompts = ["The cat sits on the mat.", "Translate to French: the book", "Question: who wrote the book? Answer: the actors were wonderful"]
+    chosen = [["alpha", "beta"], ["gamma", "alpha"], ["beta", "gamma"]]
+    weights = torch.tensor([[0.5, 0.5], [0.8, 0.2], [0.3, 0.7]])
+
+    def run(rows, mode):
+        enc = tok([prompts[i] for i in rows], return_tensors="pt", padding=True)
+        with compose(pool, pool.indices([chosen[i] for i in rows]), weights[rows], mode) as m, torch.no_grad():
+            out = m.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id,
+                             eos_token_id=None, output_scores=True, return_dict_in_generate=True)
+        return out.sequences[:, enc["input_ids"].shape[1]:], torch.stack(out.scores, 1)
+
+    assert len({len(tok(p).input_ids) for p in prompts}) == 3, "prompts must differ in length to exercise padding"
+    for mode in ("mixture", "fusion"):
+        seqs, scores = run([0, 1, 2], mode)
+        for i in range(3):
+            s1, sc1 = run([i], mode)
+            assert torch.equal(seqs[i], s1[0]), (mode, i)
+            torch.testing.assert_close(scores[i], sc1[0], atol=1e-4, rtol=1e-4)
+
+
+def test_batch_size_mismatch_is_refused(pool):
+    ids = batch_inputs(batch=2)
+    with compose(pool, pool.indices([["alpha"]] * 3), torch.ones(3, 1)) as m:
+        with pytest.raises(RuntimeError, match="batch of 3"):
+            m(input_ids=ids)

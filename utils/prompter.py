@@ -1,0 +1,46 @@
+"""Stage: prompting. Prompt formats are JSON data under ``templates/`` (alpaca-lora format)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TEMPLATE_KEYS = ("description", "prompt_input", "prompt_no_input", "response_split")
+DEFAULT_TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
+
+
+class Prompter:
+    """Renders alpaca-style prompts from a template file.
+
+    ``name`` is a template name (``alpaca`` reads ``templates/alpaca.json``) or a path to a JSON file.
+    """
+
+    def __init__(self, name: str = "alpaca", template_dir: Path = DEFAULT_TEMPLATE_DIR):
+        path = Path(name) if name.endswith(".json") else Path(template_dir) / f"{name}.json"
+        if not path.is_file():
+            known = sorted(p.stem for p in Path(template_dir).glob("*.json"))
+            raise ValueError(f"Unknown template {name!r}: {path} does not exist. Known templates: {', '.join(known)}; or pass a path to a .json template.")
+        try:
+            template = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"Template {path} is not valid UTF-8 JSON: {err}") from err
+        missing = [k for k in TEMPLATE_KEYS if k not in template]
+        if missing:
+            raise ValueError(f"Template {path} lacks the keys {missing}; an alpaca-format template has {list(TEMPLATE_KEYS)}.")
+        self.name = name
+        self.path = path
+        self.template = template
+
+    def generate_prompt(self, instruction: str, input: str | None = None, label: str | None = None) -> str:
+        """The prompt for ``instruction`` (and ``input`` if given); ``label`` is appended for training."""
+        if input:
+            text = self.template["prompt_input"].format(instruction=instruction, input=input)
+        else:
+            text = self.template["prompt_no_input"].format(instruction=instruction)
+        if label:
+            text = f"{text}{label}"
+        return text
+
+    def get_response(self, output: str) -> str:
+        """The part of a decoded full sequence after the template's response marker."""
+        return output.split(self.template["response_split"], 1)[-1].strip()

@@ -1,0 +1,156 @@
+"""Stage: retrieval. Embedding inputs and finding the top-k adapters for each one.
+
+Each pool adapter j is represented by the mean of the embeddings of its ``sample`` inputs,
+L2-normalised:  v_j = normalize(mean_i e(s_ji)),  v: [N, d].
+A query q is embedded as e(q) (normalised) and scored against every adapter by inner product, i.e.
+cosine similarity:  score_qj = <e(q), v_j>.  The index is a FAISS inner-product index.
+
+Embeddings are computed in batches with the retrieval instruction given as the sentence-transformers
+``prompt``. For INSTRUCTOR-style models (the paper's retriever) the instruction is excluded from the
+pooling (``Pooling.include_prompt = False``), which is how current sentence-transformers supports them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+PAPER_INSTRUCTION = "Represent the sentence for similar task retrieval: "
+# Past this many adapters an approximate HNSW index answers in sub-linear time; below it the exact
+# flat index is both exact and fast enough (see docs/benchmarks.md).
+HNSW_THRESHOLD = 200_000
+
+
+class Embedder:
+    """A sentence-transformers model with a retrieval instruction.
+
+    Args:
+        name_or_path: sentence-transformers model id, local directory or ``embedded:...`` name.
+        instruction: text given as ``prompt`` to every encode call ("" for none).
+        exclude_prompt_from_pooling: None = decide from the name (INSTRUCTOR-style ids contain "instructor"
+            or "retriever"); True / False force it.
+    """
+
+    def __init__(self, name_or_path: str, instruction: str = PAPER_INSTRUCTION, device: str = "cpu",
+                 exclude_prompt_from_pooling: bool | None = None, batch_size: int = 64):
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.models import Pooling
+
+        from utils.model_loading import resolve_model_path
+
+        path = resolve_model_path(name_or_path)
+        try:
+            self.model = SentenceTransformer(path, device=device)
+        except OSError as err:
+            raise ValueError(f"Could not load retriever {name_or_path!r}: {err}. Pass a local sentence-transformers directory or a reachable id with --retriever.") from err
+        if exclude_prompt_from_pooling is None:
+            lowered = name_or_path.lower()
+            exclude_prompt_from_pooling = "instructor" in lowered or "lora_retriever" in lowered
+        if exclude_prompt_from_pooling:
+            for module in self.model.modules():
+                if isinstance(module, Pooling):
+                    module.include_prompt = False
+        self.name = name_or_path
+        self.instruction = instruction
+        self.batch_size = batch_size
+        self.exclude_prompt_from_pooling = exclude_prompt_from_pooling
+
+    def encode(self, texts: list[str], show_progress: bool = False) -> np.ndarray:
+        """Normalised float32 embeddings [len(texts), d], encoded in batches."""
+        with torch.inference_mode():
+            emb = self.model.encode(list(texts), prompt=self.instruction or None, batch_size=self.batch_size,
+                                    convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=show_progress)
+        return np.ascontiguousarray(emb, dtype=np.float32)
+
+
+def build_index(vectors: np.ndarray, kind: str = "auto"):
+    """FAISS inner-product index over ``vectors`` [N, d] (float32, normalised).
+
+    ``kind``: "flat" (exact), "hnsw" (approximate, for very large pools) or "auto" (flat below
+    HNSW_THRESHOLD vectors, else hnsw).
+    """
+    import faiss
+
+    n, d = vectors.shape
+    if kind == "auto":
+        kind = "flat" if n < HNSW_THRESHOLD else "hnsw"
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = 128
+    else:
+        raise ValueError(f"Unknown index kind {kind!r}; use flat, hnsw or auto.")
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return index
+
+
+class LoraRetriever:
+    """Top-k adapter retrieval over a pool represented by mean sample embeddings.
+
+    Args:
+        embedder: the :class:`Embedder` for queries and samples.
+        names: adapter names, in pool order.  samples: each adapter's example inputs.
+    """
+
+    def __init__(self, embedder: Embedder, names: list[str], samples: list[list[str]], index_kind: str = "auto"):
+        if len(names) != len(samples):
+            raise ValueError("names and samples must have the same length.")
+        self.embedder = embedder
+        self.names = list(names)
+        flat = [s for group in samples for s in group]
+        emb = embedder.encode(flat)  # [sum_j n_j, d]
+        vectors, start = [], 0
+        for group in samples:
+            mean = emb[start:start + len(group)].mean(0)
+            vectors.append(mean / max(np.linalg.norm(mean), 1e-12))
+            start += len(group)
+        self.vectors = np.stack(vectors).astype(np.float32)  # [N, d]
+        self.index = build_index(self.vectors, index_kind)
+
+    def search_embeddings(self, queries: np.ndarray, k: int, exclude: list[str | None] | None = None):
+        """Top-k names and scores for query embeddings [n, d].
+
+        ``exclude[i]`` (the row's own task, for OOD) is removed before the top k are taken, so k
+        results are still returned when the pool has more than k other adapters.
+        Returns (names: list of n lists of k names, scores: float32 [n, k]).
+        """
+        n_pool = len(self.names)
+        extra = 1 if exclude is not None and any(e in self.names for e in exclude if e) else 0
+        if k < 1 or k + extra > n_pool:
+            raise ValueError(f"Cannot retrieve k={k} adapters from a pool of {n_pool}" + (" with the own task excluded" if extra else "") + ".")
+        scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k + extra, n_pool))
+        out_names, out_scores = [], []
+        for i in range(len(queries)):
+            ban = exclude[i] if exclude is not None else None
+            picked = [(self.names[j], float(s)) for j, s in zip(ids[i], scores[i]) if j >= 0 and self.names[j] != ban][:k]
+            if len(picked) < k:  # approximate index returned too few: fall back to exact scores
+                exact = self.vectors @ queries[i]
+                order = np.argsort(-exact)
+                picked = [(self.names[j], float(exact[j])) for j in order if self.names[j] != ban][:k]
+            out_names.append([p[0] for p in picked])
+            out_scores.append([p[1] for p in picked])
+        return out_names, np.asarray(out_scores, dtype=np.float32)
+
+    def search(self, texts: list[str], k: int, exclude: list[str | None] | None = None):
+        """Embed ``texts`` in batches and return their top-k adapters (see :meth:`search_embeddings`)."""
+        return self.search_embeddings(self.embedder.encode(texts), k, exclude)
+
+
+def composition_weights(scores: np.ndarray, scheme: str = "uniform", temperature: float = 1.0) -> np.ndarray:
+    """Weights w [n, k] from retrieval scores [n, k].
+
+    uniform (the paper): w_bj = 1/k.  softmax: w_bj = exp(score_bj / T) / sum_j exp(score_bj / T).
+    """
+    n, k = scores.shape
+    if scheme == "uniform":
+        return np.full((n, k), 1.0 / k, dtype=np.float32)
+    if scheme == "softmax":
+        z = scores / temperature
+        z = np.exp(z - z.max(1, keepdims=True))
+        return (z / z.sum(1, keepdims=True)).astype(np.float32)
+    raise ValueError(f"Unknown weighting {scheme!r}; use uniform or softmax.")
