@@ -1,0 +1,146 @@
+"""Turn a folder of results files into the paper's tables (LaTeX, Markdown, CSV) and bar charts.
+
+    python summarize_results.py --results_dir results/embedded --out_dir results/embedded/summary
+
+Each ``*.json`` results file of ``--results_dir`` is one run (column), named by its file stem. Column
+order: ``--runs`` when given, else the order listed in ``<results_dir>/runs.txt`` (which eval_all.sh
+writes), else sorted names. Metrics are the paper's (EM, sentence BLEU, ROUGE-1/2/L of the ``rouge``
+package), with corpus sacreBLEU and rouge-score ROUGE-L alongside in the task table.
+
+Writes to ``--out_dir``: domain.{md,tex,csv} (domain x metric rows and an Average row),
+tasks.{md,tex,csv} (task x metric rows), scores.json, and charts/<domain>.png. The domain table is
+also printed to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("summarize_results")
+
+
+def discover_runs(results_dir: Path, runs: list[str] | None) -> list[tuple[str, Path]]:
+    """(name, path) of the runs to summarise, in column order."""
+    files = {p.stem: p for p in sorted(results_dir.glob("*.json")) if not p.name.startswith(".")}
+    if runs:
+        order = runs
+    elif (results_dir / "runs.txt").is_file():
+        order = [l.strip() for l in (results_dir / "runs.txt").read_text(encoding="utf-8").splitlines() if l.strip()]
+        order += sorted(set(files) - set(order))
+    else:
+        order = sorted(files)
+    out = []
+    for name in order:
+        path = Path(name) if name.endswith(".json") and Path(name).is_file() else files.get(name)
+        if path is None:
+            logger.warning("Run %r listed but %s/%s.json does not exist; its column is left out", name, results_dir, name)
+            continue
+        out.append((Path(name).stem, path))
+    return out
+
+
+def load_runs(pairs: list[tuple[str, Path]]) -> dict[str, list[dict]]:
+    from utils.results import load_results
+
+    runs = {}
+    for name, path in pairs:
+        try:
+            _, rows = load_results(path)
+        except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as err:
+            logger.warning("Skipping %s: not a results file (%s)", path, err)
+            continue
+        runs[name] = rows
+    return runs
+
+
+def summarize(runs: dict[str, list[dict]]) -> tuple[list[str], dict, dict]:
+    """(run names, per-run task scores, tables {name: rows}); pure apart from logging."""
+    from utils.tables import domain_rows, task_rows, task_scores
+
+    names = list(runs)
+    per_run = {name: task_scores(rows, name) for name, rows in runs.items()}
+    tables = {"domain": domain_rows(per_run, names), "tasks": task_rows(per_run, names)}
+    return names, per_run, tables
+
+
+def write_outputs(out_dir: Path, names: list[str], per_run: dict, tables: dict, charts: bool = True) -> None:
+    from utils.tables import to_csv, to_latex, to_markdown
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    firsts = {"domain": "Domain (metric)", "tasks": "Task [domain] (metric)"}
+    for key, rows in tables.items():
+        (out_dir / f"{key}.md").write_text(to_markdown(rows, names, firsts[key]), encoding="utf-8")
+        (out_dir / f"{key}.tex").write_text(to_latex(rows, names, firsts[key]), encoding="utf-8")
+        (out_dir / f"{key}.csv").write_text(to_csv(rows, names, firsts[key]), encoding="utf-8")
+    (out_dir / "scores.json").write_text(json.dumps({"runs": names, "tasks": per_run}, indent=1, ensure_ascii=False), encoding="utf-8")
+    if charts:
+        write_charts(out_dir / "charts", names, tables["domain"])
+
+
+def write_charts(chart_dir: Path, names: list[str], rows) -> list[Path]:
+    """One PNG per domain: grouped bars, one group per metric, one bar per run (missing runs: no bar)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chart_dir.mkdir(parents=True, exist_ok=True)
+    by_domain: dict[str, list] = {}
+    for label, values in rows:
+        if label == "Average":
+            continue
+        domain, metric = label.rsplit(" (", 1)
+        by_domain.setdefault(domain, []).append((metric.rstrip(")"), values))
+    paths = []
+    for domain, metrics in by_domain.items():
+        fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(names) * len(metrics), 3.2))
+        width = 0.8 / max(1, len(names))
+        for i, run in enumerate(names):
+            xs = [m + i * width for m in range(len(metrics)) if metrics[m][1][i] is not None]
+            ys = [metrics[m][1][i] for m in range(len(metrics)) if metrics[m][1][i] is not None]
+            ax.bar(xs, ys, width, label=run)
+        ax.set_xticks([m + 0.4 - width / 2 for m in range(len(metrics))], [m for m, _ in metrics])
+        ax.set_ylabel("score")
+        ax.set_title(domain)
+        ax.legend(fontsize=7, ncols=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        fig.tight_layout()
+        path = chart_dir / (re.sub(r"[^\w.-]+", "_", domain).strip("_") + ".png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results_dir", default="results", help="folder of results files (*.json), one per run")
+    p.add_argument("--runs", nargs="+", default=None, help="run names (file stems) or files, in column order")
+    p.add_argument("--out_dir", default=None, help="where tables and charts go (default: <results_dir>/summary)")
+    p.add_argument("--no_charts", action="store_true", help="skip the PNG charts")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    results_dir = Path(args.results_dir)
+    if not results_dir.is_dir():
+        logger.error("Results folder %s does not exist; run main.py or eval_all.sh first, or pass --results_dir.", results_dir)
+        return 2
+    runs = load_runs(discover_runs(results_dir, args.runs))
+    if not runs:
+        logger.error("No results files in %s; run main.py or eval_all.sh first.", results_dir)
+        return 2
+    names, per_run, tables = summarize(runs)
+    out_dir = Path(args.out_dir) if args.out_dir else results_dir / "summary"
+    write_outputs(out_dir, names, per_run, tables, charts=not args.no_charts)
+    from utils.tables import to_markdown
+
+    sys.stdout.write(to_markdown(tables["domain"], names))
+    logger.info("Tables and charts written to %s", out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
