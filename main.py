@@ -88,7 +88,7 @@ def read_settings_file(path: str, parser: argparse.ArgumentParser) -> dict:
     else:
         values = json.loads(text)
     known = {action.dest for action in parser._actions}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(k for k in set(values) - known if not k.startswith("_"))
     if unknown:
         raise InputError(f"Settings file {path} has unknown keys {unknown}; use flag names without dashes.")
     return {k: v for k, v in values.items() if not k.startswith("_")}

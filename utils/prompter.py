@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from utils.data import InputError
+
 TEMPLATE_KEYS = ("description", "prompt_input", "prompt_no_input", "response_split")
 DEFAULT_TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 
@@ -19,14 +21,14 @@ class Prompter:
         path = Path(name) if name.endswith(".json") else Path(template_dir) / f"{name}.json"
         if not path.is_file():
             known = sorted(p.stem for p in Path(template_dir).glob("*.json"))
-            raise ValueError(f"Unknown template {name!r}: {path} does not exist. Known templates: {', '.join(known)}; or pass a path to a .json template.")
+            raise InputError(f"Unknown template {name!r}: {path} does not exist. Known templates: {', '.join(known)}; or pass a path to a .json template.")
         try:
             template = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"Template {path} is not valid UTF-8 JSON: {err}") from err
+            raise InputError(f"Template {path} is not valid UTF-8 JSON: {err}") from err
         missing = [k for k in TEMPLATE_KEYS if k not in template]
         if missing:
-            raise ValueError(f"Template {path} lacks the keys {missing}; an alpaca-format template has {list(TEMPLATE_KEYS)}.")
+            raise InputError(f"Template {path} lacks the keys {missing}; an alpaca-format template has {list(TEMPLATE_KEYS)}.")
         self.name = name
         self.path = path
         self.template = template

@@ -38,7 +38,7 @@ class Embedder:
     def __init__(self, name_or_path: str, instruction: str = PAPER_INSTRUCTION, device: str = "cpu",
                  exclude_prompt_from_pooling: bool | None = None, batch_size: int = 64):
         from sentence_transformers import SentenceTransformer
-        from sentence_transformers.models import Pooling
+        from sentence_transformers.sentence_transformer.modules import Pooling
 
         from utils.model_loading import resolve_model_path
 

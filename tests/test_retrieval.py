@@ -1,0 +1,80 @@
+"""Retrieval: distinct top-k, OOD exclusion, batched vs single queries, retrieval accuracy."""
+
+import numpy as np
+import pytest
+
+from tests.helpers import FakeEmbedder
+from utils.retrieval import LoraRetriever, build_index, composition_weights
+
+POOL = {
+    "sentiment": ["the movie was great", "awful acting and a boring plot", "i loved this film"],
+    "translation": ["translate to french the cat", "translate into german the house", "translate this sentence"],
+    "qa": ["who wrote the book", "what is the capital of france", "when did the war end"],
+    "math": ["what is two plus two", "compute the sum of numbers", "multiply three by four"],
+    "nli": ["premise hypothesis entailment", "does the premise entail the hypothesis", "premise and hypothesis contradict"],
+}
+QUERIES = ["the film was great and i loved it", "translate to german the cat", "who wrote the war book", "compute two plus four"]
+TASKS = ["sentiment", "translation", "qa", "math"]
+
+
+@pytest.fixture()
+def retriever():
+    return LoraRetriever(FakeEmbedder(), list(POOL), list(POOL.values()))
+
+
+def test_top_k_distinct_and_sorted(retriever):
+    names, scores = retriever.search(QUERIES, 3)
+    for row, s in zip(names, scores):
+        assert len(row) == 3 and len(set(row)) == 3
+        assert list(s) == sorted(s, reverse=True)
+    assert [row[0] for row in names] == TASKS  # the fake embedder makes the own task the nearest
+
+
+def test_ood_excludes_own_task_and_still_returns_k(retriever):
+    names, _ = retriever.search(QUERIES, 4, exclude=TASKS)
+    for row, own in zip(names, TASKS):
+        assert own not in row and len(row) == 4 and len(set(row)) == 4
+    with pytest.raises(ValueError, match="own task excluded"):
+        retriever.search(QUERIES, 5, exclude=TASKS)
+
+
+def test_batched_equals_single_queries(retriever):
+    batched, bs = retriever.search(QUERIES, 2)
+    for i, q in enumerate(QUERIES):
+        single, ss = retriever.search([q], 2)
+        assert single[0] == batched[i]
+        np.testing.assert_allclose(ss[0], bs[i], rtol=1e-6)
+    assert retriever.embedder.calls == 1 + 1 + len(QUERIES)  # pool samples once, the batch once, then each single
+
+
+def test_pool_vectors_are_normalised_means(retriever):
+    emb = FakeEmbedder().encode(POOL["qa"])
+    mean = emb.mean(0)
+    np.testing.assert_allclose(retriever.vectors[2], mean / np.linalg.norm(mean), rtol=1e-5)
+
+
+def test_hnsw_index_agrees_with_flat():
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((500, 32)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    q = vecs[:20] + 0.01
+    _, flat = build_index(vecs, "flat").search(q, 1)
+    _, hnsw = build_index(vecs, "hnsw").search(q, 1)
+    assert (flat[:, 0] == hnsw[:, 0]).mean() >= 0.95
+
+
+def test_weights():
+    s = np.array([[0.9, 0.5, 0.1]], dtype=np.float32)
+    np.testing.assert_allclose(composition_weights(s), [[1 / 3] * 3])
+    w = composition_weights(s, "softmax", 0.1)
+    assert w.sum() == pytest.approx(1.0) and w[0, 0] > w[0, 1] > w[0, 2]
+
+
+def test_retrieval_accuracy(retriever):
+    from evaluate_retrieval import retrieval_accuracy
+
+    rows = [{"inputs": q, "task": t, "domain": t + "_dom"} for q, t in zip(QUERIES, TASKS)]
+    acc = retrieval_accuracy(retriever, rows, {n: n + "_dom" for n in POOL}, [1, 3])
+    assert acc["overall"]["task@1"] == 100.0 and acc["overall"]["n"] == 4
+    assert acc["overall"]["ood-domain@1"] == 0.0  # each domain has one adapter, which OOD removes
+    assert list(acc)[:2] == ["task: sentiment", "task: translation"]
