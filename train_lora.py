@@ -207,7 +207,9 @@ def main(argv=None) -> int:
     settings = load_settings(args.train_settings if Path(args.train_settings).exists() else None, overrides)
     pool_path = Path(args.pool_config)
     pool = json.loads(pool_path.read_text(encoding="utf-8"))
-    tasks = args.task or [e["model_name"] for e in pool]
+    tasks = args.task or [e["model_name"] for e in pool] or sorted(p.stem for p in Path(args.train_dir).glob("*.json"))
+    if not tasks:
+        raise SystemExit(f"No task to train: {pool_path} lists none and {args.train_dir} holds no <task>.json file.")
     entries = {e["model_name"]: e for e in pool}
     todo = []
     for task in tasks:

@@ -1,0 +1,143 @@
+"""Generate for a person: one prompt, or an interactive loop, with retrieved or named LoRAs.
+
+    python generate.py --prompt "Is this sarcastic? ..."                     # retrieve top-3, mixture
+    python generate.py --prompt "..." --eval_type fusion --lora_num 2
+    python generate.py --prompt "..." --adapters snarks=0.7,winowhy=0.8     # named adapters and weights
+    python generate.py                                                     # interactive: one prompt per line
+
+Retrieval shows the chosen adapters with their similarity and weight. Named adapters are applied with
+the weights as given (not renormalised), as multi-LoRA servers do. Same models, pool and composition
+code as main.py; the pool is loaded once for the whole session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+logger = logging.getLogger("generate")
+
+
+def parse_adapters(spec: str) -> list[tuple[str, float]]:
+    """``"a=0.7,b=0.3"`` -> [("a", 0.7), ("b", 0.3)]; a bare name gets weight 1."""
+    from utils.data import InputError
+
+    out = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        name, _, weight = part.partition("=")
+        try:
+            out.append((name.strip(), float(weight) if weight else 1.0))
+        except ValueError as err:
+            raise InputError(f"--adapters: weight {weight!r} of {name!r} is not a number; write name=0.7,other=0.3.") from err
+    if not out:
+        raise InputError("--adapters is empty; write name=0.7,other=0.3.")
+    return out
+
+
+class Generator:
+    """Models, pool and retriever loaded once; :meth:`answer` handles one prompt."""
+
+    def __init__(self, args):
+        from utils.adapter_pool import AdapterPool
+        from utils.data import load_pool_config
+        from utils.model_loading import load_base_model, load_tokenizer
+        from utils.prompter import Prompter
+        from utils.retrieval import Embedder, LoraRetriever
+
+        self.args = args
+        self.prompter = Prompter(args.template)
+        self.pool_entries = [] if args.no_adapter else load_pool_config(args.config_path, args.adapter_pattern)
+        self.tokenizer = load_tokenizer(args.base_model)
+        self.model = load_base_model(args.base_model, dtype=args.dtype, device=args.device)
+        self.pool = AdapterPool(self.model, self.pool_entries, show_progress=False) if self.pool_entries else None
+        self.retriever = None
+        if self.pool is not None and not args.adapters:
+            exclude = {"auto": None, "yes": True, "no": False}[args.exclude_prompt_from_pooling]
+            embedder = Embedder(args.retriever, args.instruction, device=args.device, exclude_prompt_from_pooling=exclude)
+            self.retriever = LoraRetriever(embedder, [e.name for e in self.pool_entries], [e.samples for e in self.pool_entries])
+        self.named = parse_adapters(args.adapters) if args.adapters else None
+        if self.named and self.pool is not None:
+            self.pool.indices([[n for n, _ in self.named]])  # unknown names fail here, before any prompt
+
+    def answer(self, text: str) -> tuple[str, list[tuple[str, float | None, float]]]:
+        """(response, [(adapter, similarity or None, weight)])."""
+        import numpy as np
+        import torch
+
+        from utils.composition import compose
+        from utils.generation import generate_batch
+        from utils.retrieval import composition_weights
+
+        prompt = self.prompter.generate_prompt(text)
+        if self.pool is None:
+            out, _ = generate_batch(self.model, self.tokenizer, [prompt], self.args.max_new_tokens)
+            return out[0], []
+        if self.named:
+            names = [n for n, _ in self.named]
+            sims = [None] * len(names)
+            weights = np.asarray([[w for _, w in self.named]], dtype=np.float32)
+        else:
+            found, scores = self.retriever.search([text], self.args.lora_num)
+            names, sims = found[0], [float(s) for s in scores[0]]
+            weights = composition_weights(scores, self.args.weighting, self.args.temperature)
+        with compose(self.pool, self.pool.indices([names]), torch.as_tensor(weights), self.args.eval_type) as model:
+            out, _ = generate_batch(model, self.tokenizer, [prompt], self.args.max_new_tokens)
+        return out[0], list(zip(names, sims, [float(w) for w in weights[0]]))
+
+
+def show(response: str, used) -> str:
+    lines = []
+    if used:
+        lines.append("adapters: " + ", ".join(
+            f"{n} (similarity {s:.3f}, weight {w:.3f})" if s is not None else f"{n} (weight {w:.3f})" for n, s, w in used))
+    lines.append(response)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    from main import DEFAULT_BASE_MODEL, DEFAULT_POOL, DEFAULT_RETRIEVER, PAPER_INSTRUCTION
+    from utils.data import InputError
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", default=None, help="the instruction to answer (default: read prompts from stdin, one per line)")
+    p.add_argument("--adapters", default=None, help="named adapters and weights, e.g. snarks=0.7,winowhy=0.8 (default: retrieve)")
+    p.add_argument("--no_adapter", action="store_true", help="the base model alone")
+    p.add_argument("--eval_type", default="mixture", choices=("mixture", "fusion"), help="composition of the adapters")
+    p.add_argument("--lora_num", type=int, default=3, help="adapters retrieved per prompt")
+    p.add_argument("--weighting", default="uniform", choices=("uniform", "softmax"), help="weights of retrieved adapters")
+    p.add_argument("--temperature", type=float, default=0.1, help="softmax temperature")
+    p.add_argument("--base_model", default=DEFAULT_BASE_MODEL, help="causal LM: hub id, local dir or embedded:NAME")
+    p.add_argument("--config_path", default=DEFAULT_POOL, help="LoRA pool config")
+    p.add_argument("--adapter_pattern", default=None, help="adapter location for entries without 'path', e.g. loras/{name}")
+    p.add_argument("--retriever", default=DEFAULT_RETRIEVER, help="sentence-transformers model")
+    p.add_argument("--instruction", default=PAPER_INSTRUCTION, help="retrieval instruction")
+    p.add_argument("--exclude_prompt_from_pooling", default="auto", choices=("auto", "yes", "no"), help="INSTRUCTOR-style pooling")
+    p.add_argument("--template", default="alpaca", help="prompt template")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="tokens to generate")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="model dtype")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.lora_num < 1:
+            raise InputError(f"--lora_num must be at least 1 (got {args.lora_num}).")
+        gen = Generator(args)
+        prompts = [args.prompt] if args.prompt is not None else None
+        if prompts is not None:
+            sys.stdout.write(show(*gen.answer(prompts[0])))
+            return 0
+        if sys.stdin.isatty():
+            sys.stderr.write("Type a prompt and press Enter (Ctrl-D to quit).\n")
+        for line in sys.stdin:
+            if line.strip():
+                sys.stdout.write(show(*gen.answer(line.rstrip("\n"))))
+                sys.stdout.flush()
+    except InputError as err:
+        logger.error("%s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""generate.py, train_lora.py and eval_all.sh on the tiny model."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture()
+def pool_file(tmp_path, tiny_loras):
+    pool = [{"model_name": n, "domain": n + "_dom", "sample": [{"inputs": f"{n} example {i}", "targets": "x"} for i in range(3)],
+             "path": str(p)} for n, p in tiny_loras.items()]
+    return write_json(tmp_path / "pool.json", pool)
+
+
+def test_generate_named_adapters(pool_file, tiny_base, capsys):
+    import generate
+
+    code = generate.main(["--prompt", "the cat sits", "--adapters", "alpha=0.7,gamma=0.8", "--base_model", str(tiny_base),
+                          "--config_path", str(pool_file), "--max_new_tokens", "3"])
+    assert code == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "adapters: alpha (weight 0.700), gamma (weight 0.800)"
+
+
+def test_generate_retrieval_and_stdin_loop(pool_file, tiny_base, capsys, monkeypatch):
+    import io
+
+    import generate
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("beta example 1\n\ngamma example\n"))
+    code = generate.main(["--lora_num", "2", "--base_model", str(tiny_base), "--config_path", str(pool_file),
+                          "--max_new_tokens", "3", "--eval_type", "fusion"])
+    assert code == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("adapters:")]
+    assert len(lines) == 2
+    assert lines[0].startswith("adapters: beta (similarity ") and "weight 0.500" in lines[0]
+
+
+def test_generate_unknown_adapter(pool_file, tiny_base, caplog):
+    import generate
+
+    code = generate.main(["--prompt", "x", "--adapters", "nosuch=1", "--base_model", str(tiny_base), "--config_path", str(pool_file)])
+    assert code == 2 and "'nosuch' is not in the pool" in caplog.text
+
+
+def test_train_lora_writes_registers_reuses_and_inspects(tmp_path, tiny_base, capsys):
+    import train_lora
+
+    rows = [{"inputs": f"question {i}: is {i} even?\n\nOPTIONS:\n- yes\n- no", "targets": "yes" if i % 2 == 0 else "no",
+             "task": "parity", "domain": "math", "metric": "em"} for i in range(12)]
+    (tmp_path / "train").mkdir()
+    write_json(tmp_path / "train" / "parity.json", rows)
+    pool = write_json(tmp_path / "pool.json", [])
+    args = ["--pool_config", str(pool), "--train_dir", str(tmp_path / "train"), "--adapter_dir", str(tmp_path / "loras"),
+            "--base_model", str(tiny_base), "--steps", "2", "--batch_size", "2", "--r", "2", "--lora_alpha", "4",
+            "--train_settings", str(tmp_path / "none.yaml")]
+    assert train_lora.main(args) == 0
+    out = tmp_path / "loras" / "parity"
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    record = json.loads((out / "training.json").read_text())
+    assert len(record["losses"]) == 2
+    entry = json.loads(pool.read_text())[0]
+    assert entry["model_name"] == "parity" and entry["domain"] == "math" and len(entry["sample"]) == 12
+    assert (pool.parent / entry["path"]).resolve() == out.resolve()
+    mtime = (out / "adapter_model.safetensors").stat().st_mtime_ns
+    assert train_lora.main(args) == 0  # reused, not retrained
+    assert (out / "adapter_model.safetensors").stat().st_mtime_ns == mtime
+    capsys.readouterr()
+    assert train_lora.main(["--inspect", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["peft_type"] == "LORA" and info["r"] == 2 and info["lora_alpha"] == 4
+    assert info["parameters"] == record["trainable_parameters"]
+
+
+def test_loss_covers_only_the_response():
+    import train_lora
+    from tests.helpers import make_tokenizer
+    from utils.prompter import Prompter
+
+    tok = make_tokenizer()
+    ids, labels = train_lora.encode_example(tok, Prompter("alpaca"), {"inputs": "the cat", "targets": "positive"}, 512)
+    n_resp = len(tok("positive", add_special_tokens=False).input_ids) + 1
+    assert labels[:-n_resp] == [-100] * (len(ids) - n_resp)
+    assert labels[-n_resp:] == ids[-n_resp:] and ids[-1] == tok.eos_token_id
+
+
+def test_eval_all_sweep_on_tiny_model(tmp_path, tiny_base, pool_file):
+    rows = [{"inputs": f"{t} example 9", "targets": "x", "task": t, "domain": t + "_dom", "metric": m}
+            for t, m in (("alpha", "em"), ("beta", "bleu"), ("gamma", "rouge"))]
+    data = write_json(tmp_path / "data.json", rows)
+    out = tmp_path / "res"
+    env = dict(os.environ, PYTHON=sys.executable, DATA=str(data), OUT=str(out),
+               EXTRA_ARGS=f"--base_model {tiny_base} --config_path {pool_file} --max_new_tokens 3 --lora_num 1 --device cpu")
+    # --lora_num 1 (given last) keeps k within the 3-adapter pool for the OOD runs
+    done = subprocess.run(["bash", str(ROOT / "eval_all.sh"), "embedded"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = (out / "runs.txt").read_text().split()
+    assert runs == ["base", "best_selection", "selection", "selection_ood", "mixture", "mixture_ood", "fusion", "fusion_ood"]
+    for r in runs:
+        assert (out / f"{r}.json").is_file()
+    assert (out / "summary" / "domain.tex").is_file()
+    assert done.stdout.splitlines()[0].startswith("| Domain (metric) | base | best_selection |")
+    again = subprocess.run(["bash", str(ROOT / "eval_all.sh"), "embedded"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert again.returncode == 0 and again.stderr.count("skipping") == 8
