@@ -1,0 +1,154 @@
+"""Throughput of the pipeline against the original code's approach, on the embedded default.
+
+    python bench/bench_throughput.py --rows 32 --batch_sizes 1 8 16 --max_new_tokens 16 --out docs/bench_throughput.json
+
+Configurations, all on the same rows with exactly ``max_new_tokens`` generated per row (min = max, so every
+configuration does the same work):
+  (a) base        the base model, no adapter
+  (b) mixture / fusion at k=3 and selection (k=1) with this project's composition (stacked weights, factors
+      built once per batch, batched retrieval)
+  (c) original    a re-creation of the original code's loop: for each batch the retrieved adapters are loaded
+      with ``load_adapter`` and deleted after; the composition (einsums over the per-sample adapters'
+      A and B) is recomputed at every forward; queries are embedded one at a time
+  (d) peft        peft's own mixed-batch inference (``adapter_names``) for selection
+Retrieval time is included in (b), (c) and (d) (embedding the batch's queries and searching).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from utils.adapter_pool import AdapterPool  # noqa: E402
+from utils.composition import compose  # noqa: E402
+from utils.data import load_pool_config, load_rows  # noqa: E402
+from utils.model_loading import load_base_model, load_tokenizer  # noqa: E402
+from utils.prompter import Prompter  # noqa: E402
+from utils.retrieval import Embedder, LoraRetriever, composition_weights  # noqa: E402
+
+logger = logging.getLogger("bench")
+
+
+def generate(model, tok, prompts, n_new, **kw):
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                             pad_token_id=tok.pad_token_id, **kw)
+    return out.shape[1] - enc["input_ids"].shape[1]
+
+
+def batches(items, bs):
+    return [items[i:i + bs] for i in range(0, len(items), bs)]
+
+
+class OriginalLoop:
+    """Per batch: load the retrieved adapters, compose by einsum at every forward, delete them afterwards."""
+
+    def __init__(self, peft_model, paths: dict[str, str], mode: str):
+        self.model, self.paths, self.mode = peft_model, paths, mode
+
+    def run(self, tok, prompts, chosen, n_new):
+        from peft.tuners.lora import LoraLayer
+
+        needed = sorted({n for row in chosen for n in row})
+        for n in needed:
+            self.model.load_adapter(self.paths[n], adapter_name=f"tmp_{n}")
+        k = len(chosen[0])
+        w = torch.full((len(chosen), k), 1.0 / k)
+        handles = []
+
+        def hook(module, args, output):
+            x = args[0]
+            # recomputed at every forward: gather each sample's adapters and compose them
+            A = torch.stack([torch.stack([module.lora_A[f"tmp_{n}"].weight for n in row]) for row in chosen])  # [b,k,r,in]
+            B = torch.stack([torch.stack([module.lora_B[f"tmp_{n}"].weight * module.scaling[f"tmp_{n}"] for n in row]) for row in chosen])
+            if self.mode == "fusion":
+                A_f, B_f = torch.einsum("bk,bkri->bri", w, A), torch.einsum("bk,bkor->bor", w, B)
+                delta = torch.einsum("bor,btr->bto", B_f, torch.einsum("bri,bti->btr", A_f, x))
+            else:
+                delta = torch.einsum("bk,bkor,bktr->bto", w, B, torch.einsum("bkri,bti->bktr", A, x))
+            return output + delta
+
+        for name, module in self.model.named_modules():
+            if isinstance(module, LoraLayer) and any(f"tmp_{n}" in module.lora_A for n in needed):
+                handles.append(module.register_forward_hook(hook))
+        try:
+            with self.model.disable_adapter():
+                return generate(self.model, tok, prompts, n_new)
+        finally:
+            for h in handles:
+                h.remove()
+            for n in needed:
+                self.model.delete_adapter(f"tmp_{n}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=32)
+    p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8, 16])
+    p.add_argument("--max_new_tokens", type=int, default=16)
+    p.add_argument("--data_path", default="data/bigbench/combined_test.json")
+    p.add_argument("--config_path", default="config/bigbench_pool.json")
+    p.add_argument("--configs", nargs="+", default=["base", "mixture", "fusion", "selection", "original_mixture", "original_fusion", "peft_selection"])
+    p.add_argument("--out", default="docs/bench_throughput.json")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rows = load_rows(args.data_path)
+    rows = [rows[i * len(rows) // args.rows] for i in range(args.rows)]  # spread over the tasks
+    pool_entries = load_pool_config(args.config_path)
+    prompter = Prompter("alpaca")
+    prompts = [prompter.generate_prompt(r["inputs"]) for r in rows]
+    texts = [r["inputs"] for r in rows]
+    tok = load_tokenizer("embedded:smollm2-135m-instruct")
+    embedder = Embedder("embedded:all-minilm-l6-v2")
+    retriever = LoraRetriever(embedder, [e.name for e in pool_entries], [e.samples for e in pool_entries])
+    base = load_base_model("embedded:smollm2-135m-instruct")
+    pool = AdapterPool(base, pool_entries, show_progress=False)
+    paths = {e.name: e.path for e in pool_entries}
+    torch.set_num_threads(torch.get_num_threads())
+    results = []
+    for bs in args.batch_sizes:
+        for config in args.configs:
+            generate(pool.model.get_base_model(), tok, prompts[:1], 2)  # warm-up
+            t0, n_tok = time.perf_counter(), 0
+            for idx in batches(list(range(len(rows))), bs):
+                bp = [prompts[i] for i in idx]
+                if config == "base":
+                    with pool.model.disable_adapter():
+                        n_tok += generate(pool.model, tok, bp, args.max_new_tokens) * len(idx)
+                    continue
+                k = 1 if config in ("selection", "peft_selection") else 3
+                if config.startswith("original"):
+                    chosen = [retriever.search([texts[i]], k)[0][0] for i in idx]  # one query at a time
+                    loop = OriginalLoop(pool.model, paths, config.split("_")[1])
+                    n_tok += loop.run(tok, bp, chosen, args.max_new_tokens) * len(idx)
+                    continue
+                chosen, scores = retriever.search([texts[i] for i in idx], k)
+                if config == "peft_selection":
+                    n_tok += generate(pool.model, tok, bp, args.max_new_tokens, adapter_names=[c[0] for c in chosen]) * len(idx)
+                    continue
+                w = torch.as_tensor(composition_weights(scores))
+                mode = "fusion" if config == "fusion" else "mixture"
+                with compose(pool, pool.indices(chosen), w, mode) as m:
+                    n_tok += generate(m, tok, bp, args.max_new_tokens) * len(idx)
+            dt = time.perf_counter() - t0
+            results.append({"batch_size": bs, "config": config, "rows": len(rows), "seconds": round(dt, 3),
+                            "rows_per_s": round(len(rows) / dt, 3), "tokens_per_s": round(n_tok / dt, 2)})
+            logger.info("bs %2d %-17s %6.2f rows/s %7.1f tok/s (%.1f s)", bs, config, len(rows) / dt, n_tok / dt, dt)
+    out = {"device": "cpu", "threads": torch.get_num_threads(), "max_new_tokens": args.max_new_tokens,
+           "torch": torch.__version__, "results": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
