@@ -47,6 +47,17 @@ def retrieval_accuracy(retriever, rows: list[dict], pool_domains: dict[str, str]
     return out
 
 
+def select_tasks(spec: list[str]) -> list[str]:
+    """Task names from ``--tasks``: plain names, or a task_split.json (its held_out list)."""
+    out = []
+    for item in spec:
+        if item.endswith(".json") and Path(item).is_file():
+            out += json.loads(Path(item).read_text(encoding="utf-8"))["held_out"]
+        else:
+            out.append(item)
+    return out
+
+
 def main(argv=None) -> int:
     from utils.data import InputError, load_pool_config, load_rows
     from utils.retrieval import PAPER_INSTRUCTION, Embedder, LoraRetriever
@@ -60,11 +71,18 @@ def main(argv=None) -> int:
     p.add_argument("--ks", type=int, nargs="+", default=[1, 3, 5], help="k values to report")
     p.add_argument("--out_dir", default="results/retrieval", help="where the tables go")
     p.add_argument("--device", default="cpu", help="embedding device")
+    p.add_argument("--tasks", nargs="+", default=None,
+                   help="evaluate only the rows of these tasks (names, or a task_split.json whose held_out tasks are taken); the whole pool stays the candidates")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         rows = load_rows(args.data_path)
         pool = load_pool_config(args.config_path, check_paths=False, adapter_pattern="{name}")
+        if args.tasks:
+            wanted = set(select_tasks(args.tasks))
+            rows = [r for r in rows if r["task"] in wanted]
+            if not rows:
+                raise InputError(f"No row of {args.data_path} belongs to the tasks {sorted(wanted)}; check --tasks.")
         if max(args.ks) + 1 > len(pool) or min(args.ks) < 1:
             raise InputError(f"--ks must lie between 1 and {len(pool) - 1} (the pool has {len(pool)} adapters, one is removed for OOD).")
     except InputError as err:
@@ -74,7 +92,8 @@ def main(argv=None) -> int:
     embedder = Embedder(args.retriever, args.instruction, device=args.device, exclude_prompt_from_pooling=exclude)
     retriever = LoraRetriever(embedder, [e.name for e in pool], [e.samples for e in pool])
     result = retrieval_accuracy(retriever, rows, {e.name: e.domain for e in pool}, sorted(args.ks))
-    write_tables(Path(args.out_dir), result, {"retriever": args.retriever, "data_path": args.data_path, "config_path": args.config_path})
+    write_tables(Path(args.out_dir), result, {"retriever": args.retriever, "data_path": args.data_path,
+                                              "config_path": args.config_path, "tasks": args.tasks})
     return 0
 
 

@@ -124,6 +124,12 @@ def resolved_settings(args: argparse.Namespace) -> dict:
     return s
 
 
+def file_sha256(path: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def run(args: argparse.Namespace) -> Path:
     """Validate everything, load each stage once, evaluate, and write the results file atomically."""
     import numpy as np
@@ -134,6 +140,7 @@ def run(args: argparse.Namespace) -> Path:
     from utils.adapter_pool import AdapterPool
     from utils.composition import compose
     from utils.data import InputError, load_pool_config, load_rows
+    from utils.distributed import barrier, dist_info, init, my_batches, shutdown
     from utils.generation import generate_batch, length_sorted_batches
     from utils.model_loading import load_base_model, load_tokenizer
     from utils.prompter import Prompter
@@ -166,16 +173,25 @@ def run(args: argparse.Namespace) -> Path:
                 )
     check_writable(args.res_path)
     settings = resolved_settings(args)
-    checkpoint = Checkpoint(args.res_path, settings)
+    settings["data_sha256"] = file_sha256(args.data_path)
+    if use_pool:
+        settings["pool_sha256"] = file_sha256(args.config_path)
+    dist = dist_info()
+    checkpoint = Checkpoint(args.res_path, settings, shard=dist.rank if dist.enabled else None)
     if args.no_resume:
         checkpoint.remove()
     done = checkpoint.load()
     if done:
-        logger.info("Resuming: %d of %d rows already in %s", len(done), len(rows), checkpoint.path)
+        logger.info("Resuming: %d rows already in %s", len(done), checkpoint.path)
     logger.info("Settings: %s", json.dumps(settings))
 
     transformers.set_seed(args.seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dist.enabled:
+        init(dist, device.startswith("cuda"))
+        if device == "cuda":
+            device = f"cuda:{dist.local_rank}"
+        logger.info("Process %d of %d on %s", dist.rank, dist.world_size, device)
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     t0 = time.time()
     tokenizer = load_tokenizer(args.base_model)
@@ -199,9 +215,11 @@ def run(args: argparse.Namespace) -> Path:
     t_retrieval = time.time() - t0
 
     prompts = [prompter.generate_prompt(r["inputs"]) for r in rows]
-    todo = [i for i in range(len(rows)) if i not in done]
-    lengths = [len(tokenizer(prompts[i]).input_ids) for i in todo]
-    batches = [[todo[j] for j in batch] for batch in length_sorted_batches(lengths, args.batch_size)]
+    # Batches are formed over all rows (not only the unfinished ones), so that a resumed run generates each
+    # remaining row in the same batch, with the same padding, as an uninterrupted run would.
+    lengths = [len(ids) for ids in tokenizer(prompts).input_ids]
+    batches = my_batches(length_sorted_batches(lengths, args.batch_size), dist)
+    batches = [b for b in ([i for i in batch if i not in done] for batch in batches) if b]
     checkpoint.start(done)
     t0, n_tokens = time.time(), 0
     for batch in tqdm(batches, desc=f"Generating ({args.eval_type})", unit="batch"):
@@ -225,7 +243,18 @@ def run(args: argparse.Namespace) -> Path:
         checkpoint.append(out)
     t_gen = time.time() - t0
 
+    if dist.enabled:  # every rank has finished its batches: rank 0 merges the checkpoints
+        barrier(dist)
+        if not dist.is_main:
+            shutdown(dist)
+            return Path(args.res_path)
+        shards = [Checkpoint(args.res_path, settings, shard=r) for r in range(dist.world_size)]
+        done = {i: row for shard in shards for i, row in shard.load().items()}
+        missing = [i for i in range(len(rows)) if i not in done]
+        if missing:
+            raise RuntimeError(f"Merging the per-process checkpoints lacks rows {missing[:10]}; rerun the same command to finish them.")
     meta = run_metadata(args.seed)
+    meta["world_size"] = dist.world_size
     meta["timing_s"] = {"retrieval": round(t_retrieval, 3), "generation": round(t_gen, 3), "total": round(time.time() - t_start, 3)}
     meta["generated_tokens"] = n_tokens
     meta["device"], meta["dtype"] = device, dtype
@@ -233,6 +262,10 @@ def run(args: argparse.Namespace) -> Path:
               "rows": [{k2: v for k2, v in done[i].items() if k2 != "index"} for i in range(len(rows))]}
     write_json_atomic(args.res_path, result)
     checkpoint.remove()
+    if dist.enabled:
+        for shard in shards:
+            shard.remove()
+        shutdown(dist)
     logger.info("Wrote %d rows to %s (retrieval %.2f s, generation %.1f s, %d new tokens)", len(rows), args.res_path, t_retrieval, t_gen, n_tokens)
     return Path(args.res_path)
 

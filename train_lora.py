@@ -220,7 +220,7 @@ def main(argv=None) -> int:
         if args.adapter_dir:
             out = Path(args.adapter_dir) / task
         elif entry and entry.get("path"):
-            out = (pool_path.parent / entry["path"]) if not Path(entry["path"]).is_absolute() else Path(entry["path"])
+            out = ((pool_path.parent / entry["path"]) if not Path(entry["path"]).is_absolute() else Path(entry["path"])).resolve()
         else:
             out = ROOT / "loras" / task
         if (out / "adapter_model.safetensors").is_file() and not args.force:

@@ -183,3 +183,41 @@ def test_failed_run_keeps_existing_results(workspace, caplog):
     code, _ = run_main(workspace, "res.json", "--lora_num", "9")
     assert code == 2
     assert json.loads(res.read_text()) == {"keep": True}
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(workspace, tmp_path):
+    """Kill a real main.py process with SIGKILL after some batches, rerun the same command, compare."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rows = [dict(r, inputs=f"{r['inputs']} variant {i}") for i in range(8) for r in workspace["rows"]]  # 48 rows
+    data = write_json(workspace["dir"] / "many.json", rows)
+    root = Path(__file__).resolve().parent.parent
+
+    def cmd(res):
+        return [sys.executable, str(root / "main.py"), "--data_path", str(data), "--config_path", str(workspace["pool"]),
+                "--res_path", str(res), "--base_model", workspace["base"], "--retriever", "embedded:all-minilm-l6-v2",
+                "--max_new_tokens", "24", "--batch_size", "1", "--device", "cpu", "--lora_num", "2", "--log_level", "WARNING"]
+
+    res = tmp_path / "killed.json"
+    ck = Path(str(res) + ".partial.jsonl")
+    proc = subprocess.Popen(cmd(res), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if ck.exists() and len(ck.read_text().splitlines()) >= 6:  # header + at least 5 rows
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(ck.read_text().splitlines()) - 1
+    assert not res.exists() and 5 <= done_before < len(rows)
+    assert subprocess.run(cmd(res), cwd=root, capture_output=True).returncode == 0
+    full = tmp_path / "full.json"
+    assert subprocess.run(cmd(full), cwd=root, capture_output=True).returncode == 0
+    got, want = json.loads(res.read_text()), json.loads(full.read_text())
+    assert got["rows"] == want["rows"] and got["settings"] == want["settings"]
+    assert not ck.exists()

@@ -110,3 +110,30 @@ def test_eval_all_sweep_on_tiny_model(tmp_path, tiny_base, pool_file):
     assert done.stdout.splitlines()[0].startswith("| Domain (metric) | base | best_selection |")
     again = subprocess.run(["bash", str(ROOT / "eval_all.sh"), "embedded"], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert again.returncode == 0 and again.stderr.count("skipping") == 8
+
+
+@pytest.mark.slow
+def test_train_retriever_saves_a_loadable_model(tmp_path):
+    import train_retriever
+    from utils.retrieval import Embedder
+
+    topics = {"sports": "the team won the match", "cooking": "stir the soup and add salt", "weather": "rain and wind tomorrow",
+              "music": "the band played a song", "math": "two plus two equals four"}
+    pool = [{"model_name": t, "domain": t, "sample": [f"{s} number {i}" for i in range(8)], "path": "."} for t, s in topics.items()]
+    cfg = write_json(tmp_path / "pool.json", pool)
+    out = tmp_path / "retriever"
+    assert train_retriever.main(["--config_path", str(cfg), "--train_dir", str(tmp_path / "none"), "--train_fraction", "0.6",
+                                 "--per_task", "8", "--batch_size", "8", "--out", str(out)]) == 0
+    split = json.loads((out / "task_split.json").read_text())
+    assert len(split["train"]) == 3 and len(split["held_out"]) == 2 and not set(split["train"]) & set(split["held_out"])
+    emb = Embedder(str(out)).encode(["the team won"])
+    assert emb.shape == (1, 384)
+
+
+def test_task_split_is_seeded():
+    from train_retriever import split_tasks
+
+    names = [f"t{i}" for i in range(13)]
+    a, b = split_tasks(names, 0.4, 0), split_tasks(names, 0.4, 0)
+    assert a == b and len(a[0]) == 5 and len(a[1]) == 8
+    assert split_tasks(names, 0.4, 1) != a

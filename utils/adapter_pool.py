@@ -57,7 +57,8 @@ class AdapterPool:
                 else:
                     model.load_adapter(entry.path, adapter_name=entry.name, is_trainable=False)
             except (RuntimeError, ValueError, KeyError) as err:
-                msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+                lines = [l.strip() for l in str(err).splitlines() if l.strip()] or [type(err).__name__]
+                msg = next((l for l in lines if "size mismatch" in l), lines[0])[:300]
                 raise InputError(
                     f"Adapter {entry.name!r} at {entry.path} does not fit the base model ({msg}); "
                     f"use an adapter trained for this base model or change --base_model."

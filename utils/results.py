@@ -86,8 +86,9 @@ def write_json_atomic(path: str | Path, obj) -> None:
 class Checkpoint:
     """Append-only JSON Lines record of finished rows (``{"index": i, ...row}``) for one run."""
 
-    def __init__(self, res_path: str | Path, settings: dict):
-        self.path = Path(str(res_path) + ".partial.jsonl")
+    def __init__(self, res_path: str | Path, settings: dict, shard: int | None = None):
+        suffix = ".partial.jsonl" if shard is None else f".rank{shard}.partial.jsonl"
+        self.path = Path(str(res_path) + suffix)
         self.settings = settings
         self.fingerprint = fingerprint(settings)
 
