@@ -5,13 +5,15 @@
 #
 # Runs: base (no adapter), perfect selection, then selection (top-1), mixture and fusion (top-3),
 # each in-domain and OOD. A finished run (its results file exists) is skipped unless FORCE=1.
-# Environment: PYTHON (interpreter), DATA (evaluation file), OUT (results folder),
+# Environment: PYTHON (interpreter), LAUNCH (how main.py starts, e.g. "torchrun --nproc_per_node 4";
+# default: $PYTHON), DATA (evaluation file), OUT (results folder),
 # EXTRA_ARGS (more main.py flags, e.g. "--limit 20"), FORCE=1 (redo finished runs).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 PROFILE=${1:-${PROFILE:-embedded}}
 PYTHON=${PYTHON:-python}
+LAUNCH=${LAUNCH:-$PYTHON}
 case "$PROFILE" in
   embedded)   SETTINGS=config/embedded.json;        DEFAULT_DATA=data/bigbench/combined_test.json ;;
   llama2_7b)  SETTINGS=config/paper_llama2_7b.json;  DEFAULT_DATA=data/paper/combined_test.json ;;
@@ -31,8 +33,8 @@ run() {
     echo "eval_all.sh: $OUT/$name.json exists; skipping $name (FORCE=1 redoes it)" >&2
     return 0
   fi
-  # shellcheck disable=SC2086
-  "$PYTHON" main.py --settings "$SETTINGS" --data_path "$DATA" --res_path "$OUT/$name.json" "$@" ${EXTRA_ARGS:-}
+  # shellcheck disable=SC2086  # LAUNCH and EXTRA_ARGS are word lists
+  $LAUNCH main.py --settings "$SETTINGS" --data_path "$DATA" --res_path "$OUT/$name.json" "$@" ${EXTRA_ARGS:-}
 }
 
 run base            --eval_type base

@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--exclude_prompt_from_pooling", default="auto", choices=("auto", "yes", "no"),
       help="INSTRUCTOR-style pooling without the instruction tokens (auto: for ids naming instructor/lora_retriever)")
     a("--adapter_pattern", default=None, help="adapter location for pool entries without 'path', e.g. loras/{name} or Styxxxx/llama2_7b_lora-{name}")
+    a("--embedding_cache", default=None, help="folder caching embeddings across runs (default: <cache>/embeddings; 'none' disables)")
     a("--weighting", default="uniform", choices=("uniform", "softmax"), help="composition weights: uniform 1/k (paper) or softmax of similarities")
     a("--temperature", type=float, default=0.1, help="softmax temperature for --weighting softmax")
     # Prompting and decoding.
@@ -118,10 +119,19 @@ def validate(args: argparse.Namespace) -> None:
 
 def resolved_settings(args: argparse.Namespace) -> dict:
     """The settings that decide the predictions (written into the results file and checkpoint)."""
-    s = {k: v for k, v in vars(args).items() if k not in ("log_level", "no_resume", "settings", "batch_size", "device", "device_map")}
+    s = {k: v for k, v in vars(args).items()
+         if k not in ("log_level", "no_resume", "settings", "batch_size", "device", "device_map", "embedding_cache")}
     if args.best_selection:
         s["lora_num"] = 1
     return s
+
+
+def embedding_cache_dir(value: str | None):
+    from utils.model_loading import cache_dir
+
+    if value is None:
+        return cache_dir() / "embeddings"
+    return None if value.lower() == "none" else Path(value)
 
 
 def file_sha256(path: str) -> str:
@@ -208,7 +218,8 @@ def run(args: argparse.Namespace) -> Path:
         scores = np.ones((len(rows), 1), dtype=np.float32)
     elif use_pool:
         exclude = {"auto": None, "yes": True, "no": False}[args.exclude_prompt_from_pooling]
-        embedder = Embedder(args.retriever, args.instruction, device=device, exclude_prompt_from_pooling=exclude)
+        embedder = Embedder(args.retriever, args.instruction, device=device, exclude_prompt_from_pooling=exclude,
+                            cache_dir=embedding_cache_dir(args.embedding_cache))
         retriever = LoraRetriever(embedder, [e.name for e in pool], [e.samples for e in pool])
         chosen, scores = retriever.search([r["inputs"] for r in rows], k, exclude=[r["task"] for r in rows] if args.ood else None)
     weights = composition_weights(scores, "uniform" if args.best_selection else args.weighting, args.temperature) if use_pool else scores
@@ -218,7 +229,7 @@ def run(args: argparse.Namespace) -> Path:
     # Batches are formed over all rows (not only the unfinished ones), so that a resumed run generates each
     # remaining row in the same batch, with the same padding, as an uninterrupted run would.
     lengths = [len(ids) for ids in tokenizer(prompts).input_ids]
-    batches = my_batches(length_sorted_batches(lengths, args.batch_size), dist)
+    batches = my_batches(length_sorted_batches(lengths, args.batch_size, groups=[r["metric"] for r in rows]), dist)
     batches = [b for b in ([i for i in batch if i not in done] for batch in batches) if b]
     checkpoint.start(done)
     t0, n_tokens = time.time(), 0
@@ -255,6 +266,7 @@ def run(args: argparse.Namespace) -> Path:
             raise RuntimeError(f"Merging the per-process checkpoints lacks rows {missing[:10]}; rerun the same command to finish them.")
     meta = run_metadata(args.seed)
     meta["world_size"] = dist.world_size
+    meta["batch_size"] = args.batch_size
     meta["timing_s"] = {"retrieval": round(t_retrieval, 3), "generation": round(t_gen, 3), "total": round(time.time() - t_start, 3)}
     meta["generated_tokens"] = n_tokens
     meta["device"], meta["dtype"] = device, dtype

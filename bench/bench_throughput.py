@@ -90,6 +90,24 @@ class OriginalLoop:
                 self.model.delete_adapter(f"tmp_{n}")
 
 
+def markdown_report(results: list[dict]) -> str:
+    """Throughput table and the ratios (b)/(a), (b)/(c) and selection/(d) per batch size."""
+    lines = ["| batch | config | rows/s | tokens/s | seconds |", "|---:|---|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['batch_size']} | {r['config']} | {r['rows_per_s']:.2f} | {r['tokens_per_s']:.1f} | {r['seconds']:.1f} |")
+    lines += ["", "| batch | mixture/base | fusion/base | selection/base | mixture/original | fusion/original | selection/peft |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
+    for bs in sorted({r["batch_size"] for r in results}):
+        t = {r["config"]: r["tokens_per_s"] for r in results if r["batch_size"] == bs}
+
+        def ratio(a, b):
+            return f"{t[a] / t[b]:.2f}" if a in t and b in t else "–"
+
+        lines.append(f"| {bs} | {ratio('mixture', 'base')} | {ratio('fusion', 'base')} | {ratio('selection', 'base')} | "
+                     f"{ratio('mixture', 'original_mixture')} | {ratio('fusion', 'original_fusion')} | {ratio('selection', 'peft_selection')} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=32)
@@ -143,6 +161,9 @@ def main(argv=None) -> int:
             results.append({"batch_size": bs, "config": config, "rows": len(rows), "seconds": round(dt, 3),
                             "rows_per_s": round(len(rows) / dt, 3), "tokens_per_s": round(n_tok / dt, 2)})
             logger.info("bs %2d %-17s %6.2f rows/s %7.1f tok/s (%.1f s)", bs, config, len(rows) / dt, n_tok / dt, dt)
+    md = markdown_report(results)
+    Path(args.out).with_suffix(".md").write_text(md)
+    sys.stdout.write(md)
     out = {"device": "cpu", "threads": torch.get_num_threads(), "max_new_tokens": args.max_new_tokens,
            "torch": torch.__version__, "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -78,3 +78,21 @@ def test_retrieval_accuracy(retriever):
     assert acc["overall"]["task@1"] == 100.0 and acc["overall"]["n"] == 4
     assert acc["overall"]["ood-domain@1"] == 0.0  # each domain has one adapter, which OOD removes
     assert list(acc)[:2] == ["task: sentiment", "task: translation"]
+
+
+def test_embedding_cache_reuses_and_keys_on_text(tmp_path, monkeypatch):
+    from utils.retrieval import Embedder
+
+    emb = Embedder("embedded:all-minilm-l6-v2", cache_dir=tmp_path)
+    first = emb.encode(["the cat sat", "a dog"])
+    assert len(list(tmp_path.glob("*.npy"))) == 1
+
+    def boom(*a, **k):
+        raise AssertionError("the cache was not used")
+
+    monkeypatch.setattr(emb, "_encode", boom)
+    np.testing.assert_array_equal(emb.encode(["the cat sat", "a dog"]), first)
+    with pytest.raises(AssertionError, match="cache was not used"):
+        emb.encode(["the cat sat", "another text"])
+    other = Embedder("embedded:all-minilm-l6-v2", instruction="", cache_dir=tmp_path)
+    assert not np.allclose(other.encode(["the cat sat", "a dog"]), first)  # another instruction, another entry

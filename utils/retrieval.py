@@ -12,7 +12,11 @@ pooling (``Pooling.include_prompt = False``), which is how current sentence-tran
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,7 +40,7 @@ class Embedder:
     """
 
     def __init__(self, name_or_path: str, instruction: str = PAPER_INSTRUCTION, device: str = "cpu",
-                 exclude_prompt_from_pooling: bool | None = None, batch_size: int = 64):
+                 exclude_prompt_from_pooling: bool | None = None, batch_size: int = 64, cache_dir: str | Path | None = None):
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.sentence_transformer.modules import Pooling
 
@@ -58,13 +62,43 @@ class Embedder:
         self.instruction = instruction
         self.batch_size = batch_size
         self.exclude_prompt_from_pooling = exclude_prompt_from_pooling
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._identity = _model_identity(name_or_path, path)
 
     def encode(self, texts: list[str], show_progress: bool = False) -> np.ndarray:
-        """Normalised float32 embeddings [len(texts), d], encoded in batches."""
+        """Normalised float32 embeddings [len(texts), d], encoded in batches.
+
+        With a ``cache_dir``, the embeddings of a whole list are stored under a hash of the model's identity
+        (name, and the file times of a local model directory), the instruction, the pooling mode and the texts,
+        so that the runs of a sweep embed the same pool and queries once.
+        """
+        cache = None
+        if self.cache_dir is not None:
+            h = hashlib.sha256(json.dumps([self._identity, self.instruction, self.exclude_prompt_from_pooling, list(texts)]).encode())
+            cache = self.cache_dir / f"{h.hexdigest()[:32]}.npy"
+            if cache.is_file():
+                return np.load(cache)
+        emb = self._encode(texts, show_progress)
+        if cache is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npy")
+            np.save(tmp, emb)
+            os.replace(tmp, cache)
+        return emb
+
+    def _encode(self, texts: list[str], show_progress: bool) -> np.ndarray:
         with torch.inference_mode():
             emb = self.model.encode(list(texts), prompt=self.instruction or None, batch_size=self.batch_size,
                                     convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=show_progress)
         return np.ascontiguousarray(emb, dtype=np.float32)
+
+
+def _model_identity(name: str, path: str) -> list:
+    """Name plus the newest file time of a local model directory (a retrained model in place gets a new identity)."""
+    p = Path(path)
+    if p.is_dir():
+        return [name, max((f.stat().st_mtime_ns for f in p.rglob("*") if f.is_file()), default=0)]
+    return [name]
 
 
 def build_index(vectors: np.ndarray, kind: str = "auto"):
