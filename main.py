@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> Path:
     # Batches are formed over all rows (not only the unfinished ones), so that a resumed run generates each
     # remaining row in the same batch, with the same padding, as an uninterrupted run would.
     lengths = [len(ids) for ids in tokenizer(prompts).input_ids]
-    batches = my_batches(length_sorted_batches(lengths, args.batch_size, groups=[r["metric"] for r in rows]), dist)
+    batches = my_batches(length_sorted_batches(lengths, args.batch_size), dist)
     batches = [b for b in ([i for i in batch if i not in done] for batch in batches) if b]
     checkpoint.start(done)
     t0, n_tokens = time.time(), 0

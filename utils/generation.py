@@ -5,14 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def length_sorted_batches(lengths: list[int], batch_size: int, groups: list | None = None) -> list[list[int]]:
-    """Row indices grouped into batches of similar length (longest first); callers restore input order.
-
-    ``groups`` (e.g. each row's metric) keeps rows of one group together before sorting by length, so that
-    short-answer rows (EM) do not wait in a batch for a long generation (ROUGE / BLEU) to finish.
-    """
-    key = (lambda i: (str(groups[i]), -lengths[i], i)) if groups is not None else (lambda i: (-lengths[i], i))
-    order = sorted(range(len(lengths)), key=key)
+def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Row indices grouped into batches of similar length (longest first); callers restore input order."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
