@@ -123,6 +123,10 @@ def resolved_settings(args: argparse.Namespace) -> dict:
          if k not in ("log_level", "no_resume", "settings", "batch_size", "device", "device_map", "embedding_cache")}
     if args.best_selection:
         s["lora_num"] = 1
+    # The contents, not only the names, of the input files decide the predictions.
+    s["data_sha256"] = file_sha256(args.data_path)
+    if args.eval_type != "base":
+        s["pool_sha256"] = file_sha256(args.config_path)
     return s
 
 
@@ -183,9 +187,6 @@ def run(args: argparse.Namespace) -> Path:
                 )
     check_writable(args.res_path)
     settings = resolved_settings(args)
-    settings["data_sha256"] = file_sha256(args.data_path)
-    if use_pool:
-        settings["pool_sha256"] = file_sha256(args.config_path)
     dist = dist_info()
     checkpoint = Checkpoint(args.res_path, settings, shard=dist.rank if dist.enabled else None)
     if args.no_resume:

@@ -67,6 +67,8 @@ def _make_hook(At: torch.Tensor, Bt: torch.Tensor):
                 f"Composition was built for a batch of {At.shape[0]} rows but the layer saw {x.shape[0]}; "
                 "beam search and num_return_sequences > 1 are not supported with per-sample composition."
             )
+        if x.dim() == 3 and x.dtype == At.dtype == output.dtype:
+            return torch.baddbmm(output, torch.bmm(x, At), Bt)  # output + (x A_b^T) B_b^T, one fused op
         squeeze = x.dim() == 2
         xx = x.unsqueeze(1) if squeeze else x  # [b, t, d_in]
         delta = torch.bmm(torch.bmm(xx.to(At.dtype), At), Bt)  # [b, t, d_out]
