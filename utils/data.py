@@ -95,7 +95,7 @@ def load_pool_config(path: str | Path, adapter_pattern: str | None = None, check
     """Read and validate a pool config (the paper's ``config/config2.json`` plus an optional ``path`` per entry).
 
     Where an entry has no ``path``, ``adapter_pattern`` gives it, with ``{name}`` replaced by ``model_name``
-    (``loras/{name}``, ``Styxxxx/llama2_7b_lora-{name}``). Relative local paths are resolved against the
+    (``loras/{name}`` or a hub pattern such as ``owner/prefix-{name}``). Relative local paths are resolved against the
     config file's directory first, then the working directory.
     """
     path = Path(path)

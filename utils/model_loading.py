@@ -157,7 +157,7 @@ def load_base_model(name_or_path: str, dtype: str = "float32", device: str = "cp
     except OSError as err:
         raise ValueError(
             f"Could not load base model {name_or_path!r}: {err}. Pass a local model directory or a reachable hub id "
-            f"with --base_model, e.g. --base_model meta-llama/Llama-2-7b-hf or --base_model embedded:smollm2-135m-instruct."
+            f"with --base_model, e.g. a hub id as owner/model, a local directory, or embedded:smollm2-135m-instruct."
         ) from err
     if not device_map:
         model.to(device)
