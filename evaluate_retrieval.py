@@ -60,7 +60,7 @@ def select_tasks(spec: list[str]) -> list[str]:
 
 def main(argv=None) -> int:
     from utils.data import InputError, load_pool_config, load_rows
-    from utils.retrieval import PAPER_INSTRUCTION, Embedder, LoraRetriever
+    from utils.retrieval import PAPER_INSTRUCTION, Embedder, LoraRetriever, exclude_prompt_choice
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_path", default="data/bigbench/combined_test.json", help="evaluation rows (the paper's combined_test.json format)")
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     except InputError as err:
         logger.error("%s", err)
         return 2
-    exclude = {"auto": None, "yes": True, "no": False}[args.exclude_prompt_from_pooling]
+    exclude = exclude_prompt_choice(args.exclude_prompt_from_pooling)
     embedder = Embedder(args.retriever, args.instruction, device=args.device, exclude_prompt_from_pooling=exclude)
     retriever = LoraRetriever(embedder, [e.name for e in pool], [e.samples for e in pool])
     result = retrieval_accuracy(retriever, rows, {e.name: e.domain for e in pool}, sorted(args.ks))

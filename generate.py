@@ -43,7 +43,7 @@ class Generator:
         from utils.data import load_pool_config
         from utils.model_loading import load_base_model, load_tokenizer
         from utils.prompter import Prompter
-        from utils.retrieval import Embedder, LoraRetriever
+        from utils.retrieval import Embedder, LoraRetriever, exclude_prompt_choice
 
         self.args = args
         self.prompter = Prompter(args.template)
@@ -53,7 +53,7 @@ class Generator:
         self.pool = AdapterPool(self.model, self.pool_entries, show_progress=False) if self.pool_entries else None
         self.retriever = None
         if self.pool is not None and not args.adapters:
-            exclude = {"auto": None, "yes": True, "no": False}[args.exclude_prompt_from_pooling]
+            exclude = exclude_prompt_choice(args.exclude_prompt_from_pooling)
             embedder = Embedder(args.retriever, args.instruction, device=args.device, exclude_prompt_from_pooling=exclude)
             self.retriever = LoraRetriever(embedder, [e.name for e in self.pool_entries], [e.samples for e in self.pool_entries])
         self.named = parse_adapters(args.adapters) if args.adapters else None

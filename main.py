@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> Path:
     from utils.model_loading import load_base_model, load_tokenizer
     from utils.prompter import Prompter
     from utils.results import Checkpoint, check_writable, run_metadata, write_json_atomic
-    from utils.retrieval import Embedder, LoraRetriever, composition_weights
+    from utils.retrieval import Embedder, LoraRetriever, composition_weights, exclude_prompt_choice
 
     t_start = time.time()
     validate(args)
@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> Path:
         chosen = [[r["task"]] for r in rows]
         scores = np.ones((len(rows), 1), dtype=np.float32)
     elif use_pool:
-        exclude = {"auto": None, "yes": True, "no": False}[args.exclude_prompt_from_pooling]
+        exclude = exclude_prompt_choice(args.exclude_prompt_from_pooling)
         embedder = Embedder(args.retriever, args.instruction, device=device, exclude_prompt_from_pooling=exclude,
                             cache_dir=embedding_cache_dir(args.embedding_cache))
         retriever = LoraRetriever(embedder, [e.name for e in pool], [e.samples for e in pool])

@@ -29,6 +29,16 @@ PAPER_INSTRUCTION = "Represent the sentence for similar task retrieval: "
 HNSW_THRESHOLD = 200_000
 
 
+POOLING_CHOICES = {"auto": None, "yes": True, "no": False}
+
+
+def exclude_prompt_choice(value: str) -> bool | None:
+    """The ``--exclude_prompt_from_pooling`` flag (auto / yes / no) as :class:`Embedder` takes it."""
+    if value not in POOLING_CHOICES:
+        raise ValueError(f"--exclude_prompt_from_pooling must be one of {', '.join(POOLING_CHOICES)} (got {value!r}).")
+    return POOLING_CHOICES[value]
+
+
 class Embedder:
     """A sentence-transformers model with a retrieval instruction.
 
