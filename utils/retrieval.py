@@ -46,34 +46,44 @@ class Embedder:
         name_or_path: sentence-transformers model id, local directory or ``embedded:...`` name.
         instruction: text given as ``prompt`` to every encode call ("" for none).
         exclude_prompt_from_pooling: None = decide from the name (INSTRUCTOR-style ids contain "instructor"
-            or "retriever"); True / False force it.
+            or "lora_retriever"); True / False force it.
     """
 
     def __init__(self, name_or_path: str, instruction: str = PAPER_INSTRUCTION, device: str = "cpu",
                  exclude_prompt_from_pooling: bool | None = None, batch_size: int = 64, cache_dir: str | Path | None = None):
-        from sentence_transformers import SentenceTransformer
-        from sentence_transformers.sentence_transformer.modules import Pooling
-
         from utils.model_loading import resolve_model_path
 
-        path = resolve_model_path(name_or_path)
-        try:
-            self.model = SentenceTransformer(path, device=device)
-        except OSError as err:
-            raise ValueError(f"Could not load retriever {name_or_path!r}: {err}. Pass a local sentence-transformers directory or a reachable id with --retriever.") from err
         if exclude_prompt_from_pooling is None:
             lowered = name_or_path.lower()
             exclude_prompt_from_pooling = "instructor" in lowered or "lora_retriever" in lowered
-        if exclude_prompt_from_pooling:
-            for module in self.model.modules():
-                if isinstance(module, Pooling):
-                    module.include_prompt = False
         self.name = name_or_path
+        self.path = resolve_model_path(name_or_path)
+        self.device = device
         self.instruction = instruction
         self.batch_size = batch_size
         self.exclude_prompt_from_pooling = exclude_prompt_from_pooling
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self._identity = _model_identity(name_or_path, path)
+        self._identity = _model_identity(name_or_path, self.path)
+        self._model = None
+
+    @property
+    def model(self):
+        """The SentenceTransformer, loaded on first use (a run served from the embedding cache never loads it)."""
+        if self._model is None:
+            from sentence_transformers import SentenceTransformer
+            from sentence_transformers.sentence_transformer.modules import Pooling
+
+            try:
+                model = SentenceTransformer(self.path, device=self.device)
+            except OSError as err:
+                raise ValueError(f"Could not load retriever {self.name!r}: {err}. Pass a local sentence-transformers directory "
+                                 f"or a reachable id with --retriever.") from err
+            if self.exclude_prompt_from_pooling:
+                for module in model.modules():
+                    if isinstance(module, Pooling):
+                        module.include_prompt = False
+            self._model = model
+        return self._model
 
     def encode(self, texts: list[str], show_progress: bool = False) -> np.ndarray:
         """Normalised float32 embeddings [len(texts), d], encoded in batches.
