@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -161,7 +162,7 @@ def inspect_adapter(path: str) -> dict:
     if weights.is_file():
         with safe_open(weights, "pt") as f:
             for key in f.keys():
-                n += _prod(f.get_slice(key).get_shape())
+                n += math.prod(f.get_slice(key).get_shape())
     return {"path": str(p), "peft_type": cfg.get("peft_type"), "r": cfg.get("r"), "lora_alpha": cfg.get("lora_alpha"),
             "target_modules": cfg.get("target_modules"), "base_model": cfg.get("base_model_name_or_path"), "parameters": n}
 
@@ -172,13 +173,6 @@ def registered_path(adapter: Path, pool_path: Path) -> str:
     if adapter.is_relative_to(config_dir.parent):
         return Path(os.path.relpath(adapter, config_dir)).as_posix()
     return str(adapter)
-
-
-def _prod(shape) -> int:
-    out = 1
-    for s in shape:
-        out *= int(s)
-    return out
 
 
 def main(argv=None) -> int:
@@ -223,11 +217,11 @@ def main(argv=None) -> int:
             out = ((pool_path.parent / entry["path"]) if not Path(entry["path"]).is_absolute() else Path(entry["path"])).resolve()
         else:
             out = ROOT / "loras" / task
+        rows = json.loads(train_file.read_text(encoding="utf-8"))
         if (out / "adapter_model.safetensors").is_file() and not args.force:
             logger.info("Reusing the trained adapter %s (pass --force to retrain)", out)
         else:
-            todo.append((task, train_file, out))
-        rows = json.loads(train_file.read_text(encoding="utf-8"))
+            todo.append((task, rows, out))
         if entry is None:  # register a new task in the pool config, with 20 of its training inputs as samples
             entry = {"model_name": task, "domain": rows[0].get("domain", ""), "sample": [{"inputs": r["inputs"], "targets": r["targets"]} for r in rows[:20]]}
             pool.append(entry)
@@ -236,21 +230,16 @@ def main(argv=None) -> int:
     pool_path.write_text(json.dumps(pool, ensure_ascii=False, indent=1), encoding="utf-8")
     if not todo:
         return 0
-    import torch
-
     from utils.model_loading import load_base_model, load_tokenizer
 
     tokenizer = load_tokenizer(settings.base_model)
     tokenizer.padding_side = "right"
     base = load_base_model(settings.base_model, dtype=settings.dtype, device=settings.device)
     logger.info("Training %d adapter(s) with %s", len(todo), asdict(settings))
-    for task, train_file, out in todo:
-        rows = json.loads(train_file.read_text(encoding="utf-8"))
-        record = train_one(task, rows, out, settings, tokenizer, base)
+    for task, rows, out in todo:
+        record = train_one(task, rows, out, settings, tokenizer, base)  # seeds itself: order of tasks does not matter
         logger.info("%s: %d steps in %.0f s, loss %.3f -> %.3f, saved to %s", task, settings.steps, record["seconds"],
                     record["losses"][0], record["losses"][-1], out)
-        del record
-        torch.manual_seed(settings.seed)
     return 0
 
 

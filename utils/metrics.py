@@ -17,12 +17,10 @@ raises, scores 0 for ROUGE; each such case is reported through the returned ``no
 
 from __future__ import annotations
 
-import logging
 import re
 import sys
 import warnings
-
-logger = logging.getLogger(__name__)
+from functools import lru_cache
 
 PAPER_METRICS = {"em": ("em",), "bleu": ("bleu",), "rouge": ("rouge1", "rouge2", "rougeL")}
 EXTRA_METRICS = {"em": (), "bleu": ("sacrebleu",), "rouge": ("rougeL_rs",)}
@@ -74,11 +72,16 @@ def paper_rouge(pred: str, target: str) -> tuple[dict[str, float], str | None]:
             "rougeL": 100.0 * scores["rouge-l"]["f"]}, None
 
 
-def rouge_score_l(pred: str, target: str) -> float:
-    """ROUGE-L F of Google's ``rouge-score`` (no stemming), x100."""
+@lru_cache(maxsize=1)
+def _rouge_l_scorer():
     from rouge_score import rouge_scorer
 
-    return 100.0 * rouge_scorer.RougeScorer(["rougeL"]).score(target, pred)["rougeL"].fmeasure
+    return rouge_scorer.RougeScorer(["rougeL"])
+
+
+def rouge_score_l(pred: str, target: str) -> float:
+    """ROUGE-L F of Google's ``rouge-score`` (no stemming), x100."""
+    return 100.0 * _rouge_l_scorer().score(target, pred)["rougeL"].fmeasure
 
 
 def corpus_sacrebleu(preds: list[str], targets: list[str]) -> float:
