@@ -4,7 +4,8 @@
 #   bash eval_all.sh [PROFILE]        PROFILE: embedded (default), llama2_7b or llama2_13b
 #
 # Runs: base (no adapter), perfect selection, then selection (top-1), mixture and fusion (top-3),
-# each in-domain and OOD. A finished run (its results file exists) is skipped unless FORCE=1.
+# each in-domain and OOD, all in one process. A finished run (its results file exists) is skipped
+# unless FORCE=1; an interrupted one resumes from its checkpoint.
 # Environment: PYTHON (interpreter), LAUNCH (how main.py starts, e.g. "torchrun --nproc_per_node 4";
 # default: $PYTHON), DATA (evaluation file), OUT (results folder),
 # EXTRA_ARGS (more main.py flags, e.g. "--limit 20"), FORCE=1 (redo finished runs).
@@ -25,26 +26,27 @@ OUT=${OUT:-results/$PROFILE}
 FORCE=${FORCE:-0}
 mkdir -p "$OUT"
 
-RUNS=()
-run() {
-  local name=$1; shift
-  RUNS+=("$name")
-  if [[ -f "$OUT/$name.json" && "$FORCE" != 1 ]]; then
-    echo "eval_all.sh: $OUT/$name.json exists; skipping $name (FORCE=1 redoes it)" >&2
-    return 0
-  fi
-  # shellcheck disable=SC2086  # LAUNCH and EXTRA_ARGS are word lists
-  $LAUNCH main.py --settings "$SETTINGS" --data_path "$DATA" --res_path "$OUT/$name.json" "$@" ${EXTRA_ARGS:-}
-}
+# One run per line: its name (the results file is $OUT/NAME.json), then its own main.py flags.
+RUNS=(
+  "base            --eval_type base"
+  "best_selection  --best_selection"
+  "selection       --eval_type mixture --lora_num 1"
+  "selection_ood   --eval_type mixture --lora_num 1 --ood"
+  "mixture         --eval_type mixture --lora_num 3"
+  "mixture_ood     --eval_type mixture --lora_num 3 --ood"
+  "fusion          --eval_type fusion  --lora_num 3"
+  "fusion_ood      --eval_type fusion  --lora_num 3 --ood"
+)
+# All runs in one process: the base model, the adapters and the retriever load once for the whole sweep.
+# EXTRA_ARGS apply to every run; a run's own flags come after them, except that flags repeated in
+# EXTRA_ARGS win (they are given again after each run's flags).
+ARGS=()
+for spec in "${RUNS[@]}"; do
+  ARGS+=(--run "$spec ${EXTRA_ARGS:-}")
+done
+if [[ "$FORCE" == 1 ]]; then ARGS+=(--force); fi
+# shellcheck disable=SC2086  # LAUNCH and EXTRA_ARGS are word lists
+$LAUNCH main.py --settings "$SETTINGS" --data_path "$DATA" --res_dir "$OUT" ${EXTRA_ARGS:-} "${ARGS[@]}"
 
-run base            --eval_type base
-run best_selection  --best_selection
-run selection       --eval_type mixture --lora_num 1
-run selection_ood   --eval_type mixture --lora_num 1 --ood
-run mixture         --eval_type mixture --lora_num 3
-run mixture_ood     --eval_type mixture --lora_num 3 --ood
-run fusion          --eval_type fusion  --lora_num 3
-run fusion_ood      --eval_type fusion  --lora_num 3 --ood
-
-printf '%s\n' "${RUNS[@]}" > "$OUT/runs.txt"
+printf '%s\n' "${RUNS[@]}" | awk '{print $1}' > "$OUT/runs.txt"
 "$PYTHON" summarize_results.py --results_dir "$OUT"

@@ -15,8 +15,10 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 EVAL_TYPES = ("mixture", "fusion", "base")
@@ -61,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
     a("--device_map", default=None, help="e.g. auto: spread a large base model over the visible GPUs")
     a("--no_resume", action="store_true", help="ignore and replace an existing checkpoint instead of resuming it")
+    a("--run", action="append", default=None, metavar="'NAME FLAGS...'",
+      help="a sweep in one process: each --run is one run (its name, then its own flags on top of the others), "
+           "written to --res_dir/NAME.json; the base model, adapters and retriever are loaded once for all runs")
+    a("--res_dir", default=None, help="with --run: the folder of the runs' results files")
+    a("--force", action="store_true", help="with --run: redo runs whose results file exists (default: skip them)")
     a("--settings", default=None, help="JSON or YAML file of flag defaults (e.g. config/paper_llama2_7b.json); flags override it")
     a("--log_level", default="INFO", help="logging level")
     return p
@@ -103,6 +110,8 @@ def validate(args: argparse.Namespace) -> None:
         raise InputError("--data_path is required, e.g. --data_path data/bigbench/combined_test.json")
     if not args.res_path:
         raise InputError("--res_path is required, e.g. --res_path results/mixture.json")
+    if args.res_dir or args.force:
+        raise InputError("--res_dir and --force go with --run (a sweep); a single run writes --res_path.")
     if args.lora_num < 1:
         raise InputError(f"--lora_num must be at least 1 (got {args.lora_num}).")
     if args.batch_size < 1:
@@ -120,7 +129,8 @@ def validate(args: argparse.Namespace) -> None:
 def resolved_settings(args: argparse.Namespace) -> dict:
     """The settings that decide the predictions (written into the results file and checkpoint)."""
     s = {k: v for k, v in vars(args).items()
-         if k not in ("log_level", "no_resume", "settings", "batch_size", "device", "device_map", "embedding_cache")}
+         if k not in ("log_level", "no_resume", "settings", "batch_size", "device", "device_map", "embedding_cache",
+                      "run", "res_dir", "force")}
     if args.best_selection:
         s["lora_num"] = 1
     # The contents, not only the names, of the input files decide the predictions.
@@ -144,33 +154,36 @@ def file_sha256(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def run(args: argparse.Namespace) -> Path:
-    """Validate everything, load each stage once, evaluate, and write the results file atomically."""
-    import numpy as np
-    import torch
-    import transformers
-    from tqdm.auto import tqdm
+@dataclass
+class Plan:
+    """One run, checked and ready: its flags, rows, pool entries and checkpoint (no model loaded yet)."""
 
-    from utils.adapter_pool import AdapterPool
-    from utils.composition import compose
+    args: argparse.Namespace
+    rows: list
+    pool: list
+    k: int
+    settings: dict
+    checkpoint: object
+    done: dict
+    t_start: float
+
+
+def prepare(args: argparse.Namespace) -> Plan:
+    """Every check of one run that needs no model: flags, data, pool config, output path, checkpoint."""
     from utils.data import InputError, load_pool_config, load_rows
-    from utils.distributed import barrier, dist_info, init, my_batches, shutdown
-    from utils.generation import generate_batch, length_sorted_batches
-    from utils.model_loading import load_base_model, load_tokenizer
+    from utils.distributed import dist_info
     from utils.prompter import Prompter
-    from utils.results import Checkpoint, check_writable, run_metadata, write_json_atomic
-    from utils.retrieval import Embedder, LoraRetriever, composition_weights, exclude_prompt_choice
+    from utils.results import Checkpoint, check_writable
 
     t_start = time.time()
     validate(args)
     rows = load_rows(args.data_path)
     if args.limit:
         rows = rows[: args.limit]
-    prompter = Prompter(args.template)
-    use_pool = args.eval_type != "base"
+    Prompter(args.template)  # an unknown template fails here, before any model loads
     k = 1 if args.best_selection else args.lora_num
     pool = []
-    if use_pool:
+    if args.eval_type != "base":
         pool = load_pool_config(args.config_path, args.adapter_pattern)
         names = {e.name for e in pool}
         if args.best_selection:
@@ -192,11 +205,31 @@ def run(args: argparse.Namespace) -> Path:
     if args.no_resume:
         checkpoint.remove()
     done = checkpoint.load()
+    return Plan(args, rows, pool, k, settings, checkpoint, done, t_start)
+
+
+def execute(plan: Plan, session) -> Path:
+    """Load what ``session`` does not hold yet, retrieve, generate, and write the results file atomically."""
+    import numpy as np
+    import torch
+    import transformers
+    from tqdm.auto import tqdm
+
+    from utils.composition import compose
+    from utils.distributed import barrier, dist_info, init, my_batches
+    from utils.generation import generate_batch, length_sorted_batches
+    from utils.prompter import Prompter
+    from utils.results import Checkpoint, run_metadata, write_json_atomic
+    from utils.retrieval import composition_weights, exclude_prompt_choice
+
+    args, rows, pool, k, settings, checkpoint, done = plan.args, plan.rows, plan.pool, plan.k, plan.settings, plan.checkpoint, plan.done
+    use_pool = args.eval_type != "base"
     if done:
         logger.info("Resuming: %d rows already in %s", len(done), checkpoint.path)
     logger.info("Settings: %s", json.dumps(settings))
 
     transformers.set_seed(args.seed)
+    dist = dist_info()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dist.enabled:
         init(dist, device.startswith("cuda"))
@@ -204,11 +237,8 @@ def run(args: argparse.Namespace) -> Path:
             device = f"cuda:{dist.local_rank}"
         logger.info("Process %d of %d on %s", dist.rank, dist.world_size, device)
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    t0 = time.time()
-    tokenizer = load_tokenizer(args.base_model)
-    model = load_base_model(args.base_model, dtype=dtype, device=device, device_map=args.device_map)
-    adapter_pool = AdapterPool(model, pool) if use_pool else None
-    logger.info("Models and %d adapters loaded in %.1f s", len(pool), time.time() - t0)
+    tokenizer, model = session.base(args.base_model, dtype, device, args.device_map)
+    adapter_pool = session.adapter_pool(pool) if use_pool else None
 
     # Retrieval for every row, batched.
     t0 = time.time()
@@ -218,14 +248,13 @@ def run(args: argparse.Namespace) -> Path:
         chosen = [[r["task"]] for r in rows]
         scores = np.ones((len(rows), 1), dtype=np.float32)
     elif use_pool:
-        exclude = exclude_prompt_choice(args.exclude_prompt_from_pooling)
-        embedder = Embedder(args.retriever, args.instruction, device=device, exclude_prompt_from_pooling=exclude,
-                            cache_dir=embedding_cache_dir(args.embedding_cache))
-        retriever = LoraRetriever(embedder, [e.name for e in pool], [e.samples for e in pool])
+        retriever = session.retriever(pool, args.retriever, args.instruction, exclude_prompt_choice(args.exclude_prompt_from_pooling),
+                                      device, embedding_cache_dir(args.embedding_cache))
         chosen, scores = retriever.search([r["inputs"] for r in rows], k, exclude=[r["task"] for r in rows] if args.ood else None)
     weights = composition_weights(scores, "uniform" if args.best_selection else args.weighting, args.temperature) if use_pool else scores
     t_retrieval = time.time() - t0
 
+    prompter = Prompter(args.template)
     prompts = [prompter.generate_prompt(r["inputs"]) for r in rows]
     # Batches are formed over all rows (not only the unfinished ones), so that a resumed run generates each
     # remaining row in the same batch, with the same padding, as an uninterrupted run would.
@@ -242,7 +271,8 @@ def run(args: argparse.Namespace) -> Path:
             with compose(adapter_pool, idx, w, args.eval_type) as composed:
                 texts, counts = generate_batch(composed, tokenizer, batch_prompts, args.max_new_tokens, args.max_input_tokens)
         else:
-            texts, counts = generate_batch(model, tokenizer, batch_prompts, args.max_new_tokens, args.max_input_tokens)
+            with session.without_adapters():
+                texts, counts = generate_batch(model, tokenizer, batch_prompts, args.max_new_tokens, args.max_input_tokens)
         n_tokens += sum(counts)
         out = []
         for i, text in zip(batch, texts):
@@ -255,10 +285,10 @@ def run(args: argparse.Namespace) -> Path:
         checkpoint.append(out)
     t_gen = time.time() - t0
 
+    shards = []
     if dist.enabled:  # every rank has finished its batches: rank 0 merges the checkpoints
         barrier(dist)
         if not dist.is_main:
-            shutdown(dist)
             return Path(args.res_path)
         shards = [Checkpoint(args.res_path, settings, shard=r) for r in range(dist.world_size)]
         done = {i: row for shard in shards for i, row in shard.load().items()}
@@ -268,19 +298,74 @@ def run(args: argparse.Namespace) -> Path:
     meta = run_metadata(args.seed)
     meta["world_size"] = dist.world_size
     meta["batch_size"] = args.batch_size
-    meta["timing_s"] = {"retrieval": round(t_retrieval, 3), "generation": round(t_gen, 3), "total": round(time.time() - t_start, 3)}
+    meta["timing_s"] = {"retrieval": round(t_retrieval, 3), "generation": round(t_gen, 3), "total": round(time.time() - plan.t_start, 3)}
     meta["generated_tokens"] = n_tokens
     meta["device"], meta["dtype"] = device, dtype
     result = {"format": "lora_retriever.results/1", "settings": settings, "meta": meta,
               "rows": [{k2: v for k2, v in done[i].items() if k2 != "index"} for i in range(len(rows))]}
     write_json_atomic(args.res_path, result)
     checkpoint.remove()
-    if dist.enabled:
-        for shard in shards:
-            shard.remove()
-        shutdown(dist)
+    for shard in shards:
+        shard.remove()
     logger.info("Wrote %d rows to %s (retrieval %.2f s, generation %.1f s, %d new tokens)", len(rows), args.res_path, t_retrieval, t_gen, n_tokens)
     return Path(args.res_path)
+
+
+def run(args: argparse.Namespace, session=None) -> Path:
+    """One run: check everything, load each stage once (or reuse ``session``'s), evaluate, write the results."""
+    from utils.session import Session
+
+    return execute(prepare(args), session or Session())
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def sweep_runs(args: argparse.Namespace) -> list[tuple[str, argparse.Namespace]]:
+    """The runs of ``--run "NAME FLAGS..."``: each run's flags on top of the shared ones, results in --res_dir/NAME.json."""
+    import shlex
+
+    from utils.data import InputError
+
+    if args.res_path:
+        raise InputError("--res_path names one run's file; with --run give --res_dir instead (each run writes <res_dir>/<name>.json).")
+    if not args.res_dir:
+        raise InputError("--run needs --res_dir, the folder of the runs' results files, e.g. --res_dir results/embedded")
+    shared = {k: v for k, v in vars(args).items() if k not in ("run", "res_dir", "force")}
+    runs, names = [], set()
+    for spec in args.run:
+        words = shlex.split(spec)
+        if not words or not RUN_NAME.fullmatch(words[0]):
+            raise InputError(f"--run {spec!r}: start with a run name (letters, digits, _ . -), e.g. --run \"mixture --eval_type mixture --lora_num 3\".")
+        name, flags = words[0], words[1:]
+        if name in names:
+            raise InputError(f"--run names {name!r} twice; give each run its own name.")
+        names.add(name)
+        if any(f.split("=")[0] in ("--run", "--res_dir", "--res_path", "--force", "--settings") for f in flags):
+            raise InputError(f"--run {name}: --run, --res_dir, --res_path, --force and --settings apply to the whole sweep, not to one run.")
+        parser = build_parser()
+        parser.set_defaults(**shared)  # the run's own flags override the shared ones
+        run_args = parser.parse_args(flags)
+        run_args.res_path = str(Path(args.res_dir) / f"{name}.json")
+        runs.append((name, run_args))
+    return runs
+
+
+def run_sweep(args: argparse.Namespace) -> list[Path]:
+    """Every run of the sweep in this process, sharing the base model, the pool and the retriever.
+
+    All runs are checked before the first model loads; a run whose results file exists is skipped unless --force.
+    """
+    from utils.session import Session
+
+    plans = []
+    for name, run_args in sweep_runs(args):
+        if Path(run_args.res_path).exists() and not args.force:
+            logger.info("%s exists; skipping %s (--force redoes it)", run_args.res_path, name)
+            continue
+        plans.append(prepare(run_args))
+    session = Session()
+    return [execute(plan, session) for plan in plans]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,11 +379,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from utils.distributed import dist_info, shutdown
+
     try:
-        run(args)
+        if args.run:
+            run_sweep(args)
+        else:
+            run(args)
     except InputError as err:
         logger.error("%s", err)
         return 2
+    finally:
+        shutdown(dist_info())
     return 0
 
 

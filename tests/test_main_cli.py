@@ -222,3 +222,100 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(workspace, tmp_path):
     assert got["rows"] == want["rows"]
     assert {k: v for k, v in got["settings"].items() if k != "res_path"} == {k: v for k, v in want["settings"].items() if k != "res_path"}
     assert not ck.exists()
+
+
+SWEEP = {"mix": ["--eval_type", "mixture", "--lora_num", "2"], "plain": ["--eval_type", "base"],
+         "fus_ood": ["--eval_type", "fusion", "--lora_num", "2", "--ood"], "best": ["--best_selection"]}
+
+
+def sweep_argv(ws, out, runs, *extra):
+    argv = ["--data_path", str(ws["data"]), "--config_path", str(ws["pool"]), "--res_dir", str(out),
+            "--base_model", ws["base"], "--retriever", "embedded:all-minilm-l6-v2", "--max_new_tokens", "4",
+            "--batch_size", "4", "--device", "cpu", *extra]
+    for name, flags in runs.items():
+        argv += ["--run", " ".join([name, *flags])]
+    return argv
+
+
+def without_meta(path):
+    data = json.loads(Path(path).read_text())
+    data["settings"].pop("res_path")
+    return data["settings"], data["rows"]
+
+
+def test_sweep_in_one_process_equals_separate_runs(workspace, monkeypatch):
+    import utils.adapter_pool
+    import utils.model_loading
+
+    loads = {"base": 0, "pool": 0}
+    real_load, real_pool_init = utils.model_loading.load_base_model, utils.adapter_pool.AdapterPool.__init__
+
+    def counting_load(*a, **k):
+        loads["base"] += 1
+        return real_load(*a, **k)
+
+    def counting_pool_init(self, *a, **k):
+        loads["pool"] += 1
+        real_pool_init(self, *a, **k)
+
+    monkeypatch.setattr(utils.model_loading, "load_base_model", counting_load)
+    monkeypatch.setattr(utils.adapter_pool.AdapterPool, "__init__", counting_pool_init)
+    out = workspace["dir"] / "sweep"
+    assert main_mod.main(sweep_argv(workspace, out, SWEEP)) == 0
+    assert loads == {"base": 1, "pool": 1}  # the base run between pool runs reuses the model, adapters switched off
+    for name, flags in SWEEP.items():
+        code, res = run_main(workspace, f"{name}.json", *flags)
+        assert code == 0
+        assert without_meta(out / f"{name}.json") == without_meta(res), name
+
+
+def test_sweep_with_another_pool_reloads_the_base_model(workspace):
+    pool = json.loads(workspace["pool"].read_text())
+    small = write_json(workspace["dir"] / "small_pool.json", pool[::-1][:2])  # other order, one adapter fewer
+    runs = {"all": ["--lora_num", "2"], "small": ["--lora_num", "1", "--config_path", str(small)], "plain": ["--eval_type", "base"]}
+    out = workspace["dir"] / "sweep"
+    assert main_mod.main(sweep_argv(workspace, out, runs)) == 0
+    for name, flags in runs.items():
+        code, res = run_main(workspace, f"{name}.json", *flags)
+        assert code == 0
+        assert without_meta(out / f"{name}.json") == without_meta(res), name
+
+
+def test_sweep_skips_finished_runs_unless_forced(workspace, caplog):
+    out = workspace["dir"] / "sweep"
+    runs = {"plain": ["--eval_type", "base"], "mix": ["--lora_num", "2"]}
+    assert main_mod.main(sweep_argv(workspace, out, runs)) == 0
+    (out / "mix.json").write_text('{"kept": true}')
+    caplog.clear()
+    caplog.set_level("INFO", logger="main")
+    assert main_mod.main(sweep_argv(workspace, out, runs)) == 0
+    assert caplog.text.count("skipping") == 2 and json.loads((out / "mix.json").read_text()) == {"kept": True}
+    assert main_mod.main(sweep_argv(workspace, out, runs, "--force")) == 0
+    assert json.loads((out / "mix.json").read_text())["format"] == "lora_retriever.results/1"
+
+
+@pytest.mark.parametrize("argv_change,message", [
+    (lambda argv: argv + ["--res_path", "x.json"], "with --run give --res_dir instead"),
+    (lambda argv: [a for i, a in enumerate(argv) if "--res_dir" not in argv[i - 1: i + 1]], "--run needs --res_dir"),
+    (lambda argv: argv + ["--run", "mix --lora_num 1"], "names 'mix' twice"),
+    (lambda argv: argv + ["--run", "--lora_num 1"], "start with a run name"),
+    (lambda argv: argv + ["--run", "late --settings config/embedded.json"], "apply to the whole sweep"),
+    (lambda argv: argv + ["--run", "big --lora_num 9"], "larger than the 3 candidate adapters"),
+])
+def test_bad_sweeps_are_refused_before_any_run(workspace, caplog, monkeypatch, argv_change, message):
+    import utils.model_loading
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before every run was checked")
+
+    monkeypatch.setattr(utils.model_loading, "load_base_model", no_load)
+    out = workspace["dir"] / "sweep"
+    argv = argv_change(sweep_argv(workspace, out, {"mix": ["--lora_num", "2"]}))
+    assert main_mod.main(argv) == 2
+    assert message in caplog.text
+    assert not (out / "mix.json").exists()
+
+
+def test_res_dir_without_run_is_refused(workspace, caplog):
+    code, _ = run_main(workspace, "r.json", "--force")
+    assert code == 2 and "go with --run" in caplog.text

@@ -1,0 +1,95 @@
+"""What the runs of one process share: the tokenizer and base model, the adapter pool, the retriever.
+
+A sweep (``main.py --run ... --run ...``) evaluates several configurations in one process. Each object
+is built on first use and kept while the next run asks for the same settings, so a sweep loads the base
+model and the pool's adapters once instead of once per run. A run that asks for other settings gets a
+fresh object. Because peft injects the pool's LoRA layers into the base model in place, a different pool
+also means a freshly loaded base model.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from contextlib import nullcontext
+
+logger = logging.getLogger(__name__)
+
+
+class Session:
+    def __init__(self):
+        self.tokenizer = None
+        self.model = None
+        self.pool = None
+        self._base_key = None
+        self._pool_key = None
+        self._embedder = None
+        self._embedder_key = None
+        self._retriever = None
+        self._retriever_key = None
+
+    def base(self, name: str, dtype: str, device: str, device_map: str | None):
+        """(tokenizer, base model), loaded unless the last run used the same ones."""
+        from utils.model_loading import load_base_model, load_tokenizer
+
+        key = (name, dtype, device, device_map)
+        if key != self._base_key:
+            self._drop_models()
+            t0 = time.time()
+            self.tokenizer = load_tokenizer(name)
+            self.model = load_base_model(name, dtype=dtype, device=device, device_map=device_map)
+            self._base_key = key
+            logger.info("Base model %s loaded in %.1f s", name, time.time() - t0)
+        return self.tokenizer, self.model
+
+    def adapter_pool(self, entries):
+        """The :class:`AdapterPool` of ``entries`` on the current base model (call :meth:`base` first)."""
+        from utils.adapter_pool import AdapterPool
+
+        if self.model is None:
+            raise RuntimeError("Session.base() must load the base model before the adapter pool.")
+        key = tuple((e.name, str(e.path)) for e in entries)
+        if self.pool is not None and key != self._pool_key:
+            logger.info("Another adapter pool: reloading the base model without the previous pool's LoRA layers")
+            base_key = self._base_key
+            self._drop_models()
+            self.base(*base_key)
+        if self.pool is None:
+            t0 = time.time()
+            self.pool = AdapterPool(self.model, entries)
+            self._pool_key = key
+            logger.info("%d adapters loaded in %.1f s", len(entries), time.time() - t0)
+        return self.pool
+
+    def without_adapters(self):
+        """Context in which the base model runs without the pool's LoRA layers (for ``--eval_type base``)."""
+        return self.pool.model.disable_adapter() if self.pool is not None else nullcontext()
+
+    def retriever(self, entries, retriever: str, instruction: str, exclude_prompt: bool | None, device: str, cache_dir):
+        """A :class:`LoraRetriever` over ``entries``; the embedder and the pool's index are kept across runs."""
+        from utils.retrieval import Embedder, LoraRetriever
+
+        ekey = (retriever, instruction, exclude_prompt, device, str(cache_dir))
+        if ekey != self._embedder_key:
+            self._embedder = Embedder(retriever, instruction, device=device, exclude_prompt_from_pooling=exclude_prompt,
+                                      cache_dir=cache_dir)
+            self._embedder_key = ekey
+            self._retriever = self._retriever_key = None
+        rkey = tuple((e.name, tuple(str(s) for s in e.samples)) for e in entries)
+        if rkey != self._retriever_key:
+            self._retriever = LoraRetriever(self._embedder, [e.name for e in entries], [e.samples for e in entries])
+            self._retriever_key = rkey
+        return self._retriever
+
+    def _drop_models(self):
+        self.tokenizer = self.model = self.pool = None
+        self._base_key = self._pool_key = None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover
+            pass
