@@ -12,6 +12,13 @@ configuration does the same work):
       A and B) is recomputed at every forward; queries are embedded one at a time
   (d) peft        peft's own mixed-batch inference (``adapter_names``) for selection
 Retrieval time is included in (b), (c) and (d) (embedding the batch's queries and searching).
+
+``--synthetic llama2-7b`` replaces SmolLM2 and the trained pool by a model of Llama-2-7B's shape with random
+weights and ``--num_adapters`` random r=8 q_proj/v_proj LoRAs written to disk (so that (c) loads them from
+disk as the original does); queries, prompts and retrieval stay real. It is meant for a GPU:
+
+    python bench/bench_throughput.py --synthetic llama2-7b --device cuda --dtype bfloat16 --num_adapters 48 \
+        --rows 64 --batch_sizes 32 --max_new_tokens 32 --out docs/bench_throughput_7b.json
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.adapter_pool import AdapterPool  # noqa: E402
 from utils.composition import compose  # noqa: E402
-from utils.data import load_pool_config, load_rows  # noqa: E402
+from utils.data import PoolEntry, load_pool_config, load_rows  # noqa: E402
 from utils.model_loading import load_base_model, load_tokenizer  # noqa: E402
 from utils.prompter import Prompter  # noqa: E402
 from utils.retrieval import Embedder, LoraRetriever, composition_weights  # noqa: E402
@@ -37,12 +45,68 @@ from utils.retrieval import Embedder, LoraRetriever, composition_weights  # noqa
 logger = logging.getLogger("bench")
 
 
+# Shapes of the synthetic base models: Llama-2-7B's (its vocabulary replaced by the SmolLM2 tokenizer's, the one
+# tokenizer available offline) and a tiny one that exercises the same code on a CPU in seconds.
+SHAPES = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, max_position_embeddings=4096),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=4096),
+}
+
+
 def generate(model, tok, prompts, n_new, **kw):
-    enc = tok(prompts, return_tensors="pt", padding=True)
+    device = next(model.parameters()).device
+    enc = tok(prompts, return_tensors="pt", padding=True).to(device)
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
                              pad_token_id=tok.pad_token_id, **kw)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return out.shape[1] - enc["input_ids"].shape[1]
+
+
+def synthetic_setup(shape: str, vocab_size: int, num_adapters: int, rank: int, rows: list[dict], folder: Path,
+                    device: str, dtype: torch.dtype, seed: int = 0):
+    """A random-weight Llama of ``shape`` and ``num_adapters`` random LoRAs saved as peft adapters under ``folder``.
+
+    Adapter j is retrieved by the inputs of suite task j mod (number of tasks): its pool samples are those rows.
+    Returns (model, pool entries).
+    """
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, **SHAPES[shape])
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.eval()
+    tasks = sorted({r["task"] for r in rows})
+    by_task = {t: [r["inputs"] for r in rows if r["task"] == t] for t in tasks}
+    h, n_layers = config.hidden_size, config.num_hidden_layers
+    entries = []
+    gen = torch.Generator().manual_seed(seed)
+    for j in range(num_adapters):
+        name, path = f"syn{j:03d}", folder / f"syn{j:03d}"
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for i in range(n_layers):
+            for proj in ("q_proj", "v_proj"):
+                key = f"base_model.model.model.layers.{i}.self_attn.{proj}"
+                tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, h, generator=gen) / h ** 0.5).to(dtype)
+                tensors[f"{key}.lora_B.weight"] = (torch.randn(h, rank, generator=gen) * 0.01).to(dtype)
+        save_file(tensors, str(path / "adapter_model.safetensors"))
+        (path / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
+            "target_modules": ["q_proj", "v_proj"], "bias": "none", "base_model_name_or_path": f"synthetic-{shape}"}))
+        task = tasks[j % len(tasks)]
+        entries.append(PoolEntry(name=name, domain=task, samples=by_task[task][:20], path=str(path)))
+    return model, entries
 
 
 def batches(items, bs):
@@ -62,11 +126,11 @@ class OriginalLoop:
         for n in needed:
             self.model.load_adapter(self.paths[n], adapter_name=f"tmp_{n}")
         k = len(chosen[0])
-        w = torch.full((len(chosen), k), 1.0 / k)
         handles = []
 
         def hook(module, args, output):
             x = args[0]
+            w = torch.full((len(chosen), k), 1.0 / k, device=x.device, dtype=x.dtype)
             # recomputed at every forward: gather each sample's adapters and compose them
             A = torch.stack([torch.stack([module.lora_A[f"tmp_{n}"].weight for n in row]) for row in chosen])  # [b,k,r,in]
             B = torch.stack([torch.stack([module.lora_B[f"tmp_{n}"].weight * module.scaling[f"tmp_{n}"] for n in row]) for row in chosen])
@@ -157,42 +221,59 @@ def main(argv=None) -> int:
     p.add_argument("--config_path", default="config/bigbench_pool.json")
     p.add_argument("--configs", nargs="+", default=["base", "mixture", "fusion", "selection", "original_mixture", "original_fusion", "peft_selection"])
     p.add_argument("--repeats", type=int, default=2, help="runs of each configuration (interleaved); the fastest is kept")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--synthetic", default=None, choices=sorted(SHAPES),
+                   help="random-weight base model of this shape and --num_adapters random LoRAs instead of the embedded default")
+    p.add_argument("--num_adapters", type=int, default=48, help="with --synthetic: pool size")
+    p.add_argument("--rank", type=int, default=8, help="with --synthetic: LoRA rank")
     p.add_argument("--out", default="docs/bench_throughput.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     rows = load_rows(args.data_path)
+    all_rows = rows
     rows = [rows[i * len(rows) // args.rows] for i in range(args.rows)]  # spread over the tasks
-    pool_entries = load_pool_config(args.config_path)
     prompter = Prompter("alpaca")
     prompts = [prompter.generate_prompt(r["inputs"]) for r in rows]
     texts = [r["inputs"] for r in rows]
     tok = load_tokenizer("embedded:smollm2-135m-instruct")
-    embedder = Embedder("embedded:all-minilm-l6-v2")
-    retriever = LoraRetriever(embedder, [e.name for e in pool_entries], [e.samples for e in pool_entries])
-    base = load_base_model("embedded:smollm2-135m-instruct")
-    pool = AdapterPool(base, pool_entries, show_progress=False)
-    paths = {e.name: e.path for e in pool_entries}
-    results = []
-    generate(pool.model.get_base_model(), tok, prompts[:2], 2)  # warm-up
-    for bs in args.batch_sizes:
-        timings: dict[str, list] = {c: [] for c in args.configs}
-        for rep in range(args.repeats):  # configurations interleaved, best of the repeats kept
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    with tempfile.TemporaryDirectory(prefix="bench_adapters_") as tmp:
+        if args.synthetic:
+            t0 = time.perf_counter()
+            base, pool_entries = synthetic_setup(args.synthetic, len(tok), args.num_adapters, args.rank, all_rows, Path(tmp),
+                                                 args.device, dtype)
+            logger.info("Synthetic %s model and %d adapters built in %.1f s", args.synthetic, len(pool_entries), time.perf_counter() - t0)
+        else:
+            pool_entries = load_pool_config(args.config_path)
+            base = load_base_model("embedded:smollm2-135m-instruct", dtype=args.dtype, device=args.device)
+        embedder = Embedder("embedded:all-minilm-l6-v2", device=args.device)
+        retriever = LoraRetriever(embedder, [e.name for e in pool_entries], [e.samples for e in pool_entries])
+        pool = AdapterPool(base, pool_entries, show_progress=False)
+        paths = {e.name: e.path for e in pool_entries}
+        results = []
+        generate(pool.model.get_base_model(), tok, prompts[:2], 2)  # warm-up
+        for bs in args.batch_sizes:
+            timings: dict[str, list] = {c: [] for c in args.configs}
+            for rep in range(args.repeats):  # configurations interleaved, best of the repeats kept
+                for config in args.configs:
+                    timings[config].append(run_config(config, bs, pool, paths, retriever, tok, prompts, texts, args.max_new_tokens))
             for config in args.configs:
-                timings[config].append(run_config(config, bs, pool, paths, retriever, tok, prompts, texts, args.max_new_tokens))
-        for config in args.configs:
-            gen_s, ret_s, n_tok = min(timings[config], key=lambda t: t[0] + t[1])
-            dt = gen_s + ret_s
-            results.append({"batch_size": bs, "config": config, "rows": len(rows), "seconds": round(dt, 3),
-                            "retrieval_s": round(ret_s, 3), "rows_per_s": round(len(rows) / dt, 3),
-                            "tokens_per_s": round(n_tok / dt, 2), "generation_tokens_per_s": round(n_tok / gen_s, 2)})
-            logger.info("bs %2d %-17s %6.2f rows/s %7.1f tok/s end to end, %7.1f tok/s generation (retrieval %.2f s)",
-                        bs, config, len(rows) / dt, n_tok / dt, n_tok / gen_s, ret_s)
+                gen_s, ret_s, n_tok = min(timings[config], key=lambda t: t[0] + t[1])
+                dt = gen_s + ret_s
+                results.append({"batch_size": bs, "config": config, "rows": len(rows), "seconds": round(dt, 3),
+                                "retrieval_s": round(ret_s, 3), "rows_per_s": round(len(rows) / dt, 3),
+                                "tokens_per_s": round(n_tok / dt, 2), "generation_tokens_per_s": round(n_tok / gen_s, 2)})
+                logger.info("bs %2d %-17s %6.2f rows/s %7.1f tok/s end to end, %7.1f tok/s generation (retrieval %.2f s)",
+                            bs, config, len(rows) / dt, n_tok / dt, n_tok / gen_s, ret_s)
     md = markdown_report(results)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).with_suffix(".md").write_text(md)
     sys.stdout.write(md)
-    out = {"device": "cpu", "threads": torch.get_num_threads(), "max_new_tokens": args.max_new_tokens,
-           "torch": torch.__version__, "results": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    out = {"device": device_name, "threads": torch.get_num_threads(), "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
+           "model": f"synthetic {args.synthetic}" if args.synthetic else "embedded:smollm2-135m-instruct",
+           "adapters": len(pool_entries), "torch": torch.__version__, "results": results}
     Path(args.out).write_text(json.dumps(out, indent=1))
     return 0
 

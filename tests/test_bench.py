@@ -1,0 +1,44 @@
+"""The throughput benchmark's synthetic mode (the one meant for a 7B-shaped model on a GPU), at a tiny shape on CPU."""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def test_synthetic_throughput_bench_runs_every_configuration(tmp_path):
+    import bench_throughput
+
+    out = tmp_path / "bench.json"
+    code = bench_throughput.main(["--synthetic", "tiny", "--num_adapters", "5", "--rows", "6", "--batch_sizes", "3",
+                                  "--max_new_tokens", "3", "--repeats", "1", "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["model"] == "synthetic tiny" and report["adapters"] == 5
+    configs = {r["config"]: r for r in report["results"]}
+    assert set(configs) == {"base", "mixture", "fusion", "selection", "original_mixture", "original_fusion", "peft_selection"}
+    for r in configs.values():
+        assert r["rows"] == 6 and r["tokens_per_s"] > 0
+        assert r["tokens_per_s"] * r["seconds"] == __import__("pytest").approx(6 * 3, rel=1e-2)  # every row generated 3 tokens
+    md = out.with_suffix(".md").read_text()
+    assert "| 3 | mixture |" in md and "mixture/original" in md
+
+
+def test_synthetic_adapters_are_real_peft_adapters(tmp_path):
+    import bench_throughput
+    import torch
+
+    from utils.data import load_rows
+
+    rows = load_rows(ROOT / "data" / "bigbench" / "combined_test.json")
+    model, entries = bench_throughput.synthetic_setup("tiny", 400, 3, 4, rows, tmp_path, "cpu", torch.float32)
+    assert [e.name for e in entries] == ["syn000", "syn001", "syn002"]
+    assert all(e.samples for e in entries) and entries[0].domain != entries[1].domain
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, entries[0].path)
+    layer = peft_model.base_model.model.model.layers[1].self_attn.v_proj
+    assert layer.lora_B["default"].weight.abs().sum() > 0  # nonzero B: the adapter changes the output
+    assert float(layer.scaling["default"]) == 2.0
