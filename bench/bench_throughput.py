@@ -129,17 +129,17 @@ class OriginalLoop:
         handles = []
 
         def hook(module, args, output):
-            x = args[0]
-            w = torch.full((len(chosen), k), 1.0 / k, device=x.device, dtype=x.dtype)
             # recomputed at every forward: gather each sample's adapters and compose them
             A = torch.stack([torch.stack([module.lora_A[f"tmp_{n}"].weight for n in row]) for row in chosen])  # [b,k,r,in]
             B = torch.stack([torch.stack([module.lora_B[f"tmp_{n}"].weight * module.scaling[f"tmp_{n}"] for n in row]) for row in chosen])
+            x = args[0].to(A.dtype)  # as peft does: the input cast to the adapter weights' dtype
+            w = torch.full((len(chosen), k), 1.0 / k, device=x.device, dtype=x.dtype)
             if self.mode == "fusion":
                 A_f, B_f = torch.einsum("bk,bkri->bri", w, A), torch.einsum("bk,bkor->bor", w, B)
                 delta = torch.einsum("bor,btr->bto", B_f, torch.einsum("bri,bti->btr", A_f, x))
             else:
                 delta = torch.einsum("bk,bkor,bktr->bto", w, B, torch.einsum("bkri,bti->bktr", A, x))
-            return output + delta
+            return output + delta.to(output.dtype)
 
         for name, module in self.model.named_modules():
             if isinstance(module, LoraLayer) and any(f"tmp_{n}" in module.lora_A for n in needed):

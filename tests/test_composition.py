@@ -192,3 +192,25 @@ def test_batch_size_mismatch_is_refused(pool):
     with compose(pool, pool.indices([["alpha"]] * 3), torch.ones(3, 1)) as m:
         with pytest.raises(RuntimeError, match="batch of 3"):
             m(input_ids=ids)
+
+
+def test_bf16_model_composes_in_bf16_close_to_peft(tiny_base, tiny_loras):
+    """On a bf16 base model the stacks are bf16 (one fused op per layer) and selection stays close to peft,
+    which computes the LoRA delta in float32."""
+    from transformers import AutoModelForCausalLM
+
+    entries = [PoolEntry(name=n, domain="d", samples=["x"], path=str(tiny_loras[n])) for n in ("alpha", "beta")]
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16).eval()
+    pool = AdapterPool(base, entries, show_progress=False)
+    assert all(layer.A.dtype == layer.B.dtype == torch.bfloat16 for layer in pool.layers)
+    ids = batch_inputs()
+    pool.model.set_adapter("beta")
+    with torch.no_grad():
+        expected = pool.model(input_ids=ids).logits.float()
+        with compose(pool, pool.indices([["beta"]] * ids.shape[0]), torch.ones(ids.shape[0], 1)) as m:
+            got = m(input_ids=ids).logits.float()
+        with pool.model.disable_adapter():
+            plain = pool.model(input_ids=ids).logits.float()
+    effect = (expected - plain).abs().max()
+    assert effect > 0.01  # the adapter changes the logits ...
+    assert (got - expected).abs().max() < 0.1 * effect  # ... and bf16 composition reproduces that change

@@ -26,14 +26,19 @@ def test_torchrun_two_processes_equals_single(tmp_path, tiny_base, tiny_loras):
     single = tmp_path / "single.json"
     done = subprocess.run([sys.executable, *argv(single)], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    multi = tmp_path / "multi.json"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv(multi)],
+    # Two processes, running a sweep of two runs (each rank takes every other batch of each run, rank 0 merges).
+    sweep = argv(tmp_path / "unused.json")
+    sweep = sweep[: sweep.index("--res_path")] + sweep[sweep.index("--res_path") + 2:]
+    sweep += ["--res_dir", str(tmp_path / "multi"), "--run", "mixture", "--run", "plain --eval_type base"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *sweep],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    a, b = json.loads(single.read_text()), json.loads(multi.read_text())
+    a, b = json.loads(single.read_text()), json.loads((tmp_path / "multi" / "mixture.json").read_text())
     assert b["meta"]["world_size"] == 2
     assert a["rows"] == b["rows"]
-    assert not list(tmp_path.glob("*.partial.jsonl"))
+    plain = json.loads((tmp_path / "multi" / "plain.json").read_text())
+    assert len(plain["rows"]) == len(rows) and all(r["adapters"] == [] for r in plain["rows"])
+    assert not list(tmp_path.rglob("*.partial.jsonl"))
 
 
 def test_stacked_weights_live_with_their_layers(tiny_base, tiny_loras):

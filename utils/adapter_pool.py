@@ -9,7 +9,10 @@ only chooses indices and weights (the punica / vLLM layout):
                             (lora_alpha / r, or lora_alpha / sqrt(r) for rsLoRA, as peft computed it)
 
 An adapter that does not target module m has zeros there. The stacks live on the device of the
-module's base weight, so composition also works when ``device_map`` spreads the model over devices.
+module's base weight, so composition also works when ``device_map`` spreads the model over devices, and
+in its dtype (bfloat16 for a bf16 model), so the delta is one fused op in the model's precision, as in the
+paper's code and the multi-LoRA servers (peft itself keeps adapter weights in float32 by default and casts
+every LoRA input to float32). A quantised base weight (not floating point) keeps the adapters' dtype.
 """
 
 from __future__ import annotations
@@ -88,14 +91,15 @@ class AdapterPool:
             base_weight = module.get_base_layer().weight
             d_out, d_in = base_weight.shape[0], base_weight.shape[1]
             rank = max(module.lora_A[n].weight.shape[0] for n in present)
-            device, dtype = base_weight.device, module.lora_A[present[0]].weight.dtype
+            device = base_weight.device
+            dtype = base_weight.dtype if base_weight.dtype.is_floating_point else module.lora_A[present[0]].weight.dtype
             A = torch.zeros(len(self.names), rank, d_in, device=device, dtype=dtype)
             B = torch.zeros(len(self.names), d_out, rank, device=device, dtype=dtype)
             with torch.no_grad():
                 for n in present:
                     j = self.index[n]
                     a, b = module.lora_A[n].weight, module.lora_B[n].weight
-                    A[j, : a.shape[0]] = a.to(device)
+                    A[j, : a.shape[0]] = a.to(device=device, dtype=dtype)
                     B[j, :, : b.shape[1]] = (b.float() * float(module.scaling[n])).to(device=device, dtype=dtype)
             layers.append(StackedLayer(mod_name, module, A, B))
         return layers

@@ -94,8 +94,14 @@ def compose(pool: AdapterPool, indices: torch.Tensor, weights: torch.Tensor, mod
     if indices.shape != weights.shape or indices.dim() != 2:
         raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must both be [batch, k].")
     handles = []
+    on_device = {}  # indices and weights copied once per device (once in all unless device_map spreads the model)
     with torch.no_grad():
-        factors = [build_composed(layer.A, layer.B, indices, weights, mode) for layer in pool.layers]
+        factors = []
+        for layer in pool.layers:
+            dev = layer.A.device
+            if dev not in on_device:
+                on_device[dev] = (indices.to(dev), weights.to(device=dev, dtype=torch.float32))
+            factors.append(build_composed(layer.A, layer.B, *on_device[dev], mode))
     with pool.model.disable_adapter():
         try:
             for layer, (At, Bt) in zip(pool.layers, factors):
