@@ -40,13 +40,14 @@ RUNS=(
 # All runs in one process: the base model, the adapters and the retriever load once for the whole sweep.
 # EXTRA_ARGS apply to every run; a run's own flags come after them, except that flags repeated in
 # EXTRA_ARGS win (they are given again after each run's flags).
-ARGS=()
+SPECS=()
 for spec in "${RUNS[@]}"; do
-  ARGS+=(--run "$spec ${EXTRA_ARGS:-}")
+  SPECS+=("$spec ${EXTRA_ARGS:-}")
 done
-if [[ "$FORCE" == 1 ]]; then ARGS+=(--force); fi
+FORCE_FLAG=()
+if [[ "$FORCE" == 1 ]]; then FORCE_FLAG=(--force); fi
 # shellcheck disable=SC2086  # LAUNCH and EXTRA_ARGS are word lists
-$LAUNCH main.py --settings "$SETTINGS" --data_path "$DATA" --res_dir "$OUT" ${EXTRA_ARGS:-} "${ARGS[@]}"
+$LAUNCH main.py --settings "$SETTINGS" --data_path "$DATA" --res_dir "$OUT" ${EXTRA_ARGS:-} "${FORCE_FLAG[@]}" --runs "${SPECS[@]}"
 
 printf '%s\n' "${RUNS[@]}" | awk '{print $1}' > "$OUT/runs.txt"
 "$PYTHON" summarize_results.py --results_dir "$OUT"

@@ -63,11 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
     a("--device_map", default=None, help="e.g. auto: spread a large base model over the visible GPUs")
     a("--no_resume", action="store_true", help="ignore and replace an existing checkpoint instead of resuming it")
-    a("--run", action="append", default=None, metavar="'NAME FLAGS...'",
-      help="a sweep in one process: each --run is one run (its name, then its own flags on top of the others), "
+    a("--runs", nargs="+", action="extend", default=None, metavar="'NAME FLAGS...'",
+      help="a sweep in one process: each value is one run (its name, then its own flags on top of the others), "
            "written to --res_dir/NAME.json; the base model, adapters and retriever are loaded once for all runs")
-    a("--res_dir", default=None, help="with --run: the folder of the runs' results files")
-    a("--force", action="store_true", help="with --run: redo runs whose results file exists (default: skip them)")
+    a("--res_dir", default=None, help="with --runs: the folder of the runs' results files")
+    a("--force", action="store_true", help="with --runs: redo runs whose results file exists (default: skip them)")
     a("--settings", default=None, help="JSON or YAML file of flag defaults (e.g. config/paper_llama2_7b.json); flags override it")
     a("--log_level", default="INFO", help="logging level")
     return p
@@ -111,7 +111,7 @@ def validate(args: argparse.Namespace) -> None:
     if not args.res_path:
         raise InputError("--res_path is required, e.g. --res_path results/mixture.json")
     if args.res_dir or args.force:
-        raise InputError("--res_dir and --force go with --run (a sweep); a single run writes --res_path.")
+        raise InputError("--res_dir and --force go with --runs (a sweep); a single run writes --res_path.")
     if args.lora_num < 1:
         raise InputError(f"--lora_num must be at least 1 (got {args.lora_num}).")
     if args.batch_size < 1:
@@ -130,7 +130,7 @@ def resolved_settings(args: argparse.Namespace) -> dict:
     """The settings that decide the predictions (written into the results file and checkpoint)."""
     s = {k: v for k, v in vars(args).items()
          if k not in ("log_level", "no_resume", "settings", "batch_size", "device", "device_map", "embedding_cache",
-                      "run", "res_dir", "force")}
+                      "runs", "res_dir", "force")}
     if args.best_selection:
         s["lora_num"] = 1
     # The contents, not only the names, of the input files decide the predictions.
@@ -322,27 +322,27 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def sweep_runs(args: argparse.Namespace) -> list[tuple[str, argparse.Namespace]]:
-    """The runs of ``--run "NAME FLAGS..."``: each run's flags on top of the shared ones, results in --res_dir/NAME.json."""
+    """The runs of ``--runs "NAME FLAGS..." ...``: each run's flags on top of the shared ones, results in --res_dir/NAME.json."""
     import shlex
 
     from utils.data import InputError
 
     if args.res_path:
-        raise InputError("--res_path names one run's file; with --run give --res_dir instead (each run writes <res_dir>/<name>.json).")
+        raise InputError("--res_path names one run's file; with --runs give --res_dir instead (each run writes <res_dir>/<name>.json).")
     if not args.res_dir:
-        raise InputError("--run needs --res_dir, the folder of the runs' results files, e.g. --res_dir results/embedded")
-    shared = {k: v for k, v in vars(args).items() if k not in ("run", "res_dir", "force")}
+        raise InputError("--runs needs --res_dir, the folder of the runs' results files, e.g. --res_dir results/embedded")
+    shared = {k: v for k, v in vars(args).items() if k not in ("runs", "res_dir", "force")}
     runs, names = [], set()
-    for spec in args.run:
+    for spec in args.runs:
         words = shlex.split(spec)
         if not words or not RUN_NAME.fullmatch(words[0]):
-            raise InputError(f"--run {spec!r}: start with a run name (letters, digits, _ . -), e.g. --run \"mixture --eval_type mixture --lora_num 3\".")
+            raise InputError(f"--runs {spec!r}: start each run with its name (letters, digits, _ . -), e.g. --runs \"mixture --eval_type mixture --lora_num 3\".")
         name, flags = words[0], words[1:]
         if name in names:
-            raise InputError(f"--run names {name!r} twice; give each run its own name.")
+            raise InputError(f"--runs names {name!r} twice; give each run its own name.")
         names.add(name)
-        if any(f.split("=")[0] in ("--run", "--res_dir", "--res_path", "--force", "--settings") for f in flags):
-            raise InputError(f"--run {name}: --run, --res_dir, --res_path, --force and --settings apply to the whole sweep, not to one run.")
+        if any(f.split("=")[0] in ("--runs", "--res_dir", "--res_path", "--force", "--settings") for f in flags):
+            raise InputError(f"--runs {name}: --runs, --res_dir, --res_path, --force and --settings apply to the whole sweep, not to one run.")
         parser = build_parser()
         parser.set_defaults(**shared)  # the run's own flags override the shared ones
         run_args = parser.parse_args(flags)
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     from utils.distributed import dist_info, shutdown
 
     try:
-        if args.run:
+        if args.runs:
             run_sweep(args)
         else:
             run(args)

@@ -29,7 +29,7 @@ def test_torchrun_two_processes_equals_single(tmp_path, tiny_base, tiny_loras):
     # Two processes, running a sweep of two runs (each rank takes every other batch of each run, rank 0 merges).
     sweep = argv(tmp_path / "unused.json")
     sweep = sweep[: sweep.index("--res_path")] + sweep[sweep.index("--res_path") + 2:]
-    sweep += ["--res_dir", str(tmp_path / "multi"), "--run", "mixture", "--run", "plain --eval_type base"]
+    sweep += ["--res_dir", str(tmp_path / "multi"), "--runs", "mixture", "plain --eval_type base"]
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *sweep],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -63,3 +63,18 @@ def test_stacked_weights_live_with_their_layers(tiny_base, tiny_loras):
         with compose(plain, idx, w) as m:
             want = m(input_ids=ids).logits
     torch.testing.assert_close(got, want)
+
+
+def test_main_flags_pass_through_the_launchers():
+    """torchrun and accelerate launch parse their own options before the script's; a main.py flag that abbreviates
+    two of theirs (as --run would --run-path / --run_path) makes the launcher fail before main.py starts."""
+    from accelerate.commands.launch import launch_command_parser
+    from torch.distributed.run import get_args_parser
+
+    import main as main_mod
+
+    flags = [s for a in main_mod.build_parser()._actions for s in a.option_strings if s.startswith("--") and s != "--help"]
+    for flag in flags:
+        ours = ["main.py", flag, "x"]
+        assert get_args_parser().parse_args(["--nproc_per_node", "2", *ours]).training_script_args == ours[1:], flag
+        assert launch_command_parser().parse_args(["--num_processes", "2", *ours]).training_script_args == ours[1:], flag

@@ -233,7 +233,7 @@ def sweep_argv(ws, out, runs, *extra):
             "--base_model", ws["base"], "--retriever", "embedded:all-minilm-l6-v2", "--max_new_tokens", "4",
             "--batch_size", "4", "--device", "cpu", *extra]
     for name, flags in runs.items():
-        argv += ["--run", " ".join([name, *flags])]
+        argv += ["--runs", " ".join([name, *flags])]
     return argv
 
 
@@ -295,12 +295,12 @@ def test_sweep_skips_finished_runs_unless_forced(workspace, caplog):
 
 
 @pytest.mark.parametrize("argv_change,message", [
-    (lambda argv: argv + ["--res_path", "x.json"], "with --run give --res_dir instead"),
-    (lambda argv: [a for i, a in enumerate(argv) if "--res_dir" not in argv[i - 1: i + 1]], "--run needs --res_dir"),
-    (lambda argv: argv + ["--run", "mix --lora_num 1"], "names 'mix' twice"),
-    (lambda argv: argv + ["--run", "--lora_num 1"], "start with a run name"),
-    (lambda argv: argv + ["--run", "late --settings config/embedded.json"], "apply to the whole sweep"),
-    (lambda argv: argv + ["--run", "big --lora_num 9"], "larger than the 3 candidate adapters"),
+    (lambda argv: argv + ["--res_path", "x.json"], "with --runs give --res_dir instead"),
+    (lambda argv: [a for i, a in enumerate(argv) if "--res_dir" not in argv[i - 1: i + 1]], "--runs needs --res_dir"),
+    (lambda argv: argv + ["--runs", "mix --lora_num 1"], "names 'mix' twice"),
+    (lambda argv: argv + ["--runs", "--lora_num 1"], "start each run with its name"),
+    (lambda argv: argv + ["--runs", "late --settings config/embedded.json"], "apply to the whole sweep"),
+    (lambda argv: argv + ["--runs", "big --lora_num 9"], "larger than the 3 candidate adapters"),
 ])
 def test_bad_sweeps_are_refused_before_any_run(workspace, caplog, monkeypatch, argv_change, message):
     import utils.model_loading
