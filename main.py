@@ -356,6 +356,7 @@ def run_sweep(args: argparse.Namespace) -> list[Path]:
 
     All runs are checked before the first model loads; a run whose results file exists is skipped unless --force.
     """
+    from utils.data import InputError
     from utils.session import Session
 
     plans = []
@@ -363,7 +364,10 @@ def run_sweep(args: argparse.Namespace) -> list[Path]:
         if Path(run_args.res_path).exists() and not args.force:
             logger.info("%s exists; skipping %s (--force redoes it)", run_args.res_path, name)
             continue
-        plans.append(prepare(run_args))
+        try:
+            plans.append(prepare(run_args))
+        except InputError as err:
+            raise InputError(f"Run {name!r}: {err}") from err
     session = Session()
     return [execute(plan, session) for plan in plans]
 
