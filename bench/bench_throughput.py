@@ -12,6 +12,9 @@ configuration does the same work):
       A and B) is recomputed at every forward; queries are embedded one at a time
   (d) peft        peft's own mixed-batch inference (``adapter_names``) for selection
 Retrieval time is included in (b), (c) and (d) (embedding the batch's queries and searching).
+Batches: (a), (b) and (d) take rows grouped by prompt length, as ``main.py`` does; (c) takes them in file order,
+as the original code does. ``base_file_order`` (the base model on file-order batches) separates what batching by
+length gains from what the composition gains.
 
 ``--synthetic llama2-7b`` replaces SmolLM2 and the trained pool by a model of Llama-2-7B's shape with random
 weights and ``--num_adapters`` random r=8 q_proj/v_proj LoRAs written to disk (so that (c) loads them from
@@ -38,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils.adapter_pool import AdapterPool  # noqa: E402
 from utils.composition import compose  # noqa: E402
 from utils.data import PoolEntry, load_pool_config, load_rows  # noqa: E402
+from utils.generation import length_sorted_batches  # noqa: E402
 from utils.model_loading import load_base_model, load_tokenizer  # noqa: E402
 from utils.prompter import Prompter  # noqa: E402
 from utils.retrieval import Embedder, LoraRetriever, composition_weights  # noqa: E402
@@ -162,9 +166,10 @@ def markdown_report(results: list[dict]) -> str:
         lines.append(f"| {r['batch_size']} | {r['config']} | {r['rows_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
                      f"{r['generation_tokens_per_s']:.1f} | {r['retrieval_s']:.2f} | {r['seconds']:.1f} |")
     lines += ["", "Ratios of tokens/s: composition against the base model on generation alone (composition overhead), "
-              "and against the original loop and peft end to end (retrieval included).", "",
-              "| batch | mixture/base | fusion/base | selection/base | mixture/original | fusion/original | selection/peft |",
-              "|---:|---:|---:|---:|---:|---:|---:|"]
+              "against the original loop and peft end to end (retrieval included), and the base model on batches "
+              "grouped by length against file-order batches (what batching by length alone gains).", "",
+              "| batch | mixture/base | fusion/base | selection/base | mixture/original | fusion/original | selection/peft | base: by length/file order |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for bs in sorted({r["batch_size"] for r in results}):
         rs = {r["config"]: r for r in results if r["batch_size"] == bs}
 
@@ -174,11 +179,14 @@ def markdown_report(results: list[dict]) -> str:
         g, e = "generation_tokens_per_s", "tokens_per_s"
         lines.append(f"| {bs} | {ratio('mixture', 'base', g)} | {ratio('fusion', 'base', g)} | {ratio('selection', 'base', g)} | "
                      f"{ratio('mixture', 'original_mixture', e)} | {ratio('fusion', 'original_fusion', e)} | "
-                     f"{ratio('selection', 'peft_selection', e)} |")
+                     f"{ratio('selection', 'peft_selection', e)} | {ratio('base', 'base_file_order', e)} |")
     return "\n".join(lines) + "\n"
 
 
-def run_config(config, bs, pool, paths, retriever, tok, prompts, texts, n_new):
+FILE_ORDER = ("original_mixture", "original_fusion", "base_file_order")  # batches in file order, as the original code
+
+
+def run_config(config, bs, pool, paths, retriever, tok, prompts, texts, n_new, lengths):
     """(generation seconds, retrieval seconds, generated tokens) of one configuration over all rows."""
     rows = list(range(len(prompts)))
     k = 1 if config in ("selection", "peft_selection") else 3
@@ -189,10 +197,10 @@ def run_config(config, bs, pool, paths, retriever, tok, prompts, texts, n_new):
         weights = torch.as_tensor(composition_weights(scores))
         ret_s = time.perf_counter() - t0
     gen_s, n_tok = 0.0, 0
-    for idx in batches(rows, bs):
+    for idx in (batches(rows, bs) if config in FILE_ORDER else length_sorted_batches(lengths, bs)):
         bp = [prompts[i] for i in idx]
         t0 = time.perf_counter()
-        if config == "base":
+        if config in ("base", "base_file_order"):
             with pool.model.disable_adapter():
                 n = generate(pool.model, tok, bp, n_new)
         elif config.startswith("original"):
@@ -219,7 +227,8 @@ def main(argv=None) -> int:
     p.add_argument("--max_new_tokens", type=int, default=16)
     p.add_argument("--data_path", default="data/bigbench/combined_test.json")
     p.add_argument("--config_path", default="config/bigbench_pool.json")
-    p.add_argument("--configs", nargs="+", default=["base", "mixture", "fusion", "selection", "original_mixture", "original_fusion", "peft_selection"])
+    p.add_argument("--configs", nargs="+", default=["base", "mixture", "fusion", "selection", "original_mixture", "original_fusion",
+                                                   "peft_selection", "base_file_order"])
     p.add_argument("--repeats", type=int, default=2, help="runs of each configuration (interleaved); the fastest is kept")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -237,6 +246,7 @@ def main(argv=None) -> int:
     prompts = [prompter.generate_prompt(r["inputs"]) for r in rows]
     texts = [r["inputs"] for r in rows]
     tok = load_tokenizer("embedded:smollm2-135m-instruct")
+    lengths = [len(ids) for ids in tok(prompts).input_ids]
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     with tempfile.TemporaryDirectory(prefix="bench_adapters_") as tmp:
         if args.synthetic:
@@ -257,11 +267,11 @@ def main(argv=None) -> int:
             timings: dict[str, list] = {c: [] for c in args.configs}
             for rep in range(args.repeats):  # configurations interleaved, best of the repeats kept
                 for config in args.configs:
-                    timings[config].append(run_config(config, bs, pool, paths, retriever, tok, prompts, texts, args.max_new_tokens))
+                    timings[config].append(run_config(config, bs, pool, paths, retriever, tok, prompts, texts, args.max_new_tokens, lengths))
             for config in args.configs:
                 gen_s, ret_s, n_tok = min(timings[config], key=lambda t: t[0] + t[1])
                 dt = gen_s + ret_s
-                results.append({"batch_size": bs, "config": config, "rows": len(rows), "seconds": round(dt, 3),
+                results.append({"batch_size": bs, "config": config, "rows": len(rows), "generated_tokens": n_tok, "seconds": round(dt, 3),
                                 "retrieval_s": round(ret_s, 3), "rows_per_s": round(len(rows) / dt, 3),
                                 "tokens_per_s": round(n_tok / dt, 2), "generation_tokens_per_s": round(n_tok / gen_s, 2)})
                 logger.info("bs %2d %-17s %6.2f rows/s %7.1f tok/s end to end, %7.1f tok/s generation (retrieval %.2f s)",
