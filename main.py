@@ -7,6 +7,11 @@ Example (the embedded default, offline on CPU):
 
 The paper's own setup on a GPU: add ``--settings config/paper_llama2_7b.json`` (base model, adapters and
 retriever of the paper) and point ``--data_path`` at the paper's ``combined_test.json``.
+
+Several runs in one process, the models loaded once (what ``eval_all.sh`` does):
+
+    python main.py --settings config/embedded.json --data_path data/bigbench/combined_test.json \
+        --res_dir results/embedded --runs "base --eval_type base" "mixture --eval_type mixture --lora_num 3"
 """
 
 from __future__ import annotations
@@ -334,7 +339,10 @@ def sweep_runs(args: argparse.Namespace) -> list[tuple[str, argparse.Namespace]]
     shared = {k: v for k, v in vars(args).items() if k not in ("runs", "res_dir", "force")}
     runs, names = [], set()
     for spec in args.runs:
-        words = shlex.split(spec)
+        try:
+            words = shlex.split(spec)
+        except ValueError as err:
+            raise InputError(f"--runs {spec!r}: {err}; check the quotes of this run.") from err
         if not words or not RUN_NAME.fullmatch(words[0]):
             raise InputError(f"--runs {spec!r}: start each run with its name (letters, digits, _ . -), e.g. --runs \"mixture --eval_type mixture --lora_num 3\".")
         name, flags = words[0], words[1:]
@@ -344,8 +352,14 @@ def sweep_runs(args: argparse.Namespace) -> list[tuple[str, argparse.Namespace]]
         if any(f.split("=")[0] in ("--runs", "--res_dir", "--res_path", "--force", "--settings") for f in flags):
             raise InputError(f"--runs {name}: --runs, --res_dir, --res_path, --force and --settings apply to the whole sweep, not to one run.")
         parser = build_parser()
+        parser.exit_on_error = False
         parser.set_defaults(**shared)  # the run's own flags override the shared ones
-        run_args = parser.parse_args(flags)
+        try:
+            run_args, unknown = parser.parse_known_args(flags)
+        except argparse.ArgumentError as err:
+            raise InputError(f"Run {name!r}: {err}.") from err
+        if unknown:
+            raise InputError(f"Run {name!r}: unknown flags {unknown}; see python main.py --help.")
         run_args.res_path = str(Path(args.res_dir) / f"{name}.json")
         runs.append((name, run_args))
     return runs

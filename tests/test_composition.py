@@ -214,3 +214,13 @@ def test_bf16_model_composes_in_bf16_close_to_peft(tiny_base, tiny_loras):
     effect = (expected - plain).abs().max()
     assert effect > 0.01  # the adapter changes the logits ...
     assert (got - expected).abs().max() < 0.1 * effect  # ... and bf16 composition reproduces that change
+    # one token per row: the CPU decoding-step path (float32 matmuls on the same factors)
+    step = ids[:, :1]
+    with torch.no_grad():
+        expected = pool.model(input_ids=step).logits.float()
+        with compose(pool, pool.indices([["beta"]] * ids.shape[0]), torch.ones(ids.shape[0], 1)) as m:
+            got = m(input_ids=step).logits.float()
+        with pool.model.disable_adapter():
+            plain = pool.model(input_ids=step).logits.float()
+    effect = (expected - plain).abs().max()
+    assert effect > 0.01 and (got - expected).abs().max() < 0.1 * effect

@@ -300,7 +300,10 @@ def test_sweep_skips_finished_runs_unless_forced(workspace, caplog):
     (lambda argv: argv + ["--runs", "mix --lora_num 1"], "names 'mix' twice"),
     (lambda argv: argv + ["--runs", "--lora_num 1"], "start each run with its name"),
     (lambda argv: argv + ["--runs", "late --settings config/embedded.json"], "apply to the whole sweep"),
-    (lambda argv: argv + ["--runs", "big --lora_num 9"], "larger than the 3 candidate adapters"),
+    (lambda argv: argv + ["--runs", "big --lora_num 9"], "Run 'big': --lora_num 9 is larger than the 3 candidate adapters"),
+    (lambda argv: argv + ["--runs", "typo --lora_nums 2"], "Run 'typo': unknown flags ['--lora_nums', '2']"),
+    (lambda argv: argv + ["--runs", "odd --eval_type merge"], "Run 'odd': argument --eval_type: invalid choice"),
+    (lambda argv: argv + ["--runs", "quote --instruction 'unclosed"], "check the quotes of this run"),
 ])
 def test_bad_sweeps_are_refused_before_any_run(workspace, caplog, monkeypatch, argv_change, message):
     import utils.model_loading
