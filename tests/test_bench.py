@@ -43,3 +43,13 @@ def test_synthetic_adapters_are_real_peft_adapters(tmp_path):
     layer = peft_model.base_model.model.model.layers[1].self_attn.v_proj
     assert layer.lora_B["default"].weight.abs().sum() > 0  # nonzero B: the adapter changes the output
     assert float(layer.scaling["default"]) == 2.0
+
+
+def test_forward_bench_op_timings(tmp_path):
+    import bench_forward
+
+    out = tmp_path / "fwd.json"
+    assert bench_forward.main(["--skip_model", "--repeats", "1", "--out", str(out)]) == 0
+    ops = json.loads(out.read_text())["ops"]
+    assert len(ops) == 4 and all(o["bf16_fused_us"] > 0 and o["fp32_cast_us"] > 0 for o in ops)
+    assert "| 8 x 250 | 24 |" in out.with_suffix(".md").read_text()
