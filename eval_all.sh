@@ -38,16 +38,16 @@ RUNS=(
   "fusion_ood      --eval_type fusion  --lora_num 3 --ood"
 )
 # All runs in one process: the base model, the adapters and the retriever load once for the whole sweep.
-# EXTRA_ARGS apply to every run; a run's own flags come after them, except that flags repeated in
-# EXTRA_ARGS win (they are given again after each run's flags).
+# EXTRA_ARGS are appended to every run's flags, so they win over a run's own (quotes work: they are parsed
+# like a shell command line).
 SPECS=()
 for spec in "${RUNS[@]}"; do
   SPECS+=("$spec ${EXTRA_ARGS:-}")
 done
 FORCE_FLAG=()
 if [[ "$FORCE" == 1 ]]; then FORCE_FLAG=(--force); fi
-# shellcheck disable=SC2086  # LAUNCH and EXTRA_ARGS are word lists
-$LAUNCH main.py --settings "$SETTINGS" --data_path "$DATA" --res_dir "$OUT" ${EXTRA_ARGS:-} "${FORCE_FLAG[@]}" --runs "${SPECS[@]}"
+# shellcheck disable=SC2086  # LAUNCH is a word list
+$LAUNCH main.py --settings "$SETTINGS" --data_path "$DATA" --res_dir "$OUT" "${FORCE_FLAG[@]}" --runs "${SPECS[@]}"
 
 printf '%s\n' "${RUNS[@]}" | awk '{print $1}' > "$OUT/runs.txt"
 "$PYTHON" summarize_results.py --results_dir "$OUT"

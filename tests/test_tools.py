@@ -98,14 +98,15 @@ def test_eval_all_sweep_on_tiny_model(tmp_path, tiny_base, pool_file):
     data = write_json(tmp_path / "data.json", rows)
     out = tmp_path / "res"
     env = dict(os.environ, PYTHON=sys.executable, DATA=str(data), OUT=str(out),
-               EXTRA_ARGS=f"--base_model {tiny_base} --config_path {pool_file} --max_new_tokens 3 --lora_num 1 --device cpu")
+               EXTRA_ARGS=f"--base_model {tiny_base} --config_path {pool_file} --max_new_tokens 3 --lora_num 1 --device cpu "
+                          "--instruction 'Find the task: '")
     # --lora_num 1 (given last) keeps k within the 3-adapter pool for the OOD runs
     done = subprocess.run(["bash", str(ROOT / "eval_all.sh"), "embedded"], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = (out / "runs.txt").read_text().split()
     assert runs == ["base", "best_selection", "selection", "selection_ood", "mixture", "mixture_ood", "fusion", "fusion_ood"]
     for r in runs:
-        assert (out / f"{r}.json").is_file()
+        assert json.loads((out / f"{r}.json").read_text())["settings"]["instruction"] == "Find the task: "
     assert (out / "summary" / "domain.tex").is_file()
     assert done.stdout.splitlines()[0].startswith("| Domain (metric) | base | best_selection |")
     again = subprocess.run(["bash", str(ROOT / "eval_all.sh"), "embedded"], env=env, capture_output=True, text=True, cwd=tmp_path)
