@@ -63,9 +63,9 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def _make_hook(At: torch.Tensor, Bt: torch.Tensor):
-    # On CPU, batched matmuls this small are several times slower in bf16/fp16 than in float32 (about 78 us
-    # against 10 us for one decoding step of one row at k*r = 24, d = 576), while over a whole prompt the
-    # low-precision fused op wins; so a CPU decoding step (one token per row) computes in float32.
+    # On CPU, batched matmuls this small are several times slower in bf16/fp16 than in float32 (39.5 us
+    # against 10.3 us for one decoding step of one row at k*r = 24, d = 576; bench/bench_forward.py), while over
+    # a whole prompt the low-precision fused op wins; so a CPU decoding step (one token per row) computes in float32.
     decode_factors = (At.float(), Bt.float()) if At.device.type == "cpu" and At.dtype in LOW_PRECISION else None
 
     def hook(module, args, kwargs, output):
