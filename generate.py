@@ -39,23 +39,21 @@ class Generator:
     """Models, pool and retriever loaded once; :meth:`answer` handles one prompt."""
 
     def __init__(self, args):
-        from utils.adapter_pool import AdapterPool
         from utils.data import load_pool_config
-        from utils.model_loading import load_base_model, load_tokenizer
         from utils.prompter import Prompter
-        from utils.retrieval import Embedder, LoraRetriever, exclude_prompt_choice
+        from utils.retrieval import exclude_prompt_choice
+        from utils.session import Session
 
         self.args = args
         self.prompter = Prompter(args.template)
         self.pool_entries = [] if args.no_adapter else load_pool_config(args.config_path, args.adapter_pattern)
-        self.tokenizer = load_tokenizer(args.base_model)
-        self.model = load_base_model(args.base_model, dtype=args.dtype, device=args.device)
-        self.pool = AdapterPool(self.model, self.pool_entries, show_progress=False) if self.pool_entries else None
+        session = Session()
+        self.tokenizer, self.model = session.base(args.base_model, args.dtype, args.device, None)
+        self.pool = session.adapter_pool(self.pool_entries) if self.pool_entries else None
         self.retriever = None
         if self.pool is not None and not args.adapters:
-            exclude = exclude_prompt_choice(args.exclude_prompt_from_pooling)
-            embedder = Embedder(args.retriever, args.instruction, device=args.device, exclude_prompt_from_pooling=exclude)
-            self.retriever = LoraRetriever(embedder, [e.name for e in self.pool_entries], [e.samples for e in self.pool_entries])
+            self.retriever = session.retriever(self.pool_entries, args.retriever, args.instruction,
+                                               exclude_prompt_choice(args.exclude_prompt_from_pooling), args.device, None)
         self.named = parse_adapters(args.adapters) if args.adapters else None
         if self.named and self.pool is not None:
             self.pool.indices([[n for n, _ in self.named]])  # unknown names fail here, before any prompt

@@ -165,6 +165,7 @@ class Plan:
 
     args: argparse.Namespace
     rows: list
+    prompter: object
     pool: list
     k: int
     settings: dict
@@ -185,7 +186,7 @@ def prepare(args: argparse.Namespace) -> Plan:
     rows = load_rows(args.data_path)
     if args.limit:
         rows = rows[: args.limit]
-    Prompter(args.template)  # an unknown template fails here, before any model loads
+    prompter = Prompter(args.template)  # an unknown template fails here, before any model loads
     k = 1 if args.best_selection else args.lora_num
     pool = []
     if args.eval_type != "base":
@@ -210,7 +211,7 @@ def prepare(args: argparse.Namespace) -> Plan:
     if args.no_resume:
         checkpoint.remove()
     done = checkpoint.load()
-    return Plan(args, rows, pool, k, settings, checkpoint, done, t_start)
+    return Plan(args, rows, prompter, pool, k, settings, checkpoint, done, t_start)
 
 
 def execute(plan: Plan, session) -> Path:
@@ -223,7 +224,6 @@ def execute(plan: Plan, session) -> Path:
     from utils.composition import compose
     from utils.distributed import barrier, dist_info, init, my_batches
     from utils.generation import generate_batch, length_sorted_batches
-    from utils.prompter import Prompter
     from utils.results import Checkpoint, run_metadata, write_json_atomic
     from utils.retrieval import composition_weights, exclude_prompt_choice
 
@@ -259,8 +259,7 @@ def execute(plan: Plan, session) -> Path:
     weights = composition_weights(scores, "uniform" if args.best_selection else args.weighting, args.temperature) if use_pool else scores
     t_retrieval = time.time() - t0
 
-    prompter = Prompter(args.template)
-    prompts = [prompter.generate_prompt(r["inputs"]) for r in rows]
+    prompts = [plan.prompter.generate_prompt(r["inputs"]) for r in rows]
     # Batches are formed over all rows (not only the unfinished ones), so that a resumed run generates each
     # remaining row in the same batch, with the same padding, as an uninterrupted run would.
     lengths = [len(ids) for ids in tokenizer(prompts).input_ids]

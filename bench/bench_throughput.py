@@ -42,7 +42,7 @@ from utils.adapter_pool import AdapterPool  # noqa: E402
 from utils.composition import compose  # noqa: E402
 from utils.data import PoolEntry, load_pool_config, load_rows  # noqa: E402
 from utils.generation import length_sorted_batches  # noqa: E402
-from utils.model_loading import load_base_model, load_tokenizer  # noqa: E402
+from utils.model_loading import load_base_model, load_tokenizer, resolve_dtype  # noqa: E402
 from utils.prompter import Prompter  # noqa: E402
 from utils.retrieval import Embedder, LoraRetriever, composition_weights  # noqa: E402
 
@@ -247,7 +247,7 @@ def main(argv=None) -> int:
     texts = [r["inputs"] for r in rows]
     tok = load_tokenizer("embedded:smollm2-135m-instruct")
     lengths = [len(ids) for ids in tok(prompts).input_ids]
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = resolve_dtype(args.dtype)
     with tempfile.TemporaryDirectory(prefix="bench_adapters_") as tmp:
         if args.synthetic:
             t0 = time.perf_counter()
