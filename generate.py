@@ -93,33 +93,45 @@ def show(response: str, used) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    from main import DEFAULT_BASE_MODEL, DEFAULT_POOL, DEFAULT_RETRIEVER, PAPER_INSTRUCTION
-    from utils.data import InputError
+def build_parser() -> argparse.ArgumentParser:
+    from utils import flags
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", default=None, help="the instruction to answer (default: read prompts from stdin, one per line)")
     p.add_argument("--adapters", default=None, help="named adapters and weights, e.g. snarks=0.7,winowhy=0.8 (default: retrieve)")
     p.add_argument("--no_adapter", action="store_true", help="the base model alone")
-    p.add_argument("--eval_type", default="mixture", choices=("mixture", "fusion"), help="composition of the adapters")
-    p.add_argument("--lora_num", type=int, default=3, help="adapters retrieved per prompt")
-    p.add_argument("--weighting", default="uniform", choices=("uniform", "softmax"), help="weights of retrieved adapters")
-    p.add_argument("--temperature", type=float, default=0.1, help="softmax temperature")
-    p.add_argument("--base_model", default=DEFAULT_BASE_MODEL, help="causal LM: hub id, local dir or embedded:NAME")
-    p.add_argument("--config_path", default=DEFAULT_POOL, help="LoRA pool config")
-    p.add_argument("--adapter_pattern", default=None, help="adapter location for entries without 'path', e.g. loras/{name}")
-    p.add_argument("--retriever", default=DEFAULT_RETRIEVER, help="sentence-transformers model")
-    p.add_argument("--instruction", default=PAPER_INSTRUCTION, help="retrieval instruction")
-    p.add_argument("--exclude_prompt_from_pooling", default="auto", choices=("auto", "yes", "no"), help="INSTRUCTOR-style pooling")
-    p.add_argument("--template", default="alpaca", help="prompt template")
-    p.add_argument("--max_new_tokens", type=int, default=64, help="tokens to generate")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="model dtype")
-    args = p.parse_args(argv)
+    flags.add_composition_flags(p, ("mixture", "fusion"))
+    flags.add_model_flags(p)
+    flags.add_pool_flags(p)
+    flags.add_retrieval_flags(p)
+    flags.add_prompt_flags(p, max_new_tokens=64)
+    flags.add_settings_flag(p)
+    return p
+
+
+def main(argv=None) -> int:
+    from utils.data import InputError
+    from utils.flags import parse_with_settings, resolve_device
+
+    p = build_parser()
+    try:
+        # a profile written for main.py may carry its run flags; they mean nothing here
+        args = parse_with_settings(p, argv, ignore_keys=("batch_size", "data_path", "res_path", "max_input_tokens", "limit", "seed",
+                                                          "device_map", "ood", "best_selection"))
+    except InputError as err:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+        logger.error("%s", err)
+        return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.lora_num < 1:
             raise InputError(f"--lora_num must be at least 1 (got {args.lora_num}).")
+        if args.max_new_tokens < 1:
+            raise InputError(f"--max_new_tokens must be at least 1 (got {args.max_new_tokens}).")
+        if args.temperature <= 0:
+            raise InputError(f"--temperature must be above 0 (got {args.temperature}); a negative one would invert the ranking.")
+        args.device = resolve_device(args.device)
+        args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
         gen = Generator(args)
         prompts = [args.prompt] if args.prompt is not None else None
         if prompts is not None:

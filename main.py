@@ -27,45 +27,32 @@ from dataclasses import dataclass
 from pathlib import Path
 
 EVAL_TYPES = ("mixture", "fusion", "base")
-DEFAULT_BASE_MODEL = "embedded:smollm2-135m-instruct"
-DEFAULT_RETRIEVER = "embedded:all-minilm-l6-v2"
-DEFAULT_POOL = "config/bigbench_pool.json"
-PAPER_INSTRUCTION = "Represent the sentence for similar task retrieval: "
 
 logger = logging.getLogger("main")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from utils import flags
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     # The paper's flags.
     a("--data_path", help="evaluation rows: JSON list or JSON Lines of {inputs, targets, task, domain, metric} (required)")
     a("--res_path", help="results file to write, e.g. results/mixture.json (required)")
-    a("--config_path", default=DEFAULT_POOL, help="LoRA pool config: JSON list of {model_name, domain, sample, path?}")
-    a("--eval_type", default="mixture", choices=EVAL_TYPES, help="mixture / fusion of the top-k adapters, or base (no adapter)")
-    a("--lora_num", type=int, default=3, help="k, the number of adapters retrieved per input (1 = selection)")
+    flags.add_pool_flags(p)
+    flags.add_composition_flags(p, EVAL_TYPES)
     a("--batch_size", type=int, default=8, help="rows generated together")
     a("--ood", action="store_true", help="out-of-domain: remove the row's own task adapter before taking the top k")
     a("--best_selection", action="store_true", help="perfect selection: use the row's own task adapter (k=1, weight 1)")
-    # Models and pool.
-    a("--base_model", default=DEFAULT_BASE_MODEL, help="causal LM: hub id, local dir or embedded:NAME")
-    a("--retriever", default=DEFAULT_RETRIEVER, help="sentence-transformers model: id, local dir or embedded:NAME")
-    a("--instruction", default=PAPER_INSTRUCTION, help="retrieval instruction given as the embedding prompt")
-    a("--exclude_prompt_from_pooling", default="auto", choices=("auto", "yes", "no"),
-      help="INSTRUCTOR-style pooling without the instruction tokens (auto: for ids naming instructor/lora_retriever)")
-    a("--adapter_pattern", default=None, help="adapter location for pool entries without 'path', e.g. loras/{name} or Styxxxx/llama2_7b_lora-{name}")
-    a("--embedding_cache", default=None, help="folder caching embeddings across runs (default: <cache>/embeddings; 'none' disables)")
-    a("--weighting", default="uniform", choices=("uniform", "softmax"), help="composition weights: uniform 1/k (paper) or softmax of similarities")
-    a("--temperature", type=float, default=0.1, help="softmax temperature for --weighting softmax")
+    # Models and retrieval.
+    flags.add_model_flags(p)
+    flags.add_retrieval_flags(p)
     # Prompting and decoding.
-    a("--template", default="alpaca", help="prompt template name under templates/ or a .json path")
-    a("--max_new_tokens", type=int, default=50, help="tokens generated per row (greedy)")
+    flags.add_prompt_flags(p)
     a("--max_input_tokens", type=int, default=None, help="keep only the last N prompt tokens (default: no cut)")
     # Run control.
     a("--limit", type=int, default=None, help="evaluate only the first N rows")
     a("--seed", type=int, default=42, help="random seed (decoding is greedy; recorded in the results)")
-    a("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
-    a("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
     a("--device_map", default=None, help="e.g. auto: spread a large base model over the visible GPUs")
     a("--no_resume", action="store_true", help="ignore and replace an existing checkpoint instead of resuming it")
     a("--runs", nargs="+", action="extend", default=None, metavar="'NAME FLAGS...'",
@@ -73,38 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
            "written to --res_dir/NAME.json; the base model, adapters and retriever are loaded once for all runs")
     a("--res_dir", default=None, help="with --runs: the folder of the runs' results files")
     a("--force", action="store_true", help="with --runs: redo runs whose results file exists (default: skip them)")
-    a("--settings", default=None, help="JSON or YAML file of flag defaults (e.g. config/paper_llama2_7b.json); flags override it")
+    flags.add_settings_flag(p)
     a("--log_level", default="INFO", help="logging level")
     return p
 
 
 def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags, with defaults from ``--settings FILE`` when given; unknown flags and keys are errors."""
-    parser = build_parser()
-    pre, _ = parser.parse_known_args(argv)
-    if pre.settings:
-        parser.set_defaults(**read_settings_file(pre.settings, parser))
-    return parser.parse_args(argv)
+    from utils.flags import parse_with_settings
 
-
-def read_settings_file(path: str, parser: argparse.ArgumentParser) -> dict:
-    from utils.data import InputError
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"Settings file {path} does not exist; see config/ for examples.")
-    text = p.read_text(encoding="utf-8")
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
-
-        values = yaml.safe_load(text) or {}
-    else:
-        values = json.loads(text)
-    known = {action.dest for action in parser._actions}
-    unknown = sorted(k for k in set(values) - known if not k.startswith("_"))
-    if unknown:
-        raise InputError(f"Settings file {path} has unknown keys {unknown}; use flag names without dashes.")
-    return {k: v for k, v in values.items() if not k.startswith("_")}
+    return parse_with_settings(build_parser(), argv)
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -123,6 +88,11 @@ def validate(args: argparse.Namespace) -> None:
         raise InputError(f"--batch_size must be at least 1 (got {args.batch_size}).")
     if args.max_new_tokens < 1:
         raise InputError(f"--max_new_tokens must be at least 1 (got {args.max_new_tokens}).")
+    if args.temperature <= 0:
+        raise InputError(f"--temperature must be above 0 (got {args.temperature}); a negative temperature would invert the ranking "
+                         "(the least similar adapter would weigh most).")
+    if args.max_input_tokens is not None and args.max_input_tokens < 1:
+        raise InputError(f"--max_input_tokens must be at least 1 (got {args.max_input_tokens}).")
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be at least 1 (got {args.limit}).")
     if args.best_selection and args.eval_type == "base":
@@ -181,8 +151,11 @@ def prepare(args: argparse.Namespace) -> Plan:
     from utils.prompter import Prompter
     from utils.results import Checkpoint, check_writable
 
+    from utils.flags import resolve_device
+
     t_start = time.time()
     validate(args)
+    resolve_device(args.device)  # an unknown or absent device fails here, before any model loads
     rows = load_rows(args.data_path)
     if args.limit:
         rows = rows[: args.limit]

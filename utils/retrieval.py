@@ -166,26 +166,29 @@ class LoraRetriever:
         self.vectors = np.stack(vectors).astype(np.float32)  # [N, d]
         self.index = build_index(self.vectors, index_kind)
 
-    def search_embeddings(self, queries: np.ndarray, k: int, exclude: list[str | None] | None = None):
+    def search_embeddings(self, queries: np.ndarray, k: int, exclude: list | None = None):
         """Top-k names and scores for query embeddings [n, d].
 
-        ``exclude[i]`` (the row's own task, for OOD) is removed before the top k are taken, so k
-        results are still returned when the pool has more than k other adapters.
+        ``exclude[i]`` (the row's own task for OOD, or a collection of names) is removed before the top k are
+        taken, so k results are still returned when the pool has more than k other adapters.
         Returns (names: list of n lists of k names, scores: float32 [n, k]).
         """
         n_pool = len(self.names)
-        extra = 1 if exclude is not None and any(e in self.names for e in exclude if e) else 0
+        bans = [_as_ban(e) for e in exclude] if exclude is not None else [frozenset()] * len(queries)
+        known = set(self.names)
+        extra = max((len(b & known) for b in bans), default=0)
         if k < 1 or k + extra > n_pool:
-            raise ValueError(f"Cannot retrieve k={k} adapters from a pool of {n_pool}" + (" with the own task excluded" if extra else "") + ".")
+            raise ValueError(f"Cannot retrieve k={k} adapters from a pool of {n_pool}"
+                             + (" with the own task excluded" if extra == 1 else f" with {extra} adapters excluded" if extra else "") + ".")
         scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k + extra, n_pool))
         out_names, out_scores = [], []
         for i in range(len(queries)):
-            ban = exclude[i] if exclude is not None else None
-            picked = [(self.names[j], float(s)) for j, s in zip(ids[i], scores[i]) if j >= 0 and self.names[j] != ban][:k]
+            ban = bans[i]
+            picked = [(self.names[j], float(s)) for j, s in zip(ids[i], scores[i]) if j >= 0 and self.names[j] not in ban][:k]
             if len(picked) < k:  # approximate index returned too few: fall back to exact scores
                 exact = self.vectors @ queries[i]
                 order = np.argsort(-exact)
-                picked = [(self.names[j], float(exact[j])) for j in order if self.names[j] != ban][:k]
+                picked = [(self.names[j], float(exact[j])) for j in order if self.names[j] not in ban][:k]
             out_names.append([p[0] for p in picked])
             out_scores.append([p[1] for p in picked])
         return out_names, np.asarray(out_scores, dtype=np.float32)
@@ -193,6 +196,15 @@ class LoraRetriever:
     def search(self, texts: list[str], k: int, exclude: list[str | None] | None = None):
         """Embed ``texts`` in batches and return their top-k adapters (see :meth:`search_embeddings`)."""
         return self.search_embeddings(self.embedder.encode(texts), k, exclude)
+
+
+def _as_ban(e) -> frozenset:
+    """An exclusion entry (None, one name, or a collection of names) as a set of names."""
+    if e is None or e == "":
+        return frozenset()
+    if isinstance(e, str):
+        return frozenset([e])
+    return frozenset(e)
 
 
 def composition_weights(scores: np.ndarray, scheme: str = "uniform", temperature: float = 1.0) -> np.ndarray:

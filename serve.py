@@ -1,0 +1,122 @@
+"""Serve a LoRA pool over an OpenAI-compatible HTTP API: every request gets the adapters retrieved for its input.
+
+    python serve.py                                    # embedded default, http://127.0.0.1:8000 (page at /)
+    python serve.py --settings config/paper_llama2_7b.json --port 8000 --device cuda
+
+Requests with different adapters, weights and compositions run in one batch (per-sample composition); new
+requests join the running batch between decoding steps and finished ones leave it (continuous batching).
+
+    curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "auto", "prompt": "Is this sarcastic? ...", "max_tokens": 32}'
+
+The model, pool and retriever load once, at start-up; every flag and file is checked before they load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+logger = logging.getLogger("serve")
+
+# Keys of main.py's profiles (config/*.json) that mean nothing to a server.
+MAIN_ONLY_KEYS = ("batch_size", "data_path", "res_path", "max_input_tokens", "limit", "seed", "device_map", "ood",
+                  "best_selection", "runs", "res_dir", "force", "no_resume")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from utils import flags
+    from utils.scheduler import POLICIES
+    from utils.serving import CHAT_FORMATS, PROMPT_FORMATS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    flags.add_model_flags(p)
+    flags.add_pool_flags(p)
+    flags.add_retrieval_flags(p)
+    flags.add_composition_flags(p, ("mixture", "fusion"))
+    flags.add_prompt_flags(p)
+    a("--no_adapters", action="store_true", help="serve the base model alone (no pool, no retrieval)")
+    # HTTP.
+    a("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only; 0.0.0.0 to serve a network)")
+    a("--port", type=int, default=8000, help="TCP port")
+    a("--api_key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (default: $LORA_RETRIEVER_API_KEY, else none)")
+    a("--max_body_bytes", type=int, default=1 << 20, help="largest request body accepted")
+    a("--max_tokens_cap", type=int, default=1024, help="largest max_tokens a request may ask for")
+    # Batching.
+    a("--max_batch_size", type=int, default=32, help="rows decoded together at most")
+    a("--max_wait_ms", type=float, default=10.0, help="when idle, how long the first request waits for others to prefill with it")
+    a("--max_queue", type=int, default=256, help="requests waiting at most; more get 429 with Retry-After")
+    a("--batching", default="continuous", choices=POLICIES,
+      help="continuous: requests join and leave the running batch at every step; dynamic: a batch runs to its end before "
+           "the next forms; same_adapters: a batch holds only requests with identical adapters (what one-adapter servers do)")
+    # Prompts.
+    a("--chat_format", default="template", choices=CHAT_FORMATS,
+      help="chat prompts: the --template (alpaca; the format the embedded pool was trained on) or the tokenizer's chat template")
+    a("--prompt_format", default="template", choices=PROMPT_FORMATS,
+      help="completion prompts: wrapped in --template as main.py does, or raw text")
+    flags.add_settings_flag(p)
+    a("--log_level", default="INFO", help="logging level")
+    return p
+
+
+def validate(args) -> None:
+    from utils.data import InputError
+    from utils.flags import resolve_device
+
+    checks = [("--lora_num", args.lora_num, 1), ("--max_new_tokens", args.max_new_tokens, 1), ("--max_batch_size", args.max_batch_size, 1),
+              ("--max_queue", args.max_queue, 1), ("--max_body_bytes", args.max_body_bytes, 256), ("--max_tokens_cap", args.max_tokens_cap, 1)]
+    for flag, value, low in checks:
+        if value < low:
+            raise InputError(f"{flag} must be at least {low} (got {value}).")
+    if not 1 <= args.port <= 65535:
+        raise InputError(f"--port must be between 1 and 65535 (got {args.port}).")
+    if args.max_wait_ms < 0:
+        raise InputError(f"--max_wait_ms must be 0 or more (got {args.max_wait_ms}).")
+    if args.temperature <= 0:
+        raise InputError(f"--temperature must be above 0 (got {args.temperature}); a negative one would invert the ranking.")
+    if args.max_new_tokens > args.max_tokens_cap:
+        raise InputError(f"--max_new_tokens {args.max_new_tokens} (the default max_tokens) exceeds --max_tokens_cap {args.max_tokens_cap}; lower one or raise the other.")
+    args.device = resolve_device(args.device)
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if args.api_key is None:
+        args.api_key = os.environ.get("LORA_RETRIEVER_API_KEY") or None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from utils.data import InputError
+    from utils.flags import parse_with_settings
+
+    try:
+        args = parse_with_settings(build_parser(), argv, ignore_keys=MAIN_ONLY_KEYS)
+        validate(args)
+    except InputError as err:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+        logger.error("%s", err)
+        return 2
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import uvicorn
+
+    from utils.http_api import create_app
+    from utils.serving import load_engine
+
+    try:
+        engine = load_engine(args)
+    except InputError as err:
+        logger.error("%s", err)
+        return 2
+    app = create_app(engine, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    logger.info("Serving %s with %d adapters on http://%s:%d (web page at /, API at /v1)", args.base_model,
+                len(engine.entries), args.host, args.port)
+    # uvicorn stops on SIGTERM/SIGINT: it stops accepting, waits for the requests in flight, then the lifespan
+    # stops the scheduler once its queue and batch are empty.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=str(args.log_level).lower(), timeout_graceful_shutdown=None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

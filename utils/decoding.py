@@ -1,0 +1,262 @@
+"""Stage: the batched decoding step of the server. A batch of sequences that gain and lose rows between steps.
+
+``main.py`` decodes a fixed batch with ``model.generate``. A server must instead let a new request join the
+running batch between two decoding steps and let a finished one leave (continuous batching), while every
+row keeps its own LoRA composition. :class:`BatchDecoder` holds that batch:
+
+    rows      the :class:`Sequence` objects, one per request, in batch order
+    cache     the model's KV cache, per layer keys/values [b, heads, T, head_dim], left-padded
+    mask      [b, T] attention mask (0 on the left padding of each row)
+
+- :meth:`BatchDecoder.add` prefills new sequences together (left-padded among themselves), picks each one's
+  first token, and merges their cache into the running one: the shorter side is left-padded with zeros in the
+  keys, values and mask, then rows are concatenated. Keys were rotated at their true positions (position ids
+  are ``cumsum(mask) - 1``), so padding on the left changes no row's attention.
+- :meth:`BatchDecoder.step` feeds every row its last token, one forward for the whole batch.
+- :meth:`BatchDecoder.drop` removes rows and trims the columns that have become padding in every row.
+
+Per-row composition: before each forward, :class:`utils.composition.LiveComposition` gets the adapter
+indices, weights and mode of the rows of that forward (rebuilt only when the rows change). Under greedy
+decoding a row therefore gets the same tokens alone or inside any batch, up to float rounding of the
+batched matmuls.
+
+Only full-attention KV caches (transformers' ``DynamicLayer``) can be padded and merged this way; a model with
+sliding-window or recurrent layers is refused by :meth:`BatchDecoder.check_model`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Sampling:
+    """Decoding of one sequence: greedy when ``temperature`` is 0, else softmax sampling with nucleus ``top_p``."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's row: its prompt, limits, composition, and what has been generated so far.
+
+    ``adapter_idx``/``adapter_w`` are pool stack indices and weights (empty for the base model); ``fusion``
+    selects fusion instead of mixture for this row.
+    """
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: list[str] = field(default_factory=list)
+    adapter_idx: list[int] = field(default_factory=list)
+    adapter_w: list[float] = field(default_factory=list)
+    fusion: bool = False
+    # state, written by the decoder
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def stable_text(self) -> str:
+        """The text that can be sent: without a trailing partial UTF-8 character or a possible start of a stop string."""
+        text = self.text
+        if self.finished:
+            return text
+        if text.endswith("\ufffd"):
+            text = text.rstrip("\ufffd")
+        hold = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        return text[: len(text) - hold]
+
+
+class BatchDecoder:
+    """The running batch of a server (module docstring). Not thread-safe: one thread drives it.
+
+    Args:
+        model: the causal LM (the pool's ``PeftModel`` when there is a pool).
+        tokenizer: its tokenizer (decoding only; callers tokenize prompts). ``tokenizer_lock`` guards it when
+            other threads use the same tokenizer.
+        composition: a :class:`LiveComposition` over the pool, or None for a model without adapters.
+        eos_ids: token ids that end a sequence.
+        context_length: the model's maximum sequence length; a row reaching it ends with ``length``.
+    """
+
+    def __init__(self, model, tokenizer, composition=None, eos_ids: set[int] | None = None,
+                 context_length: int | None = None, tokenizer_lock: threading.Lock | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.composition = composition
+        self.eos_ids = set(eos_ids or ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+        self.context_length = context_length
+        self.lock = tokenizer_lock or threading.Lock()
+        self.device = next(model.parameters()).device
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.rows: list[Sequence] = []
+        self.cache = None
+        self.mask: torch.Tensor | None = None  # [b, T]
+        self.last: torch.Tensor | None = None  # [b] the last token of each row
+
+    # -- composition of the rows of one forward -------------------------------------------------------------
+    def _set_composition(self, seqs: list[Sequence]) -> None:
+        if self.composition is None:
+            if any(s.adapter_idx for s in seqs):
+                raise RuntimeError("A sequence asks for adapters but this decoder has no adapter pool.")
+            return
+        k = max([len(s.adapter_idx) for s in seqs] + [1])
+        idx = torch.zeros(len(seqs), k, dtype=torch.long)
+        w = torch.zeros(len(seqs), k, dtype=torch.float32)
+        for i, s in enumerate(seqs):
+            n = len(s.adapter_idx)
+            if n:
+                idx[i, :n] = torch.as_tensor(s.adapter_idx, dtype=torch.long)
+                w[i, :n] = torch.as_tensor(s.adapter_w, dtype=torch.float32)
+        fusion = torch.tensor([s.fusion for s in seqs], dtype=torch.bool)
+        self.composition.set_rows(idx, w, fusion, key=tuple(id(s) for s in seqs))
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache):
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                         logits_to_keep=1)
+        return out.logits[:, -1, :].float(), out.past_key_values
+
+    # -- public API ----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def add(self, seqs: list[Sequence]) -> None:
+        """Prefill ``seqs`` together, pick their first tokens and merge them into the running batch."""
+        if not seqs:
+            return
+        for s in seqs:
+            if s.sampling.temperature > 0 and s.generator is None:
+                s.generator = torch.Generator(device="cpu")
+                s.generator.manual_seed(s.sampling.seed if s.sampling.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        length = max(len(s.prompt_ids) for s in seqs)
+        ids = torch.full((len(seqs), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), length), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, length - len(s.prompt_ids):] = torch.as_tensor(s.prompt_ids, dtype=torch.long)
+            mask[i, length - len(s.prompt_ids):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        self._set_composition(seqs)
+        logits, cache = self._forward(ids, mask, None)
+        self._check_cache(cache)
+        tokens = self._pick(logits, seqs)
+        self._merge(seqs, cache, mask, tokens)
+        self._record(seqs, tokens)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One decoding step: every unfinished row gets its next token."""
+        if not self.rows:
+            return
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        self._set_composition(self.rows)
+        logits, self.cache = self._forward(self.last[:, None], self.mask, self.cache)
+        tokens = self._pick(logits, self.rows)
+        self.last = tokens.to(self.device)
+        self._record(self.rows, tokens)
+
+    def drop(self, seqs) -> None:
+        """Remove ``seqs`` from the batch (finished, cancelled or failed) and trim all-padding columns."""
+        gone = {id(s) for s in seqs}
+        keep = [i for i, s in enumerate(self.rows) if id(s) not in gone]
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.reset()
+            return
+        index = torch.as_tensor(keep, dtype=torch.long, device=self.device)
+        self.mask = self.mask.index_select(0, index)
+        self.last = self.last.index_select(0, index)
+        trim = int(self.mask.argmax(dim=1).min().item())  # leading columns that are padding in every row
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))[:, :, trim:, :]
+            layer.values = layer.values.index_select(0, index.to(layer.values.device))[:, :, trim:, :]
+        self.mask = self.mask[:, trim:]
+        self.rows = [self.rows[i] for i in keep]
+
+    def reset(self) -> None:
+        """Forget every row (after a failed forward the cache may be inconsistent)."""
+        self.rows, self.cache, self.mask, self.last = [], None, None, None
+
+    def check_model(self) -> None:
+        """Run a 2-token prefill and check that the model's cache can be merged (full attention)."""
+        probe = Sequence(prompt_ids=[self.pad_id, self.pad_id], max_new_tokens=1)
+        self.add([probe])
+        self.reset()
+
+    # -- internals -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_cache(cache) -> None:
+        layers = getattr(cache, "layers", None)
+        if layers is None or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+            kinds = sorted({type(layer).__name__ for layer in (layers or [])}) or [type(cache).__name__]
+            raise ValueError(f"Continuous batching needs a full-attention KV cache (DynamicLayer); this model's cache "
+                             f"has {kinds}. Serve a model with full attention in every layer.")
+
+    def _merge(self, seqs, cache, mask, tokens) -> None:
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.last = list(seqs), cache, mask, tokens.to(self.device)
+            return
+        t_run, t_new = self.mask.shape[1], mask.shape[1]
+        length = max(t_run, t_new)
+
+        def pad(x, t):  # left-pad dim -2 (keys/values) or -1 (mask) to ``length``
+            if t == length:
+                return x
+            if x.dim() == 2:
+                return torch.nn.functional.pad(x, (length - t, 0))
+            return torch.nn.functional.pad(x, (0, 0, length - t, 0))
+
+        for run_layer, new_layer in zip(self.cache.layers, cache.layers):
+            run_layer.keys = torch.cat([pad(run_layer.keys, t_run), pad(new_layer.keys, t_new).to(run_layer.keys.device)], 0)
+            run_layer.values = torch.cat([pad(run_layer.values, t_run), pad(new_layer.values, t_new).to(run_layer.values.device)], 0)
+        self.mask = torch.cat([pad(self.mask, t_run), pad(mask, t_new)], 0)
+        self.last = torch.cat([self.last, tokens.to(self.device)], 0)
+        self.rows = self.rows + list(seqs)
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Next token per row from logits [b, V]: argmax, or a sample from the tempered, nucleus-cut softmax."""
+        tokens = logits.argmax(dim=-1).cpu()
+        for i, s in enumerate(seqs):
+            if s.sampling.temperature <= 0:
+                continue
+            probs = torch.softmax(logits[i].cpu() / s.sampling.temperature, dim=-1)
+            if s.sampling.top_p < 1.0:
+                sorted_p, order = torch.sort(probs, descending=True)
+                keep = sorted_p.cumsum(0) - sorted_p < s.sampling.top_p  # the smallest prefix whose mass reaches top_p
+                probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+            tokens[i] = torch.multinomial(probs, 1, generator=s.generator)[0]
+        return tokens
+
+    def _record(self, seqs: list[Sequence], tokens: torch.Tensor) -> None:
+        for s, t in zip(seqs, tokens.tolist()):
+            if s.finished:
+                continue
+            if t in self.eos_ids:
+                s.finish_reason = "stop"
+                continue
+            s.generated.append(t)
+            with self.lock:
+                s.text = self.tokenizer.decode(s.generated, skip_special_tokens=True)
+            cut = min((s.text.find(x) for x in s.stop if x and x in s.text), default=-1)
+            if cut >= 0:
+                s.text = s.text[:cut]
+                s.finish_reason = "stop"
+            elif len(s.generated) >= s.max_new_tokens:
+                s.finish_reason = "length"
+            elif self.context_length is not None and len(s.prompt_ids) + len(s.generated) >= self.context_length:
+                s.finish_reason = "length"

@@ -1,0 +1,137 @@
+"""Command-line flags shared by the entry points (``main.py``, ``generate.py``, ``serve.py``).
+
+Each entry point builds its own ``argparse`` parser and adds the groups it needs from here, so that a flag
+such as ``--lora_num`` or ``--base_model`` has one name, one default and one help text everywhere, and a
+settings file (``--settings config/paper_llama2_7b.json``) means the same thing to every entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from utils.data import InputError
+
+DEFAULT_BASE_MODEL = "embedded:smollm2-135m-instruct"
+DEFAULT_RETRIEVER = "embedded:all-minilm-l6-v2"
+DEFAULT_POOL = "config/bigbench_pool.json"
+PAPER_INSTRUCTION = "Represent the sentence for similar task retrieval: "
+DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+
+
+def add_model_flags(p: argparse.ArgumentParser, device_default: str | None = None) -> None:
+    """--base_model, --device, --dtype."""
+    p.add_argument("--base_model", default=DEFAULT_BASE_MODEL, help="causal LM: hub id, local dir or embedded:NAME")
+    p.add_argument("--device", default=device_default, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
+
+
+def add_pool_flags(p: argparse.ArgumentParser) -> None:
+    """--config_path, --adapter_pattern."""
+    p.add_argument("--config_path", default=DEFAULT_POOL, help="LoRA pool config: JSON list of {model_name, domain, sample, path?}")
+    p.add_argument("--adapter_pattern", default=None,
+                   help="adapter location for pool entries without 'path', e.g. loras/{name} or Styxxxx/llama2_7b_lora-{name}")
+
+
+def add_retrieval_flags(p: argparse.ArgumentParser) -> None:
+    """--retriever, --instruction, --exclude_prompt_from_pooling, --embedding_cache."""
+    p.add_argument("--retriever", default=DEFAULT_RETRIEVER, help="sentence-transformers model: id, local dir or embedded:NAME")
+    p.add_argument("--instruction", default=PAPER_INSTRUCTION, help="retrieval instruction given as the embedding prompt")
+    p.add_argument("--exclude_prompt_from_pooling", default="auto", choices=("auto", "yes", "no"),
+                   help="INSTRUCTOR-style pooling without the instruction tokens (auto: for ids naming instructor/lora_retriever)")
+    p.add_argument("--embedding_cache", default=None,
+                   help="folder caching embeddings across runs (default: <cache>/embeddings; 'none' disables)")
+
+
+def add_composition_flags(p: argparse.ArgumentParser, eval_types: tuple[str, ...]) -> None:
+    """--eval_type, --lora_num, --weighting, --temperature."""
+    p.add_argument("--eval_type", default="mixture", choices=eval_types,
+                   help="mixture / fusion of the top-k adapters" + (", or base (no adapter)" if "base" in eval_types else ""))
+    p.add_argument("--lora_num", type=int, default=3, help="k, the number of adapters retrieved per input (1 = selection)")
+    p.add_argument("--weighting", default="uniform", choices=("uniform", "softmax"),
+                   help="composition weights: uniform 1/k (paper) or softmax of similarities")
+    p.add_argument("--temperature", type=float, default=0.1, help="softmax temperature for --weighting softmax (> 0)")
+
+
+def add_prompt_flags(p: argparse.ArgumentParser, max_new_tokens: int = 50) -> None:
+    """--template, --max_new_tokens."""
+    p.add_argument("--template", default="alpaca", help="prompt template name under templates/ or a .json path")
+    p.add_argument("--max_new_tokens", type=int, default=max_new_tokens, help="tokens generated per input (greedy)")
+
+
+def add_settings_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--settings", default=None,
+                   help="JSON or YAML file of flag defaults (e.g. config/paper_llama2_7b.json); flags override it")
+
+
+def parse_with_settings(parser: argparse.ArgumentParser, argv: list[str] | None = None,
+                        ignore_keys: tuple[str, ...] = ()) -> argparse.Namespace:
+    """Parse ``argv`` with defaults from ``--settings FILE`` when given; unknown flags and keys are errors.
+
+    ``ignore_keys`` are settings-file keys this entry point accepts but has no flag for (a profile written for
+    ``main.py`` carries ``batch_size``, which the server does not use).
+    """
+    pre, _ = parser.parse_known_args(argv)
+    if getattr(pre, "settings", None):
+        values = read_settings_file(pre.settings, parser, ignore_keys)
+        parser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def read_settings_file(path: str, parser: argparse.ArgumentParser, ignore_keys: tuple[str, ...] = ()) -> dict:
+    """The flag defaults of a JSON or YAML settings file (keys are flag names without dashes; ``_...`` keys are comments)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"Settings file {path} does not exist; see config/ for examples.")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"Settings file {path} is not UTF-8 text (byte {err.start}); re-save it as UTF-8.") from err
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+    except Exception as err:  # json.JSONDecodeError or yaml.YAMLError: both are syntax errors of the file
+        raise InputError(f"Settings file {path} is not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'} "
+                         f"({str(err).splitlines()[0]}); fix its syntax.") from err
+    if not isinstance(values, dict):
+        raise InputError(f"Settings file {path} holds a {type(values).__name__}, not an object of flag names and values.")
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(k for k in set(values) - known - set(ignore_keys) if not str(k).startswith("_"))
+    if unknown:
+        raise InputError(f"Settings file {path} has unknown keys {unknown}; use flag names without dashes.")
+    return {k: v for k, v in values.items() if not str(k).startswith("_") and k in known}
+
+
+def resolve_device(device: str | None) -> str:
+    """The torch device to use: ``device`` checked against what this machine has, or cuda when there is one.
+
+    An unknown name (``tpu9``) or a device this machine lacks (``cuda`` without a GPU) is an :class:`InputError`
+    naming what is available, raised before any model loads.
+    """
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise InputError(f"--device {device!r} is not a device name ({str(err).splitlines()[0]}); use cpu, cuda, cuda:N or mps.") from err
+    if dev.type == "cpu":
+        return device
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise InputError(f"--device {device}: this machine has no usable CUDA GPU; use --device cpu.")
+        if dev.index is not None and dev.index >= n:
+            raise InputError(f"--device {device}: this machine has {n} CUDA GPU(s) (cuda:0 to cuda:{n - 1}); pick one of them.")
+        return device
+    if dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise InputError(f"--device {device}: MPS is not available on this machine; use --device cpu.")
+        return device
+    raise InputError(f"--device {device}: {dev.type} devices are not supported here; use cpu, cuda, cuda:N or mps.")

@@ -1,0 +1,354 @@
+"""Stage: the server's request scheduler. A bounded queue, batch forming, and rows joining and leaving per step.
+
+One background thread owns the model. Its loop:
+
+1. Waiting requests whose adapters are not known yet are resolved together: the ``auto`` ones are embedded in
+   one call and searched in the FAISS index (batched retrieval); named adapters and explicit mixes are looked
+   up in the pool.
+2. Requests are admitted into the running batch, up to ``max_batch_size`` rows, and prefilled together
+   (:meth:`BatchDecoder.add`). Admission depends on the policy:
+
+   - ``continuous`` (default): a request joins the running batch at the next step, whatever its adapters; a
+     finished row leaves at once, so a short request never waits for a long one to finish.
+   - ``dynamic``: a batch is formed only when none is running and then runs until its last row finishes.
+   - ``same_adapters``: like continuous, but a batch holds only requests with identical adapters and weights,
+     which is all a one-adapter-per-request server can batch (kept for the benchmark).
+
+   When nothing runs, the first request waits up to ``max_wait_ms`` for others to arrive, so that requests
+   sent together are prefilled together.
+3. One decoding step for every row; new text is handed to each request's ``emit`` callback; finished and
+   cancelled rows leave the batch.
+
+A failure while prefilling fails the requests being prefilled; a failure in a decoding step fails the rows
+of that step. Either way the error goes to those requests (status 500) and the loop goes on serving.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from utils.decoding import BatchDecoder, Sampling, Sequence
+
+logger = logging.getLogger(__name__)
+
+POLICIES = ("continuous", "dynamic", "same_adapters")
+
+
+class QueueFull(Exception):
+    """The waiting queue holds ``max_queue`` requests; the client should retry later."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation request as the scheduler sees it (the HTTP layer has validated every field).
+
+    ``target`` is ``"auto"`` (retrieve ``lora_num`` adapters for ``query``), ``"base"``, or ``"mix"`` with
+    ``adapters`` the explicit ``{name: weight}`` (one adapter by name is a mix of one with weight 1).
+    ``emit(kind, payload)`` receives ``("meta", {...})`` once the adapters are known, ``("delta", {"text"})``
+    as text is generated, then ``("done", {...})`` or ``("error", {"status", "message"})``. It is called from
+    the scheduler thread and must be thread-safe.
+    """
+
+    prompt_ids: list[int]
+    query: str
+    max_new_tokens: int
+    emit: Callable[[str, dict], None]
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: list[str] = field(default_factory=list)
+    target: str = "auto"
+    adapters: dict[str, float] | None = None
+    composition: str = "mixture"
+    lora_num: int = 3
+    weighting: str = "uniform"
+    exclude: list[str] = field(default_factory=list)
+    t_arrival: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    # set by the scheduler
+    seq: Sequence | None = None
+    applied: list[dict] | None = None
+    label: str = ""
+    retrieval_s: float = 0.0
+    t_admitted: float | None = None
+    t_first: float | None = None
+    sent: int = 0
+
+    def batch_key(self):
+        s = self.seq
+        return (tuple(s.adapter_idx), tuple(round(w, 6) for w in s.adapter_w), s.fusion)
+
+
+class Scheduler:
+    """Runs :class:`Job` objects on a :class:`BatchDecoder` from one background thread (module docstring).
+
+    Args:
+        decoder: the running batch.
+        pool: the :class:`AdapterPool` (None: base model only); ``domains`` maps adapter name to domain.
+        retriever: a :class:`LoraRetriever` over the pool (None: no ``auto`` requests).
+        metrics: a :class:`ServerMetrics` or None.
+        softmax_temperature: temperature of ``weighting="softmax"``.
+    """
+
+    def __init__(self, decoder: BatchDecoder, pool=None, retriever=None, domains: dict | None = None, metrics=None,
+                 max_batch_size: int = 32, max_wait_ms: float = 10.0, max_queue: int = 256, policy: str = "continuous",
+                 softmax_temperature: float = 0.1):
+        if policy not in POLICIES:
+            raise ValueError(f"Unknown batching policy {policy!r}; use one of {', '.join(POLICIES)}.")
+        self.decoder = decoder
+        self.pool = pool
+        self.retriever = retriever
+        self.domains = domains or {}
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.policy = policy
+        self.softmax_temperature = softmax_temperature
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.running: list[Job] = []
+        self.cond = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.max_rows_seen = 0  # the largest batch a decoding step has run (for tests and logs)
+        self.steps = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="lora-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Finish what is waiting and running, then end the thread."""
+        with self.cond:
+            self._stop = True
+            self.cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; raises :class:`QueueFull` when ``max_queue`` requests are waiting."""
+        with self.cond:
+            if self._stop:
+                raise QueueFull("the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (--max_queue {self.max_queue})")
+            self.waiting.append(job)
+            self._gauge()
+            self.cond.notify_all()
+
+    def cancel(self, job: Job) -> None:
+        """Mark ``job`` cancelled (its client went away); it leaves the queue or batch at the next step."""
+        job.cancelled = True
+        with self.cond:
+            self.cond.notify_all()
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(len(self.waiting))
+            self.metrics.running.set(len(self.running))
+
+    def _run(self) -> None:
+        ctx = self.decoder.composition.active() if self.decoder.composition is not None else None
+        if ctx is not None:
+            ctx.__enter__()
+        try:
+            while True:
+                with self.cond:
+                    while not self.waiting and not self.running and not self._stop:
+                        self.cond.wait()
+                    if self._stop and not self.waiting and not self.running:
+                        return
+                    if not self.running and self.waiting and len(self.waiting) < self.max_batch_size and not self._stop:
+                        deadline = self.waiting[0].t_arrival + self.max_wait_s
+                        while len(self.waiting) < self.max_batch_size and time.perf_counter() < deadline and not self._stop:
+                            self.cond.wait(max(deadline - time.perf_counter(), 0.0))
+                    for job in [j for j in self.waiting if j.cancelled]:
+                        self.waiting.remove(job)
+                self._drop([j for j in self.running if j.cancelled], None)
+                self._admit()
+                if self.running:
+                    self._step()
+                self._gauge()
+        except Exception:  # a bug in the loop itself: fail everyone rather than hang their requests
+            logger.exception("Scheduler loop failed")
+            with self.cond:
+                jobs = list(self.waiting) + self.running
+                self.waiting.clear()
+                self.running = []
+                self._stop = True
+            for job in jobs:
+                self._fail(job, 500, "The scheduler failed; see the server log.")
+        finally:
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+
+    def _admit(self) -> None:
+        with self.cond:
+            pending = list(self.waiting)
+        if not pending:
+            return
+        self._resolve([j for j in pending if j.seq is None])
+        room = self.max_batch_size - len(self.running)
+        if room <= 0 or (self.policy == "dynamic" and self.running):
+            return
+        with self.cond:
+            candidates = [j for j in self.waiting if j.seq is not None and not j.cancelled]
+            if self.policy == "same_adapters":
+                key = self.running[0].batch_key() if self.running else (candidates[0].batch_key() if candidates else None)
+                candidates = [j for j in candidates if j.batch_key() == key]
+            admitted = candidates[:room]
+            for job in admitted:
+                self.waiting.remove(job)
+        if not admitted:
+            return
+        now = time.perf_counter()
+        for job in admitted:
+            job.t_admitted = now
+            if self.metrics is not None:
+                self.metrics.queue_time.observe(now - job.t_arrival)
+                self.metrics.prompt_tokens.inc(len(job.prompt_ids))
+        try:
+            self.decoder.add([j.seq for j in admitted])
+        except Exception as err:
+            logger.exception("Prefill of %d requests failed", len(admitted))
+            failed = list(admitted)
+            if any(j.seq in self.decoder.rows for j in admitted):  # the failure left the merged batch inconsistent
+                failed += self.running
+                self.running = []
+                self.decoder.reset()
+            for job in failed:
+                self._fail(job, 500, f"Generation failed for this batch: {type(err).__name__}: {err}")
+            return
+        self.running.extend(admitted)
+        self._emit_progress(admitted)
+
+    def _step(self) -> None:
+        n = len(self.running)
+        self.max_rows_seen = max(self.max_rows_seen, n)
+        self.steps += 1
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(n)
+        try:
+            self.decoder.step()
+        except Exception as err:
+            logger.exception("Decoding step of %d rows failed", n)
+            failed, self.running = self.running, []
+            self.decoder.reset()
+            for job in failed:
+                self._fail(job, 500, f"Generation failed for this batch: {type(err).__name__}: {err}")
+            return
+        self._emit_progress(self.running)
+
+    def _emit_progress(self, jobs: list[Job]) -> None:
+        now = time.perf_counter()
+        finished = []
+        for job in jobs:
+            seq = job.seq
+            if job.t_first is None and (seq.generated or seq.finished):
+                job.t_first = now
+                if self.metrics is not None:
+                    self.metrics.ttft.observe(now - job.t_arrival)
+            text = seq.stable_text()
+            if len(text) > job.sent:
+                job.emit("delta", {"text": text[job.sent:]})
+                job.sent = len(text)
+            if seq.finished:
+                finished.append(job)
+        for job in finished:
+            completion = len(job.seq.generated)
+            if self.metrics is not None:
+                self.metrics.generation_tokens.inc(completion)
+                self.metrics.latency.observe(now - job.t_arrival)
+            job.emit("done", {
+                "finish_reason": job.seq.finish_reason,
+                "usage": {"prompt_tokens": len(job.prompt_ids), "completion_tokens": completion,
+                          "total_tokens": len(job.prompt_ids) + completion},
+                "timings": self._timings(job, now),
+            })
+        self._drop(finished, None)
+
+    def _drop(self, jobs: list[Job], _reason) -> None:
+        if not jobs:
+            return
+        self.decoder.drop([j.seq for j in jobs])
+        gone = {id(j) for j in jobs}
+        self.running = [j for j in self.running if id(j) not in gone]
+
+    @staticmethod
+    def _timings(job: Job, now: float) -> dict:
+        ms = lambda t: None if t is None else round((t - job.t_arrival) * 1000.0, 2)  # noqa: E731
+        total_s = now - job.t_arrival
+        decode_s = now - job.t_first if job.t_first is not None else 0.0
+        n = len(job.seq.generated) if job.seq is not None else 0
+        return {"retrieval_ms": round(job.retrieval_s * 1000.0, 2), "queue_ms": ms(job.t_admitted),
+                "ttft_ms": ms(job.t_first), "total_ms": round(total_s * 1000.0, 2),
+                "tokens_per_s": round((n - 1) / decode_s, 2) if n > 1 and decode_s > 0 else None}
+
+    def _fail(self, job: Job, status: int, message: str) -> None:
+        job.emit("error", {"status": status, "message": message})
+
+    # -- adapters of each request --------------------------------------------------------------------------
+    def _resolve(self, jobs: list[Job]) -> None:
+        """Give each job its adapters, weights and :class:`Sequence` (batched retrieval for ``auto``)."""
+        from utils.retrieval import composition_weights
+
+        auto = [j for j in jobs if j.target == "auto"]
+        found = {}
+        if auto:
+            t0 = time.perf_counter()
+            try:
+                emb = self.retriever.embedder.encode([j.query for j in auto])
+            except Exception as err:
+                logger.exception("Retrieval failed")
+                for job in auto:
+                    self._remove_waiting(job)
+                    self._fail(job, 500, f"Retrieval failed: {type(err).__name__}: {err}")
+                auto = []
+            dt = time.perf_counter() - t0
+            if auto and self.metrics is not None:
+                self.metrics.retrieval.observe(dt)
+            for i, job in enumerate(auto):
+                names, scores = self.retriever.search_embeddings(emb[i:i + 1], job.lora_num, exclude=[job.exclude])
+                weights = composition_weights(scores, job.weighting, self.softmax_temperature)[0]
+                found[id(job)] = [(n, float(s), float(w)) for n, s, w in zip(names[0], scores[0], weights)]
+                job.retrieval_s = dt
+        for job in jobs:
+            if job.target == "auto":
+                if id(job) not in found:
+                    continue
+                picked = found[id(job)]
+            elif job.target == "base":
+                picked = []
+            else:
+                picked = [(n, None, float(w)) for n, w in job.adapters.items()]
+            job.applied = [{"name": n, "domain": self.domains.get(n, ""), "similarity": s, "weight": w} for n, s, w in picked]
+            if not picked:
+                job.label = "base"
+            elif len(picked) == 1:
+                job.label = "selection"
+            else:
+                job.label = job.composition
+            job.seq = Sequence(
+                prompt_ids=job.prompt_ids, max_new_tokens=job.max_new_tokens, sampling=job.sampling, stop=job.stop,
+                adapter_idx=[self.pool.index[n] for n, _, _ in picked] if picked else [],
+                adapter_w=[w for _, _, w in picked], fusion=job.composition == "fusion" and len(picked) > 1)
+            job.emit("meta", {"adapters": job.applied, "composition": job.label,
+                              "retrieval_ms": round(job.retrieval_s * 1000.0, 2)})
+
+    def _remove_waiting(self, job: Job) -> None:
+        with self.cond:
+            if job in self.waiting:
+                self.waiting.remove(job)
+
+    def stats(self) -> dict:
+        return {"waiting": len(self.waiting), "running": len(self.running), "max_batch_seen": self.max_rows_seen,
+                "steps": self.steps, "policy": self.policy}

@@ -1,0 +1,166 @@
+"""What a server holds: the models, pool and retriever loaded once, and the scheduler that runs requests.
+
+:func:`load_engine` builds an :class:`Engine` from the server's flags through the same :class:`Session`,
+:class:`AdapterPool`, :class:`LoraRetriever` and :class:`Prompter` as ``main.py``; :class:`Engine` turns a
+chat conversation or a completion prompt into prompt tokens and a retrieval query, as the evaluation does.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from utils.data import InputError
+
+logger = logging.getLogger(__name__)
+
+CHAT_FORMATS = ("template", "chat_template")
+PROMPT_FORMATS = ("template", "raw")
+
+
+@dataclass
+class Defaults:
+    """Request defaults, from the server's flags."""
+
+    composition: str = "mixture"
+    lora_num: int = 3
+    weighting: str = "uniform"
+    max_tokens: int = 50
+    max_tokens_cap: int = 1024
+    chat_format: str = "template"
+    prompt_format: str = "template"
+
+
+@dataclass
+class Engine:
+    """The objects a server builds once (see :func:`load_engine`)."""
+
+    tokenizer: object
+    model: object
+    pool: object  # AdapterPool or None
+    entries: list  # PoolEntry list
+    retriever: object  # LoraRetriever or None
+    prompter: object
+    scheduler: object
+    metrics: object
+    context_length: int
+    defaults: Defaults
+    model_name: str
+    tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
+    started: float = field(default_factory=time.time)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return [e.name for e in self.entries]
+
+    def domains(self) -> dict[str, str]:
+        return {e.name: e.domain for e in self.entries}
+
+    def encode(self, text: str, special_tokens: bool = True) -> list[int]:
+        with self.tokenizer_lock:
+            return self.tokenizer(text, add_special_tokens=special_tokens).input_ids
+
+    def completion_prompt(self, prompt: str, prompt_format: str) -> tuple[list[int], str]:
+        """(prompt token ids, retrieval query) of a completion prompt."""
+        if prompt_format == "raw":
+            return self.encode(prompt), prompt
+        return self.encode(self.prompter.generate_prompt(prompt)), prompt
+
+    def chat_prompt(self, messages: list[dict], chat_format: str) -> tuple[list[int], str]:
+        """(prompt token ids, retrieval query) of a conversation [{role, content}].
+
+        ``template``: the conversation is the instruction of the configured prompt template (alpaca for the
+        embedded pool, the format its adapters were trained on): a system message first, earlier turns as
+        ``User:``/``Assistant:`` lines, the last user message last. ``chat_template``: the tokenizer's own chat
+        template with the generation prompt. The retrieval query is the last user message either way.
+        """
+        query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
+        if chat_format == "chat_template":
+            with self.tokenizer_lock:
+                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.encode(text, special_tokens=False), query
+        system = [m["content"] for m in messages if m["role"] == "system"]
+        turns = [m for m in messages if m["role"] != "system"]
+        if len(turns) == 1:
+            body = turns[0]["content"]
+        else:
+            body = "\n".join(f"{'Assistant' if m['role'] == 'assistant' else 'User'}: {m['content']}" for m in turns)
+        instruction = "\n\n".join(system + [body])
+        return self.encode(self.prompter.generate_prompt(instruction)), query
+
+
+def eos_ids(tokenizer, model) -> set[int]:
+    """Token ids that end generation: the tokenizer's EOS and the model's generation-config EOS ids."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif isinstance(extra, (list, tuple)):
+        ids.update(int(x) for x in extra)
+    return ids
+
+
+def context_length_of(model, tokenizer) -> int:
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and 0 < value < 10**7 else 2048
+
+
+def load_engine(args, session=None) -> Engine:
+    """Load the base model, the pool, the retriever and the prompt template once, and start the scheduler.
+
+    ``args`` carries the server's flags (``serve.py --help``); every input file is checked before any model loads.
+    """
+    from utils.composition import LiveComposition
+    from utils.data import load_pool_config
+    from utils.decoding import BatchDecoder
+    from utils.prompter import Prompter
+    from utils.retrieval import exclude_prompt_choice
+    from utils.scheduler import Scheduler
+    from utils.serving_metrics import ServerMetrics
+    from utils.session import Session
+
+    prompter = Prompter(args.template)
+    entries = [] if args.no_adapters else load_pool_config(args.config_path, args.adapter_pattern)
+    if entries and args.lora_num > len(entries):
+        raise InputError(f"--lora_num {args.lora_num} is larger than the {len(entries)} adapters of {args.config_path}; lower --lora_num.")
+    session = session or Session()
+    t0 = time.time()
+    tokenizer, model = session.base(args.base_model, args.dtype, args.device, None)
+    pool = session.adapter_pool(entries) if entries else None
+    retriever = None
+    if entries:
+        retriever = session.retriever(entries, args.retriever, args.instruction, exclude_prompt_choice(args.exclude_prompt_from_pooling),
+                                      args.device, None)
+    if args.chat_format == "chat_template" and not getattr(tokenizer, "chat_template", None):
+        raise InputError(f"--chat_format chat_template: the tokenizer of {args.base_model} has no chat template; use --chat_format template.")
+    lock = threading.Lock()
+    metrics = ServerMetrics()
+    serving_model = pool.model if pool is not None else model
+    ctx = context_length_of(model, tokenizer)
+    decoder = BatchDecoder(serving_model, tokenizer, LiveComposition(pool) if pool is not None else None,
+                           eos_ids=eos_ids(tokenizer, model), context_length=ctx, tokenizer_lock=lock)
+    if decoder.composition is not None:
+        with decoder.composition.active():
+            decoder.check_model()
+    else:
+        decoder.check_model()
+    scheduler = Scheduler(decoder, pool=pool, retriever=retriever, domains={e.name: e.domain for e in entries}, metrics=metrics,
+                          max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                          policy=args.batching, softmax_temperature=args.temperature)
+    defaults = Defaults(composition=args.eval_type, lora_num=args.lora_num, weighting=args.weighting,
+                        max_tokens=args.max_new_tokens, max_tokens_cap=args.max_tokens_cap,
+                        chat_format=args.chat_format, prompt_format=args.prompt_format)
+    logger.info("Loaded %s with %d adapters in %.1f s (context %d tokens)", args.base_model, len(entries), time.time() - t0, ctx)
+    return Engine(tokenizer=tokenizer, model=model, pool=pool, entries=entries, retriever=retriever, prompter=prompter,
+                  scheduler=scheduler, metrics=metrics, context_length=ctx, defaults=defaults, model_name=args.base_model,
+                  tokenizer_lock=lock)

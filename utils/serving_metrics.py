@@ -1,0 +1,32 @@
+"""Prometheus metrics of the server, in a registry of their own (one per server object, no module state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
+
+
+class ServerMetrics:
+    """Requests, errors, queue depth, batch size, tokens and latencies (``GET /metrics``)."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("lora_retriever_requests", "Completion requests answered, by endpoint and HTTP status",
+                                ["endpoint", "status"], registry=r)
+        self.errors = Counter("lora_retriever_errors", "Error responses, by error type", ["type"], registry=r)
+        self.queue_depth = Gauge("lora_retriever_queue_depth", "Requests waiting to join the running batch", registry=r)
+        self.running = Gauge("lora_retriever_running", "Requests in the running batch", registry=r)
+        self.batch_size = Histogram("lora_retriever_batch_size", "Rows per decoding step", registry=r,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.prompt_tokens = Counter("lora_retriever_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.generation_tokens = Counter("lora_retriever_generation_tokens", "Tokens generated", registry=r)
+        self.latency = Histogram("lora_retriever_request_latency_seconds", "Arrival to last token", registry=r,
+                                 buckets=LATENCY_BUCKETS)
+        self.ttft = Histogram("lora_retriever_time_to_first_token_seconds", "Arrival to first token", registry=r,
+                              buckets=LATENCY_BUCKETS)
+        self.queue_time = Histogram("lora_retriever_queue_seconds", "Arrival to joining the batch", registry=r,
+                                    buckets=LATENCY_BUCKETS)
+        self.retrieval = Histogram("lora_retriever_retrieval_seconds", "Batched retrieval of adapters, per call", registry=r,
+                                   buckets=LATENCY_BUCKETS)
