@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 logger = logging.getLogger("serve")
@@ -113,8 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("Serving %s with %d adapters on http://%s:%d (web page at /, API at /v1)", args.base_model,
                 len(engine.entries), args.host, args.port)
     # uvicorn stops on SIGTERM/SIGINT: it stops accepting, waits for the requests in flight, then the lifespan
-    # stops the scheduler once its queue and batch are empty.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=str(args.log_level).lower(), timeout_graceful_shutdown=None)
+    # stops the scheduler once its queue and batch are empty. Afterwards uvicorn re-raises the signal to the handler
+    # that was in place before it started; for SIGTERM that is this no-op, so a graceful stop exits with status 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=str(args.log_level).lower(),
+                                           timeout_graceful_shutdown=None))
+    server.run()
+    logger.info("Stopped")
     return 0
 
 

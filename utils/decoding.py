@@ -26,7 +26,9 @@ sliding-window or recurrent layers is refused by :meth:`BatchDecoder.check_model
 
 from __future__ import annotations
 
+import itertools
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -61,6 +63,7 @@ class Sequence:
     text: str = ""
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    serial: int = -1  # unique within the decoder: identifies the rows of a batch (object ids can be reused)
 
     @property
     def finished(self) -> bool:
@@ -108,6 +111,7 @@ class BatchDecoder:
         self.cache = None
         self.mask: torch.Tensor | None = None  # [b, T]
         self.last: torch.Tensor | None = None  # [b] the last token of each row
+        self._serials = itertools.count()
 
     # -- composition of the rows of one forward -------------------------------------------------------------
     def _set_composition(self, seqs: list[Sequence]) -> None:
@@ -124,12 +128,13 @@ class BatchDecoder:
                 idx[i, :n] = torch.as_tensor(s.adapter_idx, dtype=torch.long)
                 w[i, :n] = torch.as_tensor(s.adapter_w, dtype=torch.float32)
         fusion = torch.tensor([s.fusion for s in seqs], dtype=torch.bool)
-        self.composition.set_rows(idx, w, fusion, key=tuple(id(s) for s in seqs))
+        self.composition.set_rows(idx, w, fusion, key=tuple(s.serial for s in seqs))
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache):
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                         logits_to_keep=1)
+        with self.composition.active() if self.composition is not None else nullcontext():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                             logits_to_keep=1)
         return out.logits[:, -1, :].float(), out.past_key_values
 
     # -- public API ----------------------------------------------------------------------------------------
@@ -139,6 +144,7 @@ class BatchDecoder:
         if not seqs:
             return
         for s in seqs:
+            s.serial = next(self._serials)
             if s.sampling.temperature > 0 and s.generator is None:
                 s.generator = torch.Generator(device="cpu")
                 s.generator.manual_seed(s.sampling.seed if s.sampling.seed is not None else int(torch.randint(0, 2**62, ()).item()))

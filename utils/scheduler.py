@@ -157,9 +157,6 @@ class Scheduler:
             self.metrics.running.set(len(self.running))
 
     def _run(self) -> None:
-        ctx = self.decoder.composition.active() if self.decoder.composition is not None else None
-        if ctx is not None:
-            ctx.__enter__()
         try:
             while True:
                 with self.cond:
@@ -187,9 +184,6 @@ class Scheduler:
                 self._stop = True
             for job in jobs:
                 self._fail(job, 500, "The scheduler failed; see the server log.")
-        finally:
-            if ctx is not None:
-                ctx.__exit__(None, None, None)
 
     def _admit(self) -> None:
         with self.cond:

@@ -1,0 +1,287 @@
+"""The server's API on the tiny in-process model: schemas, errors, and batched-equals-alone under greedy decoding."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+import torch
+
+import serve as serve_mod
+from tests.helpers import write_json
+
+TASKS = {
+    "alpha": ("sentiment", ["the movie was great", "the actors were wonderful", "a great and wonderful film"]),
+    "beta": ("translation", ["translate to french: the cat", "translate to french: the book", "translate to french: the mat"]),
+    "gamma": ("closed_book QA", ["question: who wrote the book? answer:", "question: who sits on the mat?", "question: who is the cat?"]),
+}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_base, tiny_loras, tmp_path_factory):
+    from utils.serving import load_engine
+
+    d = tmp_path_factory.mktemp("serve_pool")
+    pool = [{"model_name": n, "domain": dom, "sample": [{"inputs": s, "targets": "x"} for s in ss], "path": str(tiny_loras[n])}
+            for n, (dom, ss) in TASKS.items()]
+    args = serve_mod.build_parser().parse_args(
+        ["--base_model", str(tiny_base), "--config_path", str(write_json(d / "pool.json", pool)), "--device", "cpu",
+         "--max_new_tokens", "6", "--max_wait_ms", "30", "--max_tokens_cap", "64"])
+    serve_mod.validate(args)
+    eng = load_engine(args)
+    eng.scheduler.start()
+    yield eng
+    eng.scheduler.stop()
+
+
+@pytest.fixture(scope="module")
+def app(engine):
+    from utils.http_api import create_app
+
+    return create_app(engine, max_body_bytes=4096)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def post_all(app, bodies, path="/v1/completions", delays=None):
+    """Send ``bodies`` concurrently (each after its delay in seconds) and return the responses in order."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+        async def one(body, delay):
+            await asyncio.sleep(delay)
+            return await client.post(path, content=body if isinstance(body, (bytes, str)) else json.dumps(body),
+                                     headers={"Content-Type": "application/json"})
+        return await asyncio.gather(*(one(b, (delays or [0] * len(bodies))[i]) for i, b in enumerate(bodies)))
+
+
+def post(app, body, path="/v1/completions"):
+    return run(post_all(app, [body], path))[0]
+
+
+def get(app, path):
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.get(path)
+    return run(go())
+
+
+def test_models_health_metrics(app):
+    models = get(app, "/v1/models").json()
+    ids = [m["id"] for m in models["data"]]
+    assert ids[:2] == ["auto", "base"] and set(ids[2:]) == set(TASKS)
+    assert {m["id"]: m["domain"] for m in models["data"]}["beta"] == "translation"
+    health = get(app, "/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok" and health.json()["adapters"] == 3
+    post(app, {"prompt": "the movie was great", "max_tokens": 2})
+    text = get(app, "/metrics").text
+    for name in ("lora_retriever_requests_total", "lora_retriever_errors_total", "lora_retriever_queue_depth",
+                 "lora_retriever_batch_size_bucket", "lora_retriever_generation_tokens_total",
+                 "lora_retriever_request_latency_seconds_bucket", "lora_retriever_time_to_first_token_seconds_bucket"):
+        assert name in text
+
+
+def test_completion_schema_and_retrieval(app):
+    r = post(app, {"model": "auto", "prompt": "the actors were wonderful", "max_tokens": 5, "lora_num": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["model"] == "auto"
+    choice = body["choices"][0]
+    assert isinstance(choice["text"], str) and choice["finish_reason"] in ("length", "stop")
+    usage = body["usage"]
+    assert usage["completion_tokens"] <= 5 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert [a["name"] for a in body["adapters"]][0] == "alpha"  # the sentiment adapter is nearest to a sentiment input
+    assert len(body["adapters"]) == 2 and body["composition"] == "mixture"
+    assert all(a["weight"] == pytest.approx(0.5) and a["similarity"] is not None for a in body["adapters"])
+    assert set(body["timings"]) >= {"retrieval_ms", "ttft_ms", "total_ms", "tokens_per_s"}
+
+
+def test_chat_and_named_adapters(app):
+    r = post(app, {"model": "beta", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+                   "max_tokens": 3}, "/v1/chat/completions")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+    assert body["adapters"] == [{"name": "beta", "domain": "translation", "similarity": None, "weight": 1.0}]
+    assert body["composition"] == "selection"
+    r = post(app, {"prompt": "x y", "adapters": {"alpha": 0.7, "gamma": 0.8}, "composition": "fusion", "max_tokens": 2})
+    body = r.json()
+    assert [(a["name"], a["weight"]) for a in body["adapters"]] == [("alpha", 0.7), ("gamma", 0.8)]  # weights as given
+    assert body["composition"] == "fusion"
+    assert post(app, {"model": "base", "prompt": "x", "max_tokens": 2}).json()["adapters"] == []
+
+
+def test_streaming_matches_non_streaming(app):
+    req = {"prompt": "question: who is the cat?", "max_tokens": 6, "adapters": {"gamma": 1.0}}
+    full = post(app, req).json()
+    r = post(app, dict(req, stream=True, stream_options={"include_usage": True}))
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["adapters"][0]["name"] == "gamma"
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == full["choices"][0]["text"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == full["usage"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == full["choices"][0]["finish_reason"]
+
+
+def test_stop_sequences_cut_the_text(app):
+    full = post(app, {"prompt": "the movie", "max_tokens": 8, "model": "alpha"}).json()["choices"][0]["text"]
+    assert len(full) > 2
+    stop = full[1:3]
+    cut = post(app, {"prompt": "the movie", "max_tokens": 8, "model": "alpha", "stop": [stop]}).json()["choices"][0]
+    assert cut["text"] == full[: full.index(stop)] and cut["finish_reason"] == "stop"
+    streamed = post(app, {"prompt": "the movie", "max_tokens": 8, "model": "alpha", "stop": stop, "stream": True}).text
+    parts = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
+    assert "".join(p["choices"][0]["text"] for p in parts) == cut["text"]  # no part of the stop string leaks out
+
+
+MIXES = [
+    {"model": "auto", "prompt": "the movie was great and wonderful", "max_tokens": 12},
+    {"model": "base", "prompt": "translate to french: the book", "max_tokens": 7},
+    {"model": "gamma", "prompt": "question: who sits on the mat?", "max_tokens": 10},
+    {"prompt": "the cat sits", "adapters": {"alpha": 0.3, "beta": 0.9}, "composition": "fusion", "max_tokens": 9},
+    {"prompt": "a great film", "lora_num": 2, "weighting": "softmax", "max_tokens": 12},
+    {"prompt": "who wrote the book", "adapters": {"beta": 1.5, "gamma": -0.5, "alpha": 0.2}, "max_tokens": 5},
+]
+
+
+def test_batched_equals_alone(app, engine):
+    alone = [post(app, body).json() for body in MIXES]
+    sched = engine.scheduler
+    sched.max_rows_seen = 0
+    together = run(post_all(app, MIXES))
+    assert sched.max_rows_seen >= 4  # they really ran as one batch
+    for a, t in zip(alone, together):
+        assert t.status_code == 200
+        assert t.json()["choices"][0]["text"] == a["choices"][0]["text"]
+        assert t.json()["usage"] == a["usage"]
+        # batched retrieval embeds the queries in one padded batch: similarities agree to float rounding
+        assert [x["name"] for x in t.json()["adapters"]] == [x["name"] for x in a["adapters"]]
+        assert [x["weight"] for x in t.json()["adapters"]] == pytest.approx([x["weight"] for x in a["adapters"]], abs=1e-5)
+    # Joining a running batch between steps: a long request first, the others arrive while it decodes.
+    long_req = {"prompt": "the actors were wonderful", "max_tokens": 40, "stop": ["\x00never"]}
+    alone_long = post(app, long_req).json()
+    sched.max_rows_seen = 0
+    staggered = run(post_all(app, [long_req] + MIXES, delays=[0] + [0.15 + 0.05 * i for i in range(len(MIXES))]))
+    assert sched.max_rows_seen >= 2
+    assert staggered[0].json()["choices"][0]["text"] == alone_long["choices"][0]["text"]
+    for a, t in zip(alone, staggered[1:]):
+        assert t.json()["choices"][0]["text"] == a["choices"][0]["text"]
+
+
+def test_server_decoding_matches_generate(engine, tiny_base):
+    """The server's own decoding loop gives peft/transformers' greedy ``generate`` tokens."""
+    from utils.composition import compose
+
+    pool = engine.pool
+    prompt_ids = engine.completion_prompt("question: who is the cat?", "template")[0]
+    out = post_app_tokens = None  # noqa: F841
+    with compose(pool, torch.tensor([[pool.index["beta"], pool.index["gamma"]]]), torch.tensor([[0.4, 0.6]]), "mixture") as m:
+        ids = torch.tensor([prompt_ids])
+        out = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                         pad_token_id=engine.tokenizer.pad_token_id, eos_token_id=None)
+    from utils.http_api import create_app
+
+    body = post(create_app(engine), {"prompt": "question: who is the cat?", "adapters": {"beta": 0.4, "gamma": 0.6}, "max_tokens": 8})
+    expected = engine.tokenizer.decode([t for t in out[0, len(prompt_ids):].tolist() if t not in engine.scheduler.decoder.eos_ids],
+                                       skip_special_tokens=True)
+    assert body.json()["choices"][0]["text"] == expected[: len(body.json()["choices"][0]["text"])]
+    assert expected.startswith(body.json()["choices"][0]["text"])
+
+
+ERRORS = [
+    (b"{not json", 400, None, "not valid JSON"),
+    ({"model": "nope", "prompt": "x"}, 404, "model", "Unknown model"),
+    ({"prompt": "x", "adapters": {"nope": 1.0}}, 400, "adapters", "not in the pool"),
+    ({"prompt": "x", "composition": "average"}, 400, "composition", "composition"),
+    ({"prompt": "x", "weighting": "max"}, 400, "weighting", "weighting"),
+    ({"prompt": "x", "max_tokens": -3}, 400, "max_tokens", "between 1 and 64"),
+    ({"prompt": "x", "max_tokens": 10**9}, 400, "max_tokens", "between 1 and 64"),
+    ({"prompt": "x " * 3000}, 413, None, "over the limit"),
+    ({"prompt": "the " * 400, "max_tokens": 60}, 400, "prompt", "context"),
+    ({"prompt": ""}, 400, "prompt", "empty"),
+    ({"prompt": []}, 400, "prompt", "prompts"),
+    ({"messages": []}, 400, "messages", "empty"),
+    ({"prompt": "x", "adapters": {"alpha": "heavy"}}, 400, "adapters.alpha", "valid number"),
+    ({"prompt": "x", "lora_num": 0}, 400, "lora_num", "between 1 and 3"),
+    ({"prompt": "x", "lora_num": 3, "exclude": ["alpha"]}, 400, "lora_num", "between 1 and 2"),
+    ({"prompt": "x", "exclude": ["zeta"]}, 400, "exclude", "not in the pool"),
+    ({"prompt": "x", "temperature": -1}, 400, "temperature", "between 0 and 2"),
+    ({"prompt": "x", "n": 3}, 400, "n", "not supported"),
+    ({"max_tokens": 3}, 400, "prompt", "lacks the required field"),
+    ({"model": "base", "prompt": "x", "adapters": {"alpha": 1}}, 400, "adapters", "model 'auto'"),
+    ([1, 2], 400, None, "JSON object"),
+]
+
+
+@pytest.mark.parametrize("body,status,param,words", ERRORS, ids=[f"{i}-{e[1]}" for i, e in enumerate(ERRORS)])
+def test_invalid_requests_get_openai_errors(app, body, status, param, words):
+    path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
+    r = post(app, body, path)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert words in err["message"]
+    if param is not None:
+        assert err["param"] == param
+    # and the server goes on serving everyone else
+    assert post(app, {"prompt": "the movie was great", "max_tokens": 2}).status_code == 200
+
+
+def test_api_key_required_when_set(engine):
+    from utils.http_api import create_app
+
+    app = create_app(engine, api_key="s3cret")
+    assert post(app, {"prompt": "x", "max_tokens": 1}).status_code == 401
+    assert get(app, "/v1/models").status_code == 401
+
+    async def with_key():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers={"Authorization": "Bearer s3cret"})
+    assert run(with_key()).status_code == 200
+
+
+def test_full_queue_answers_429(engine):
+    """A scheduler that is not consuming, with room for one request: the second gets 429 and Retry-After."""
+    import dataclasses
+
+    from utils.http_api import create_app
+    from utils.scheduler import Scheduler
+
+    stalled = Scheduler(engine.scheduler.decoder, pool=engine.pool, retriever=engine.retriever, max_queue=1)
+    app = create_app(dataclasses.replace(engine, scheduler=stalled))
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            first = asyncio.create_task(client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}))
+            await asyncio.sleep(0.3)
+            second = await client.post("/v1/completions", json={"prompt": "y", "max_tokens": 1})
+            first.cancel()
+            return second
+    r = run(go())
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_failure_in_a_batch_fails_only_that_batch(app, engine):
+    decoder = engine.scheduler.decoder
+    original = decoder._forward
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        raise RuntimeError("simulated device error")
+
+    decoder._forward = failing
+    try:
+        r = post(app, {"prompt": "the movie", "max_tokens": 3})
+    finally:
+        decoder._forward = original
+    assert calls["n"] == 1
+    assert r.status_code == 500 and "simulated device error" in r.json()["error"]["message"]
+    ok = post(app, {"prompt": "the movie", "max_tokens": 3})
+    assert ok.status_code == 200 and engine.scheduler.alive
