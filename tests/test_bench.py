@@ -53,3 +53,25 @@ def test_forward_bench_op_timings(tmp_path):
     ops = json.loads(out.read_text())["ops"]
     assert len(ops) == 4 and all(o["bf16_fused_us"] > 0 and o["fp32_cast_us"] > 0 for o in ops)
     assert "| 8 x 250 | 24 |" in out.with_suffix(".md").read_text()
+
+
+def test_serving_bench_runs_three_servers(tmp_path, tiny_base, tiny_loras):
+    import bench_serve
+
+    pool = [{"model_name": n, "domain": "d", "sample": [{"inputs": f"{n} text", "targets": "x"}], "path": str(p)} for n, p in tiny_loras.items()]
+    (tmp_path / "pool.json").write_text(json.dumps(pool))
+    rows = [{"inputs": f"the movie number {i} was great", "targets": "x", "task": "t", "domain": "d", "metric": "em"} for i in range(6)]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    out = tmp_path / "serve"
+    code = bench_serve.main(["--data_path", str(tmp_path / "rows.json"), "--concurrency", "1", "2", "--min_requests", "3",
+                             "--max_tokens", "3", "--server_args", f"--base_model {tiny_base} --config_path {tmp_path / 'pool.json'}",
+                             "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert set(report["results"]) == {"lora", "same_adapters", "base"}
+    for levels in report["results"].values():
+        assert [r["concurrency"] for r in levels] == [1, 2]
+        for r in levels:
+            assert r["requests"] == 4 if r["concurrency"] == 2 else r["requests"] == 3
+            assert r["output_tokens_per_s"] > 0 and r["latency_p95_s"] >= r["latency_p50_s"]
+    assert "lora against same_adapters" in out.with_suffix(".md").read_text()

@@ -189,8 +189,11 @@ class LiveComposition:
         self._factors, self.rows_key = factors, key
 
     @contextmanager
-    def active(self):
-        """The pool's model with peft's own LoRA path off and the live per-row deltas on."""
+    def active(self, hooks: bool = True):
+        """The pool's model with peft's own LoRA path off and the live per-row deltas on.
+
+        ``hooks=False``: peft's LoRA path off and no deltas, the base model exactly (a batch of base rows only).
+        """
         handles = []
 
         def make(i):
@@ -203,7 +206,7 @@ class LiveComposition:
 
         with self.pool.model.disable_adapter():
             try:
-                for i, layer in enumerate(self.pool.layers):
+                for i, layer in enumerate(self.pool.layers if hooks else []):
                     handles.append(layer.module.register_forward_hook(make(i), with_kwargs=True))
                 yield self.pool.model
             finally:

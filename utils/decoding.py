@@ -58,6 +58,7 @@ class Sequence:
     adapter_idx: list[int] = field(default_factory=list)
     adapter_w: list[float] = field(default_factory=list)
     fusion: bool = False
+    ignore_eos: bool = False  # generate max_new_tokens whatever the model says (benchmarks)
     # state, written by the decoder
     generated: list[int] = field(default_factory=list)
     text: str = ""
@@ -112,11 +113,13 @@ class BatchDecoder:
         self.mask: torch.Tensor | None = None  # [b, T]
         self.last: torch.Tensor | None = None  # [b] the last token of each row
         self._serials = itertools.count()
+        self._compose = False
 
     # -- composition of the rows of one forward -------------------------------------------------------------
     def _set_composition(self, seqs: list[Sequence]) -> None:
+        self._compose = any(s.adapter_idx for s in seqs)  # a forward of base rows only skips the hooks
         if self.composition is None:
-            if any(s.adapter_idx for s in seqs):
+            if self._compose:
                 raise RuntimeError("A sequence asks for adapters but this decoder has no adapter pool.")
             return
         k = max([len(s.adapter_idx) for s in seqs] + [1])
@@ -132,7 +135,7 @@ class BatchDecoder:
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache):
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-        with self.composition.active() if self.composition is not None else nullcontext():
+        with self.composition.active(hooks=self._compose) if self.composition is not None else nullcontext():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
                              logits_to_keep=1)
         return out.logits[:, -1, :].float(), out.past_key_values
@@ -252,7 +255,7 @@ class BatchDecoder:
         for s, t in zip(seqs, tokens.tolist()):
             if s.finished:
                 continue
-            if t in self.eos_ids:
+            if t in self.eos_ids and not s.ignore_eos:
                 s.finish_reason = "stop"
                 continue
             s.generated.append(t)

@@ -6,7 +6,8 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/mo
 ``model`` is ``auto`` (retrieve the top-k adapters for the input and compose them), ``base`` (no adapter) or
 an adapter's name (that adapter alone). Extra body fields, sent by the ``openai`` client with ``extra_body``:
 ``adapters`` ({name: weight}, used as given), ``composition`` (mixture | fusion), ``lora_num``, ``weighting``
-(uniform | softmax), ``exclude`` ([names]), ``chat_format`` / ``prompt_format``. Every response carries
+(uniform | softmax), ``exclude`` ([names]), ``chat_format`` / ``prompt_format``, ``ignore_eos`` (vLLM's: always generate
+``max_tokens``). Every response carries
 ``adapters`` ([{name, domain, similarity, weight}]), ``composition`` and ``timings``.
 
 Every invalid request gets ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status; the
@@ -74,6 +75,7 @@ class _Common(BaseModel):
     lora_num: int | None = None
     weighting: Literal["uniform", "softmax"] | None = None
     exclude: list[str] | None = None
+    ignore_eos: bool = False
 
 
 class CompletionRequest(_Common):
@@ -220,7 +222,7 @@ class API:
         return Job(prompt_ids=prompt_ids, query=query, max_new_tokens=max_tokens, emit=emit,
                    sampling=Sampling(temperature=temperature, top_p=top_p, seed=req.seed), stop=stop, target=target,
                    adapters=adapters, composition=req.composition or d.composition, lora_num=lora_num,
-                   weighting=req.weighting or d.weighting, exclude=exclude)
+                   weighting=req.weighting or d.weighting, exclude=exclude, ignore_eos=req.ignore_eos)
 
     # -- running a job -------------------------------------------------------------------------------------
     def submit(self, make_job):

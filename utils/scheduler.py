@@ -66,6 +66,7 @@ class Job:
     lora_num: int = 3
     weighting: str = "uniform"
     exclude: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
     t_arrival: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     # set by the scheduler
@@ -334,7 +335,8 @@ class Scheduler:
             job.seq = Sequence(
                 prompt_ids=job.prompt_ids, max_new_tokens=job.max_new_tokens, sampling=job.sampling, stop=job.stop,
                 adapter_idx=[self.pool.index[n] for n, _, _ in picked] if picked else [],
-                adapter_w=[w for _, _, w in picked], fusion=job.composition == "fusion" and len(picked) > 1)
+                adapter_w=[w for _, _, w in picked], fusion=job.composition == "fusion" and len(picked) > 1,
+                ignore_eos=job.ignore_eos)
             job.emit("meta", {"adapters": job.applied, "composition": job.label,
                               "retrieval_ms": round(job.retrieval_s * 1000.0, 2)})
 
