@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test install suite pool sweep clean-results
+.PHONY: demo test install suite pool sweep serve browser clean-results
 
 install: $(VENV)/.installed
 
@@ -29,5 +29,15 @@ sweep: pool
 
 demo: sweep
 
-test: install
+# The web page's tests drive Debian's Chromium (never a downloaded browser build).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		elif command -v sudo >/dev/null 2>&1; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		else echo "chromium is missing and cannot be installed here: the web page tests will be skipped (apt-get install chromium)"; fi; }
+
+serve: pool
+	$(PY) serve.py
+
+test: install browser
 	$(PY) -m pytest -q tests

@@ -95,3 +95,24 @@ def hash_word(w: str) -> int:
 def write_json(path: Path, obj) -> Path:
     path.write_text(json.dumps(obj, indent=1), encoding="utf-8")
     return path
+
+
+def make_smollm_pool(d: Path, names=("snarks", "winowhy", "qa_wikidata")) -> Path:
+    """r=4 LoRAs on the embedded SmolLM2 (``init_lora_weights=False``, lora_B scaled down: not trained, not no-ops),
+    and a pool config with the embedded suite's entries (domains and samples) pointing at them."""
+    from peft import LoraConfig, get_peft_model
+
+    from utils.model_loading import load_base_model
+
+    for i, name in enumerate(names):
+        base = load_base_model("embedded:smollm2-135m-instruct")
+        torch.manual_seed(i)
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.mul_(0.05)
+        model.save_pretrained(d / name)
+    suite = json.loads((Path(__file__).resolve().parent.parent / "config" / "bigbench_pool.json").read_text())
+    pool = [dict(e, path=str(d / e["model_name"])) for e in suite if e["model_name"] in names]
+    return write_json(d / "pool.json", pool)

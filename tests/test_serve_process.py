@@ -126,24 +126,9 @@ def test_serve_refuses_bad_flags_before_loading(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm_loras(tmp_path_factory):
-    """Three r=4 LoRAs on the embedded SmolLM2 (init_lora_weights=False: not trained, but not no-ops)."""
-    from peft import LoraConfig, get_peft_model
+    from tests.helpers import make_smollm_pool
 
-    from utils.model_loading import load_base_model
-
-    d = tmp_path_factory.mktemp("smollm_loras")
-    for i, name in enumerate(("snarks", "winowhy", "qa_wikidata")):
-        base = load_base_model("embedded:smollm2-135m-instruct")
-        torch.manual_seed(i)
-        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.mul_(0.05)
-        model.save_pretrained(d / name)
-    suite = json.loads((ROOT / "config" / "bigbench_pool.json").read_text())
-    pool = [dict(e, path=str(d / e["model_name"])) for e in suite if e["model_name"] in ("snarks", "winowhy", "qa_wikidata")]
-    return write_json(d / "pool.json", pool)
+    return make_smollm_pool(tmp_path_factory.mktemp("smollm_loras"))
 
 
 @pytest.mark.slow
