@@ -173,24 +173,39 @@ def test_batched_equals_alone(app, engine):
         assert t.json()["choices"][0]["text"] == a["choices"][0]["text"]
 
 
-def test_server_decoding_matches_generate(engine, tiny_base):
-    """The server's own decoding loop gives peft/transformers' greedy ``generate`` tokens."""
+def test_server_decoding_matches_generate(app, engine, tiny_base, tiny_loras):
+    """The server's own decoding loop gives the tokens of transformers' greedy ``generate`` under :func:`compose`
+    (on a pool of its own: the server's model carries the server's hooks while it runs)."""
+    from transformers import AutoModelForCausalLM
+
+    from utils.adapter_pool import AdapterPool
     from utils.composition import compose
+    from utils.data import PoolEntry
 
-    pool = engine.pool
+    pool = AdapterPool(AutoModelForCausalLM.from_pretrained(tiny_base).eval(),
+                       [PoolEntry(n, "d", ["x"], str(p)) for n, p in tiny_loras.items()], show_progress=False)
     prompt_ids = engine.completion_prompt("question: who is the cat?", "template")[0]
-    out = post_app_tokens = None  # noqa: F841
-    with compose(pool, torch.tensor([[pool.index["beta"], pool.index["gamma"]]]), torch.tensor([[0.4, 0.6]]), "mixture") as m:
-        ids = torch.tensor([prompt_ids])
-        out = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8, do_sample=False,
-                         pad_token_id=engine.tokenizer.pad_token_id, eos_token_id=None)
-    from utils.http_api import create_app
-
-    body = post(create_app(engine), {"prompt": "question: who is the cat?", "adapters": {"beta": 0.4, "gamma": 0.6}, "max_tokens": 8})
-    expected = engine.tokenizer.decode([t for t in out[0, len(prompt_ids):].tolist() if t not in engine.scheduler.decoder.eos_ids],
-                                       skip_special_tokens=True)
-    assert body.json()["choices"][0]["text"] == expected[: len(body.json()["choices"][0]["text"])]
-    assert expected.startswith(body.json()["choices"][0]["text"])
+    ids = torch.tensor([prompt_ids])
+    eos = engine.scheduler.decoder.eos_ids
+    for body, idx, w, mode in (({"adapters": {"beta": 0.4, "gamma": 0.6}}, [1, 2], [0.4, 0.6], "mixture"),
+                               ({"adapters": {"alpha": 0.5, "gamma": 0.9}, "composition": "fusion"}, [0, 2], [0.5, 0.9], "fusion")):
+        with compose(pool, torch.tensor([idx]), torch.tensor([w]), mode) as m:
+            out = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                             pad_token_id=engine.tokenizer.pad_token_id, eos_token_id=None)
+        new = out[0, len(prompt_ids):].tolist()
+        if any(t in eos for t in new):
+            new = new[: min(new.index(t) for t in eos if t in new)]
+        expected = engine.tokenizer.decode(new, skip_special_tokens=True)
+        got = post(app, dict(body, prompt="question: who is the cat?", max_tokens=8)).json()["choices"][0]["text"]
+        assert got == expected
+    with pool.model.disable_adapter():
+        out = pool.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
+                                  do_sample=False, pad_token_id=engine.tokenizer.pad_token_id, eos_token_id=None)
+    new = out[0, len(prompt_ids):].tolist()
+    if any(t in eos for t in new):
+        new = new[: min(new.index(t) for t in eos if t in new)]
+    got = post(app, {"model": "base", "prompt": "question: who is the cat?", "max_tokens": 8}).json()["choices"][0]["text"]
+    assert got == engine.tokenizer.decode(new, skip_special_tokens=True)
 
 
 ERRORS = [

@@ -157,58 +157,95 @@ class LiveComposition:
     """Per-sample composition for a batch whose rows change between forwards (continuous batching).
 
     :func:`compose` fixes one batch's rows for the length of a ``with`` block. A server's batch instead gains
-    and loses rows between decoding steps, so here the hooks stay registered inside :meth:`active` and read the
-    factors last set by :meth:`set_rows`, which rebuilds them (once per change of the batch, not per step)
-    with :func:`build_mixed`. Each row has its own adapters, weights and mode; the base model is a row with
-    weights 0. Same math as :func:`compose` (module docstring).
+    and loses rows between decoding steps. Here:
+
+    - each row's factors (At_r [d_in, R'_r], Bt_r [R'_r, d_out] per layer, :func:`build_mixed`) are built once,
+      when the row is first set, in one batched call for all new rows, and kept until :meth:`forget`;
+    - :meth:`set_rows` only stacks the kept factors of the current rows (zero-padding R' to the widest row), once
+      per change of the batch, not per step;
+    - inside :meth:`active` (entered once for a server's lifetime) peft's own LoRA path is off and one hook per
+      LoRA layer adds ``(x At) Bt`` with the stacked factors; :meth:`set_base` makes the hooks add nothing, for
+      a forward of base rows only.
+
+    Each row has its own adapters, weights and mode; a base row inside a composed batch has weights 0 and gets
+    exactly the base output. Same math as :func:`compose` (module docstring).
     """
 
     def __init__(self, pool: AdapterPool):
         self.pool = pool
+        self._rows: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # serial -> per-layer (At_r, Bt_r)
         self._factors: list[tuple[torch.Tensor, torch.Tensor, object]] | None = None
         self.rows_key = None
+        self.is_active = False
 
-    def set_rows(self, indices: torch.Tensor, weights: torch.Tensor, fusion_rows: torch.Tensor, key=None) -> None:
-        """Factors for a batch: indices [b, k] (long), weights [b, k], fusion_rows [b] (bool).
+    def set_rows(self, rows: list[tuple[int, list[int], list[float], bool]]) -> None:
+        """Factors for a batch of rows ``(serial, stack indices, weights, fusion)``, in batch order.
 
-        ``key`` identifies the batch's rows; a call with the key of the factors in place does nothing.
+        ``serial`` identifies a row across calls: a row seen before reuses its factors.
         """
-        if key is not None and key == self.rows_key:
+        key = tuple(r[0] for r in rows)
+        if key == self.rows_key and self._factors is not None:
             return
-        if indices.shape != weights.shape or indices.dim() != 2 or fusion_rows.shape != indices.shape[:1]:
-            raise ValueError(f"indices {tuple(indices.shape)}, weights {tuple(weights.shape)} and fusion_rows "
-                             f"{tuple(fusion_rows.shape)} must be [batch, k], [batch, k] and [batch].")
-        factors, on_device = [], {}
+        new = [r for r in rows if r[0] not in self._rows]
+        if new:
+            k = max(max(len(r[1]) for r in new), 1)
+            idx = torch.zeros(len(new), k, dtype=torch.long)
+            w = torch.zeros(len(new), k, dtype=torch.float32)
+            for i, (_, ids, ws, _) in enumerate(new):
+                if len(ids) != len(ws):
+                    raise ValueError(f"Row {i}: {len(ids)} adapter indices but {len(ws)} weights.")
+                if ids:
+                    idx[i, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+                    w[i, :len(ws)] = torch.as_tensor(ws, dtype=torch.float32)
+            fusion = torch.tensor([r[3] for r in new], dtype=torch.bool)
+            per_layer, on_device = [], {}
+            with torch.no_grad():
+                for layer in self.pool.layers:
+                    dev = layer.A.device
+                    if dev not in on_device:
+                        on_device[dev] = (idx.to(dev), w.to(dev), fusion.to(dev))
+                    per_layer.append(build_mixed(layer.A, layer.B, *on_device[dev]))
+            for i, r in enumerate(new):
+                self._rows[r[0]] = [(At[i], Bt[i]) for At, Bt in per_layer]
+        factors = []
         with torch.no_grad():
-            for layer in self.pool.layers:
-                dev = layer.A.device
-                if dev not in on_device:
-                    on_device[dev] = (indices.to(dev), weights.to(device=dev, dtype=torch.float32), fusion_rows.to(dev))
-                At, Bt = build_mixed(layer.A, layer.B, *on_device[dev])
+            for li in range(len(self.pool.layers)):
+                parts = [self._rows[s][li] for s in key]
+                width = max(a.shape[1] for a, _ in parts)
+                At = torch.stack([a if a.shape[1] == width else torch.nn.functional.pad(a, (0, width - a.shape[1])) for a, _ in parts])
+                Bt = torch.stack([b if b.shape[0] == width else torch.nn.functional.pad(b, (0, 0, 0, width - b.shape[0])) for _, b in parts])
                 factors.append((At, Bt, _decode_factors(At, Bt)))
         self._factors, self.rows_key = factors, key
 
-    @contextmanager
-    def active(self, hooks: bool = True):
-        """The pool's model with peft's own LoRA path off and the live per-row deltas on.
+    def set_base(self) -> None:
+        """The next forwards add nothing (every row is a base row)."""
+        self._factors, self.rows_key = None, None
 
-        ``hooks=False``: peft's LoRA path off and no deltas, the base model exactly (a batch of base rows only).
-        """
+    def forget(self, serials) -> None:
+        """Drop the kept factors of rows that have left the batch."""
+        for s in serials:
+            self._rows.pop(s, None)
+
+    @contextmanager
+    def active(self):
+        """The pool's model with peft's own LoRA path off and the live per-row deltas on (until exit)."""
         handles = []
 
         def make(i):
             def hook(module, args, kwargs, output):
                 if self._factors is None:
-                    raise RuntimeError("LiveComposition.set_rows() must run before a forward pass.")
+                    return output
                 At, Bt, dec = self._factors[i]
                 return _add_delta(args[0] if args else kwargs["x"], output, At, Bt, dec)
             return hook
 
         with self.pool.model.disable_adapter():
             try:
-                for i, layer in enumerate(self.pool.layers if hooks else []):
+                for i, layer in enumerate(self.pool.layers):
                     handles.append(layer.module.register_forward_hook(make(i), with_kwargs=True))
+                self.is_active = True
                 yield self.pool.model
             finally:
+                self.is_active = False
                 for h in handles:
                     h.remove()

@@ -16,7 +16,8 @@ row keeps its own LoRA composition. :class:`BatchDecoder` holds that batch:
 - :meth:`BatchDecoder.drop` removes rows and trims the columns that have become padding in every row.
 
 Per-row composition: before each forward, :class:`utils.composition.LiveComposition` gets the adapter
-indices, weights and mode of the rows of that forward (rebuilt only when the rows change). Under greedy
+indices, weights and mode of the rows of that forward (each row's factors are built once; they are restacked
+only when the rows change). The decoder runs inside ``composition.active()``, entered once by its owner. Under greedy
 decoding a row therefore gets the same tokens alone or inside any batch, up to float rounding of the
 batched matmuls.
 
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -113,31 +113,24 @@ class BatchDecoder:
         self.mask: torch.Tensor | None = None  # [b, T]
         self.last: torch.Tensor | None = None  # [b] the last token of each row
         self._serials = itertools.count()
-        self._compose = False
 
     # -- composition of the rows of one forward -------------------------------------------------------------
     def _set_composition(self, seqs: list[Sequence]) -> None:
-        self._compose = any(s.adapter_idx for s in seqs)  # a forward of base rows only skips the hooks
         if self.composition is None:
-            if self._compose:
+            if any(s.adapter_idx for s in seqs):
                 raise RuntimeError("A sequence asks for adapters but this decoder has no adapter pool.")
             return
-        k = max([len(s.adapter_idx) for s in seqs] + [1])
-        idx = torch.zeros(len(seqs), k, dtype=torch.long)
-        w = torch.zeros(len(seqs), k, dtype=torch.float32)
-        for i, s in enumerate(seqs):
-            n = len(s.adapter_idx)
-            if n:
-                idx[i, :n] = torch.as_tensor(s.adapter_idx, dtype=torch.long)
-                w[i, :n] = torch.as_tensor(s.adapter_w, dtype=torch.float32)
-        fusion = torch.tensor([s.fusion for s in seqs], dtype=torch.bool)
-        self.composition.set_rows(idx, w, fusion, key=tuple(s.serial for s in seqs))
+        if not self.composition.is_active:
+            raise RuntimeError("BatchDecoder needs its LiveComposition active: run it inside `with decoder.composition.active():`.")
+        if any(s.adapter_idx for s in seqs):
+            self.composition.set_rows([(s.serial, s.adapter_idx, s.adapter_w, s.fusion) for s in seqs])
+        else:  # a forward of base rows only: no hooks' work at all
+            self.composition.set_base()
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache):
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-        with self.composition.active(hooks=self._compose) if self.composition is not None else nullcontext():
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                             logits_to_keep=1)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                         logits_to_keep=1)
         return out.logits[:, -1, :].float(), out.past_key_values
 
     # -- public API ----------------------------------------------------------------------------------------
@@ -180,6 +173,8 @@ class BatchDecoder:
     def drop(self, seqs) -> None:
         """Remove ``seqs`` from the batch (finished, cancelled or failed) and trim all-padding columns."""
         gone = {id(s) for s in seqs}
+        if self.composition is not None:
+            self.composition.forget([s.serial for s in seqs])
         keep = [i for i, s in enumerate(self.rows) if id(s) not in gone]
         if len(keep) == len(self.rows):
             return
@@ -198,6 +193,8 @@ class BatchDecoder:
 
     def reset(self) -> None:
         """Forget every row (after a failed forward the cache may be inconsistent)."""
+        if self.composition is not None:
+            self.composition.forget([s.serial for s in self.rows])
         self.rows, self.cache, self.mask, self.last = [], None, None, None
 
     def check_model(self) -> None:

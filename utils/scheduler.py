@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+from contextlib import nullcontext
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -158,6 +159,10 @@ class Scheduler:
             self.metrics.running.set(len(self.running))
 
     def _run(self) -> None:
+        with self.decoder.composition.active() if self.decoder.composition is not None else nullcontext():
+            self._loop()
+
+    def _loop(self) -> None:
         try:
             while True:
                 with self.cond:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from utils.data import InputError
@@ -149,7 +150,8 @@ def load_engine(args, session=None) -> Engine:
     ctx = context_length_of(model, tokenizer)
     decoder = BatchDecoder(serving_model, tokenizer, LiveComposition(pool) if pool is not None else None,
                            eos_ids=eos_ids(tokenizer, model), context_length=ctx, tokenizer_lock=lock)
-    decoder.check_model()
+    with decoder.composition.active() if decoder.composition is not None else nullcontext():
+        decoder.check_model()
     scheduler = Scheduler(decoder, pool=pool, retriever=retriever, domains={e.name: e.domain for e in entries}, metrics=metrics,
                           max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                           policy=args.batching, softmax_temperature=args.temperature)
