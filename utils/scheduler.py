@@ -84,6 +84,22 @@ class Job:
         return (tuple(s.adapter_idx), tuple(round(w, 6) for w in s.adapter_w), s.fusion)
 
 
+def length_groups(jobs: list[Job], max_padding: float = 1.25) -> list[list[Job]]:
+    """``jobs`` sorted by prompt length and cut into groups whose padded size (rows x longest prompt) stays within
+    ``max_padding`` times their real prompt tokens."""
+    ordered = sorted(jobs, key=lambda j: len(j.prompt_ids))
+    groups: list[list[Job]] = []
+    for job in ordered:
+        if groups:
+            g = groups[-1]
+            n = len(job.prompt_ids)  # the longest so far, as jobs come sorted
+            if n * (len(g) + 1) <= max_padding * (sum(len(x.prompt_ids) for x in g) + n):
+                g.append(job)
+                continue
+        groups.append([job])
+    return groups
+
+
 class Scheduler:
     """Runs :class:`Job` objects on a :class:`BatchDecoder` from one background thread (module docstring).
 
@@ -97,7 +113,7 @@ class Scheduler:
 
     def __init__(self, decoder: BatchDecoder, pool=None, retriever=None, domains: dict | None = None, metrics=None,
                  max_batch_size: int = 32, max_wait_ms: float = 10.0, max_queue: int = 256, policy: str = "continuous",
-                 softmax_temperature: float = 0.1):
+                 softmax_temperature: float = 0.1, prefill_padding: float = 1.25):
         if policy not in POLICIES:
             raise ValueError(f"Unknown batching policy {policy!r}; use one of {', '.join(POLICIES)}.")
         self.decoder = decoder
@@ -110,6 +126,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.policy = policy
         self.softmax_temperature = softmax_temperature
+        self.prefill_padding = prefill_padding
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: list[Job] = []
         self.cond = threading.Condition()
@@ -216,20 +233,23 @@ class Scheduler:
             if self.metrics is not None:
                 self.metrics.queue_time.observe(now - job.t_arrival)
                 self.metrics.prompt_tokens.inc(len(job.prompt_ids))
-        try:
-            self.decoder.add([j.seq for j in admitted])
-        except Exception as err:
-            logger.exception("Prefill of %d requests failed", len(admitted))
-            failed = list(admitted)
-            if any(j.seq in self.decoder.rows for j in admitted):  # the failure left the merged batch inconsistent
-                failed += self.running
-                self.running = []
-                self.decoder.reset()
-            for job in failed:
-                self._fail(job, 500, f"Generation failed for this batch: {type(err).__name__}: {err}")
-            return
-        self.running.extend(admitted)
-        self._emit_progress(admitted)
+        # Prefill in groups of similar length: a left-padded prefill computes every padding position, and a random
+        # mix of prompts padded to the longest one costs about twice its real tokens (bench/bench_serve.py rows).
+        for group in length_groups(admitted, self.prefill_padding):
+            try:
+                self.decoder.add([j.seq for j in group])
+            except Exception as err:
+                logger.exception("Prefill of %d requests failed", len(group))
+                failed = list(group)
+                if any(j.seq in self.decoder.rows for j in group):  # the failure left the merged batch inconsistent
+                    failed += self.running
+                    self.running = []
+                    self.decoder.reset()
+                for job in failed:
+                    self._fail(job, 500, f"Generation failed for this batch: {type(err).__name__}: {err}")
+                continue
+            self.running.extend(group)
+            self._emit_progress(group)
 
     def _step(self) -> None:
         n = len(self.running)
