@@ -75,7 +75,10 @@ def main(argv=None) -> int:
                    help="evaluate only the rows of these tasks (names, or a task_split.json whose held_out tasks are taken); the whole pool stays the candidates")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from utils.flags import resolve_device
+
     try:
+        resolve_device(args.device)
         rows = load_rows(args.data_path)
         pool = load_pool_config(args.config_path, check_paths=False, adapter_pattern="{name}")
         if args.tasks:

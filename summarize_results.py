@@ -44,15 +44,18 @@ def discover_runs(results_dir: Path, runs: list[str] | None) -> list[tuple[str, 
     return out
 
 
-def load_runs(pairs: list[tuple[str, Path]]) -> dict[str, list[dict]]:
+def load_runs(pairs: list[tuple[str, Path]], broken: list[str] | None = None) -> dict[str, list[dict]]:
+    """{run name: rows} of the readable results files; each unreadable one is logged and described in ``broken``."""
     from utils.results import load_results
 
     runs = {}
     for name, path in pairs:
         try:
             _, rows = load_results(path)
-        except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as err:
-            logger.warning("Skipping %s: not a results file (%s)", path, err)
+        except ValueError as err:  # InputError, JSON and UTF-8 errors: the message names the file and the cause
+            logger.warning("Skipping %s", err)
+            if broken is not None:
+                broken.append(str(err))
             continue
         runs[name] = rows
     return runs
@@ -128,9 +131,13 @@ def main(argv=None) -> int:
     if not results_dir.is_dir():
         logger.error("Results folder %s does not exist; run main.py or eval_all.sh first, or pass --results_dir.", results_dir)
         return 2
-    runs = load_runs(discover_runs(results_dir, args.runs))
+    broken: list[str] = []
+    runs = load_runs(discover_runs(results_dir, args.runs), broken)
     if not runs:
-        logger.error("No results files in %s; run main.py or eval_all.sh first.", results_dir)
+        if broken:
+            logger.error("No readable results file in %s: %s", results_dir, " ".join(broken))
+        else:
+            logger.error("No results files in %s; run main.py or eval_all.sh first.", results_dir)
         return 2
     names, per_run, tables = summarize(runs)
     out_dir = Path(args.out_dir) if args.out_dir else results_dir / "summary"

@@ -48,10 +48,17 @@ class TrainSettings:
     dtype: str = "float32"  # model dtype during training
 
     def __post_init__(self):
-        if self.r < 1 or self.steps < 1 or self.batch_size < 1 or self.max_length < 8:
-            raise ValueError("r, steps and batch_size must be >= 1 and max_length >= 8.")
+        from utils.data import InputError
+
+        checks = [("r", self.r >= 1, "at least 1"), ("steps", self.steps >= 1, "at least 1"), ("batch_size", self.batch_size >= 1, "at least 1"),
+                  ("max_length", self.max_length >= 8, "at least 8"), ("lora_alpha", self.lora_alpha > 0, "above 0"),
+                  ("learning_rate", self.learning_rate > 0, "above 0"), ("warmup_steps", self.warmup_steps >= 0, "0 or more"),
+                  ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)")]
+        for name, ok, rule in checks:
+            if not ok:
+                raise InputError(f"Training setting {name} must be {rule} (got {getattr(self, name)!r}); fix --{name} or the settings file.")
         if not self.target_modules:
-            raise ValueError("target_modules must name at least one module, e.g. [q_proj, v_proj].")
+            raise InputError("target_modules must name at least one module, e.g. [q_proj, v_proj].")
 
 
 def load_settings(path: str | None, overrides: dict) -> TrainSettings:
@@ -198,9 +205,23 @@ def main(argv=None) -> int:
         sys.stdout.write(json.dumps(inspect_adapter(args.inspect), indent=1) + "\n")
         return 0
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainSettings)}
-    settings = load_settings(args.train_settings if Path(args.train_settings).exists() else None, overrides)
+    from utils.data import InputError
+    from utils.flags import resolve_device
+
+    try:
+        settings = load_settings(args.train_settings if Path(args.train_settings).exists() else None, overrides)
+        resolve_device(settings.device)
+    except (InputError, TypeError) as err:
+        logger.error("%s", err)
+        return 2
     pool_path = Path(args.pool_config)
-    pool = json.loads(pool_path.read_text(encoding="utf-8"))
+    try:
+        pool = json.loads(pool_path.read_text(encoding="utf-8"))
+        if not isinstance(pool, list) or not all(isinstance(e, dict) and isinstance(e.get("model_name"), str) for e in pool):
+            raise ValueError("expected a JSON list of objects with a string 'model_name'")
+    except (OSError, ValueError) as err:  # missing, unreadable, not UTF-8, not JSON, wrong shape
+        logger.error("Pool config %s cannot be used (%s); pass --pool_config with a valid pool config.", pool_path, err)
+        return 2
     tasks = args.task or [e["model_name"] for e in pool] or sorted(p.stem for p in Path(args.train_dir).glob("*.json"))
     if not tasks:
         raise SystemExit(f"No task to train: {pool_path} lists none and {args.train_dir} holds no <task>.json file.")

@@ -55,16 +55,27 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="models/retriever", help="output model directory")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from utils.data import InputError, load_pool_config
+
+    checks = [("--train_fraction", 0 < args.train_fraction < 1, "between 0 and 1 (exclusive)"), ("--per_task", args.per_task >= 2, "at least 2"),
+              ("--epochs", args.epochs > 0, "above 0"), ("--batch_size", args.batch_size >= 2, "at least 2"),
+              ("--learning_rate", args.learning_rate > 0, "above 0")]
+    try:
+        for flag, ok, rule in checks:
+            if not ok:
+                raise InputError(f"{flag} must be {rule} (got {getattr(args, flag[2:])}).")
+        pool = load_pool_config(args.config_path, check_paths=False, adapter_pattern="{name}")
+    except InputError as err:
+        logger.error("%s", err)
+        return 2
 
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.sentence_transformer.losses import BatchHardSoftMarginTripletLoss
     from sentence_transformers.sentence_transformer.training_args import BatchSamplers
 
-    from utils.data import load_pool_config
     from utils.retrieval import Embedder
 
-    pool = load_pool_config(args.config_path, check_paths=False, adapter_pattern="{name}")
     train_tasks, held_out = split_tasks([e.name for e in pool], args.train_fraction, args.seed)
     logger.info("Training on %d tasks %s; holding out %d %s", len(train_tasks), train_tasks, len(held_out), held_out)
     rng = random.Random(args.seed)

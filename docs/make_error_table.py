@@ -51,6 +51,12 @@ def main() -> int:
         p.write_bytes(content) if isinstance(content, bytes) else p.write_text(content, encoding="utf-8")
         return str(p)
 
+    def adapter_dir(name, config_text):
+        d = tmp / name
+        d.mkdir()
+        (d / "adapter_config.json").write_text(config_text, encoding="utf-8")
+        return str(d)
+
     data = f("data.json", json.dumps([row]))
     pool = f("pool.json", json.dumps(good_pool))
     cases = [
@@ -66,6 +72,13 @@ def main() -> int:
         ("pool entry with no samples", ["--config_path", f("nos.json", json.dumps([dict(good_pool[0], sample=[])]))]),
         ("adapter path does not exist", ["--config_path", f("nop.json", json.dumps([dict(good_pool[0], path=str(tmp / "nowhere"))]))]),
         ("adapter does not fit the base model", ["--config_path", f("fit.json", json.dumps([good_pool[0], dict(good_pool[1], path=str(wrong))]))]),
+        ("adapter config not valid JSON", ["--config_path", f("badcfg.json", json.dumps([dict(good_pool[0], path=adapter_dir("badcfg", "{peft_type: LORA"))]))]),
+        ("adapter that is not a LoRA (prefix tuning)", ["--config_path", f("prefix.json", json.dumps([dict(good_pool[0], path=adapter_dir(
+            "prefix", json.dumps({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 8})))]))]),
+        ("row with empty inputs", ["--data_path", f("blank.json", json.dumps([row, dict(row, inputs="  ")]))]),
+        ("softmax with a negative temperature", ["--weighting", "softmax", "--temperature", "-1"]),
+        ("unknown device", ["--device", "tpu9"]),
+        ("CUDA asked for on a machine without one", ["--device", "cuda"]),
         ("k < 1", ["--lora_num", "0"]),
         ("k larger than the pool", ["--lora_num", "3"]),
         ("k larger than the candidates after OOD", ["--lora_num", "2", "--ood"]),
@@ -97,6 +110,26 @@ def main() -> int:
         msg = (handler.lines[-1] if handler.lines else "(no error)").replace(str(tmp), "TMP").replace("|", "\\|")
         lines.append(f"| {label} | {code} | {msg} |")
         assert not (tmp / "res.json").exists() and not list((tmp / "sweep").glob("*.json"))
+    lines += ["", "`--device cuda` is refused like this only on a machine without a usable GPU.", "",
+              "## Other entry points", "", "| bad input | exit | message |", "|---|---|---|"]
+    import summarize_results
+
+    results = tmp / "results"
+    results.mkdir()
+    (results / "mixture.json").write_text('{"settings": {}, "rows": [{"inputs": "a", "predicted_answer"', encoding="utf-8")
+    handler.lines.clear()
+    code = summarize_results.main(["--results_dir", str(results), "--no_charts"])
+    msg = (handler.lines[-1] if handler.lines else "(no error)").replace(str(tmp), "TMP").replace("|", "\\|")
+    lines.append(f"| summarize_results.py: the only results file is truncated JSON | {code} | {msg} |")
+    lines += ["", "## Judgement calls", "",
+              "- **A row with empty `inputs` is refused**, not kept with a warning: retrieval and generation on an empty prompt",
+              "  still produce a prediction, and the metric scores it against the target, so one broken row would silently",
+              "  lower a method's score. The fix (fill in or drop the row) is the user's to make.",
+              "- **A negative or zero softmax temperature is refused**: it would invert the ranking (the least similar adapter",
+              "  would weigh most) or divide by zero; no careful user means that.",
+              "- **Written files follow the user's umask** (results files are no longer 0600): shared result folders on",
+              "  clusters need group-readable files; a user who wants private files sets `umask 077`, as for any other tool.",
+              ]
     (ROOT / "docs" / "errors.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return 0
 

@@ -64,7 +64,8 @@ def test_serving_bench_runs_three_servers(tmp_path, tiny_base, tiny_loras):
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     out = tmp_path / "serve"
     code = bench_serve.main(["--data_path", str(tmp_path / "rows.json"), "--concurrency", "1", "2", "--min_requests", "3",
-                             "--max_tokens", "3", "--server_args", f"--base_model {tiny_base} --config_path {tmp_path / 'pool.json'}",
+                             "--requests_per_client", "2", "--max_tokens", "3", "--spread", "1", "--repeats", "1",
+                             "--configs", "lora", "same_adapters", "base", "--server_args", f"--base_model {tiny_base} --config_path {tmp_path / 'pool.json'}",
                              "--out", str(out)])
     assert code == 0
     report = json.loads(out.with_suffix(".json").read_text())

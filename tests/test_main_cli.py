@@ -136,7 +136,25 @@ CASES = {
     "missing adapter": (lambda ws: ["--config_path", str(bad(ws, "p.json", json.dumps([{"model_name": "a", "sample": ["x"], "path": str(ws["dir"] / "none")}])))], "does not exist or has no adapter_config.json"),
     "unknown template": (lambda ws: ["--template", "nosuch"], "Unknown template 'nosuch'"),
     "unwritable results": (lambda ws: ["--res_path", str(bad(ws, "file", "x") / "sub" / "r.json")], "not writable"),
+    "empty inputs": (lambda ws: ["--data_path", str(bad(ws, "blank.json", json.dumps([{"inputs": " \n", "targets": "b", "task": "alpha", "domain": "d", "metric": "em"}])))],
+                     "row 0 (task 'alpha'): 'inputs' is empty"),
+    "negative temperature": (lambda ws: ["--weighting", "softmax", "--temperature", "-1"], "--temperature must be above 0"),
+    "unknown device": (lambda ws: ["--device", "tpu9"], "--device 'tpu9' is not a device name"),
+    "absent cuda": (lambda ws: ["--device", "cuda:7"] , "--device cuda:7"),
+    "adapter config not json": (lambda ws: ["--config_path", str(bad(ws, "p.json", json.dumps([{"model_name": "a", "sample": ["x"], "path": str(adapter_dir(ws, "broken", "{peft_type"))}])))],
+                                "adapter_config.json is not valid JSON"),
+    "not a lora": (lambda ws: ["--config_path", str(bad(ws, "p.json", json.dumps([{"model_name": "a", "sample": ["x"], "path": str(adapter_dir(ws, "prefix", json.dumps({"peft_type": "PREFIX_TUNING"})))}])))],
+                   "describes a 'PREFIX_TUNING' adapter, not a LoRA"),
+    "bad adapter pattern": (lambda ws: ["--adapter_pattern", "loras/{task}", "--config_path", str(bad(ws, "p.json", json.dumps([{"model_name": "a", "sample": ["x"]}])))],
+                            "is not a valid pattern"),
 }
+
+
+def adapter_dir(ws, name, config_text):
+    d = ws["dir"] / name
+    d.mkdir(exist_ok=True)
+    (d / "adapter_config.json").write_text(config_text, encoding="utf-8")
+    return d
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -322,3 +340,23 @@ def test_bad_sweeps_are_refused_before_any_run(workspace, caplog, monkeypatch, a
 def test_res_dir_without_run_is_refused(workspace, caplog):
     code, _ = run_main(workspace, "r.json", "--force")
     assert code == 2 and "go with --run" in caplog.text
+
+
+def test_results_files_follow_the_umask(workspace):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        code, res = run_main(workspace, "umask.json", "--lora_num", "1")
+    finally:
+        os.umask(old)
+    assert code == 0
+    assert res.stat().st_mode & 0o777 == 0o644
+
+
+def test_summarize_names_a_truncated_results_file(tmp_path, caplog):
+    import summarize_results
+
+    (tmp_path / "mixture.json").write_text('{"settings": {}, "rows": [{"inputs": "a"', encoding="utf-8")
+    assert summarize_results.main(["--results_dir", str(tmp_path), "--no_charts"]) == 2
+    assert "mixture.json is not valid JSON" in caplog.text and "No results files" not in caplog.text

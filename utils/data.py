@@ -74,6 +74,10 @@ def validate_row(row, i: int, path) -> None:
             raise InputError(f"{where}: field {key!r} is a {type(row[key]).__name__}, expected a string.")
     if row["metric"] not in METRICS:
         raise InputError(f"{where}: unknown metric {row['metric']!r}; use one of {', '.join(METRICS)}.")
+    if not row["inputs"].strip():
+        # Refused, not warned about: retrieval and generation on an empty prompt produce a prediction that is
+        # scored against the target, so one broken row would silently lower the method's score.
+        raise InputError(f"{where} (task {row['task']!r}): 'inputs' is empty; fill it in or remove the row.")
 
 
 @dataclass
@@ -115,6 +119,8 @@ def load_pool_config(path: str | Path, adapter_pattern: str | None = None, check
         if name in seen:
             raise InputError(f"{where}: duplicate adapter name {name!r}; every 'model_name' must be unique.")
         seen.add(name)
+        if not isinstance(entry.get("domain", ""), str):
+            raise InputError(f"{where} ({name!r}): 'domain' is a {type(entry['domain']).__name__}, expected a string.")
         samples = entry.get("sample")
         if not isinstance(samples, list) or not samples:
             raise InputError(f"{where} ({name!r}) has no 'sample' inputs; the retriever needs example inputs to represent the LoRA.")
@@ -128,7 +134,13 @@ def load_pool_config(path: str | Path, adapter_pattern: str | None = None, check
         if adapter_path is None:
             if adapter_pattern is None:
                 raise InputError(f"{where} ({name!r}) has no 'path'; add one or pass --adapter_pattern (e.g. 'loras/{{name}}').")
-            adapter_path = adapter_pattern.format(name=name)
+            try:
+                adapter_path = adapter_pattern.format(name=name)
+            except (KeyError, IndexError, ValueError) as err:
+                raise InputError(f"--adapter_pattern {adapter_pattern!r} is not a valid pattern ({err!r}); "
+                                 "use {name} as the only placeholder, e.g. loras/{name}.") from err
+        elif not isinstance(adapter_path, str) or not adapter_path:
+            raise InputError(f"{where} ({name!r}): 'path' must be a non-empty string (a local directory or a hub id).")
         adapter_path = resolve_adapter_path(str(adapter_path), path.parent)
         if check_paths and not looks_like_hub_id(adapter_path):
             if not (Path(adapter_path) / "adapter_config.json").is_file():
@@ -136,9 +148,30 @@ def load_pool_config(path: str | Path, adapter_pattern: str | None = None, check
                     f"{where} ({name!r}): adapter path {adapter_path} does not exist or has no adapter_config.json; "
                     f"train it (python train_lora.py) or fix 'path' / --adapter_pattern."
                 )
+            check_adapter_config(Path(adapter_path) / "adapter_config.json", f"{where} ({name!r})")
         pool.append(PoolEntry(name=name, domain=str(entry.get("domain", "")), samples=texts, path=adapter_path,
                               extra={k: v for k, v in entry.items() if k not in ("model_name", "domain", "sample", "path")}))
     return pool
+
+
+def check_adapter_config(config_file: Path, where: str) -> dict:
+    """The adapter's ``adapter_config.json``, checked to be readable JSON of a LoRA (``peft_type`` ``LORA``)."""
+    try:
+        config = json.loads(Path(config_file).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise InputError(f"{where}: {config_file} is not UTF-8 text (byte {err.start}); the adapter's config is unreadable, re-save or re-export it.") from err
+    except json.JSONDecodeError as err:
+        raise InputError(f"{where}: {config_file} is not valid JSON (line {err.lineno}: {err.msg}); the adapter's config is "
+                         "unreadable, re-save or re-export the adapter.") from err
+    except OSError as err:
+        raise InputError(f"{where}: cannot read {config_file} ({err.strerror}).") from err
+    if not isinstance(config, dict):
+        raise InputError(f"{where}: {config_file} holds a JSON {type(config).__name__}, not a peft adapter config object.")
+    peft_type = config.get("peft_type")
+    if str(peft_type).upper() != "LORA":
+        raise InputError(f"{where}: {config_file} describes a {peft_type!r} adapter, not a LoRA (peft_type 'LORA'); "
+                         "only LoRA adapters can be retrieved and composed, remove it from the pool.")
+    return config
 
 
 def resolve_adapter_path(adapter_path: str, config_dir: Path) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from utils.data import InputError
@@ -100,11 +101,53 @@ def read_settings_file(path: str, parser: argparse.ArgumentParser, ignore_keys: 
                          f"({str(err).splitlines()[0]}); fix its syntax.") from err
     if not isinstance(values, dict):
         raise InputError(f"Settings file {path} holds a {type(values).__name__}, not an object of flag names and values.")
-    known = {action.dest for action in parser._actions}
-    unknown = sorted(k for k in set(values) - known - set(ignore_keys) if not str(k).startswith("_"))
+    actions = {action.dest: action for action in parser._actions}
+    unknown = sorted(str(k) for k in set(values) - set(actions) - set(ignore_keys) if not str(k).startswith("_"))
     if unknown:
         raise InputError(f"Settings file {path} has unknown keys {unknown}; use flag names without dashes.")
-    return {k: v for k, v in values.items() if not str(k).startswith("_") and k in known}
+    out = {}
+    for key, value in values.items():
+        if str(key).startswith("_") or key not in actions:
+            continue
+        out[key] = _checked_value(actions[key], value, f"Settings file {path}: {key!r}")
+    return out
+
+
+def _checked_value(action: argparse.Action, value, where: str):
+    """A settings-file value checked against its flag's type and choices (a file cannot bypass the parser's checks)."""
+    if value is None:
+        return None
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise InputError(f"{where} must be true or false (got {value!r}).")
+        return value
+    if action.nargs in ("+", "*") or isinstance(action.nargs, int):
+        if not isinstance(value, list):
+            raise InputError(f"{where} must be a list (got a {type(value).__name__}).")
+        return [_checked_scalar(action, v, where) for v in value]
+    return _checked_scalar(action, value, where)
+
+
+def _checked_scalar(action: argparse.Action, value, where: str):
+    kind = action.type
+    if isinstance(value, bool) or isinstance(value, (dict, list)):
+        raise InputError(f"{where} must be a {getattr(kind, '__name__', 'string')} (got {value!r}).")
+    if kind in (int, float):
+        if isinstance(value, str):
+            try:
+                value = kind(value)
+            except ValueError:
+                raise InputError(f"{where} must be a number (got {value!r}).") from None
+        if not isinstance(value, (int, float)) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise InputError(f"{where} must be a{'n integer' if kind is int else ' number'} (got {value!r}).")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"{where} must be a finite number (got {value!r}).")
+        value = kind(value)
+    elif not isinstance(value, str):
+        raise InputError(f"{where} must be a string (got {value!r}).")
+    if action.choices is not None and value not in action.choices:
+        raise InputError(f"{where} must be one of {', '.join(map(str, action.choices))} (got {value!r}).")
+    return value
 
 
 def resolve_device(device: str | None) -> str:

@@ -26,9 +26,22 @@ class Prompter:
             template = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise InputError(f"Template {path} is not valid UTF-8 JSON: {err}") from err
+        if not isinstance(template, dict):
+            raise InputError(f"Template {path} holds a JSON {type(template).__name__}, not an object with the keys {list(TEMPLATE_KEYS)}.")
         missing = [k for k in TEMPLATE_KEYS if k not in template]
         if missing:
             raise InputError(f"Template {path} lacks the keys {missing}; an alpaca-format template has {list(TEMPLATE_KEYS)}.")
+        for key in TEMPLATE_KEYS:
+            if not isinstance(template[key], str):
+                raise InputError(f"Template {path}: {key!r} is a {type(template[key]).__name__}, not a string.")
+        for key, fields in (("prompt_input", {"instruction": "i", "input": "x"}), ("prompt_no_input", {"instruction": "i"})):
+            try:
+                template[key].format(**fields)
+            except (KeyError, IndexError, ValueError) as err:
+                raise InputError(f"Template {path}: {key!r} is not a valid format string ({err!r}); use only the placeholders "
+                                 f"{{{'}, {'.join(fields)}}} and write literal braces as {{{{ }}}}.") from err
+        if "{instruction}" not in template["prompt_no_input"]:
+            raise InputError(f"Template {path}: 'prompt_no_input' has no {{instruction}} placeholder, so every input would be dropped.")
         self.name = name
         self.path = path
         self.template = template

@@ -67,11 +67,21 @@ def check_writable(path: str | Path) -> None:
         raise InputError(f"Results path {path} is not writable ({err.strerror}); choose another --res_path.") from err
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(path: str | Path, obj) -> None:
     """Write JSON to a temporary file beside ``path``, then rename it over ``path``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file with mode 0600, which the rename would carry over; a results file follows the
+        # user's umask like any other output (shared result folders on clusters).
+        os.chmod(tmp, 0o666 & ~current_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, ensure_ascii=False, indent=1)
             f.flush()
@@ -143,10 +153,35 @@ class Checkpoint:
 
 
 def load_results(path: str | Path) -> tuple[dict, list[dict]]:
-    """(settings, rows) of a results file: this project's format or the paper's plain list of rows."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    if isinstance(data, list):
-        return {}, data
+    """(settings, rows) of a results file: this project's format or the paper's plain list of rows.
+
+    Raises :class:`InputError` naming the file and the cause: unreadable, not UTF-8, not valid JSON (a truncated
+    file, for instance), or JSON of another shape.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"Results file {path} is not UTF-8 text (byte {err.start}); it is not a results file.") from err
+    except OSError as err:
+        raise InputError(f"Results file {path} cannot be read ({err.strerror}).") from err
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"Results file {path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); it may be "
+                         "truncated: rerun the run that wrote it, or move the file away.") from err
     if isinstance(data, dict) and "rows" in data:
-        return data.get("settings", {}), data["rows"]
-    raise ValueError(f"{path} is not a results file (expected a list of rows or an object with 'rows').")
+        settings, rows = data.get("settings", {}), data["rows"]
+    elif isinstance(data, list):
+        settings, rows = {}, data
+    else:
+        raise InputError(f"Results file {path} is a JSON {type(data).__name__} without 'rows'; a results file is a list of rows "
+                         "or an object with 'rows'.")
+    if not isinstance(rows, list):
+        raise InputError(f"Results file {path}: 'rows' is a {type(rows).__name__}, not a list of rows.")
+    if not isinstance(settings, dict):
+        settings = {}
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise InputError(f"Results file {path}, row {i} is a {type(row).__name__}, not an object.")
+    return settings, rows
