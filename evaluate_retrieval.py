@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     p.add_argument("--retriever", default="embedded:all-minilm-l6-v2", help="sentence-transformers model: id, local dir or embedded:NAME")
     p.add_argument("--instruction", default=PAPER_INSTRUCTION, help="retrieval instruction given as the embedding prompt")
     p.add_argument("--exclude_prompt_from_pooling", default="auto", choices=("auto", "yes", "no"), help="INSTRUCTOR-style pooling")
+    p.add_argument("--adapter_vector", default="normalized_mean", choices=("normalized_mean", "mean"),
+                   help="an adapter's vector: normalised mean of its sample embeddings, or the plain mean (the paper's code)")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 3, 5], help="k values to report")
     p.add_argument("--out_dir", default="results/retrieval", help="where the tables go")
     p.add_argument("--device", default="cpu", help="embedding device")
@@ -93,9 +95,9 @@ def main(argv=None) -> int:
         return 2
     exclude = exclude_prompt_choice(args.exclude_prompt_from_pooling)
     embedder = Embedder(args.retriever, args.instruction, device=args.device, exclude_prompt_from_pooling=exclude)
-    retriever = LoraRetriever(embedder, [e.name for e in pool], [e.samples for e in pool])
+    retriever = LoraRetriever(embedder, [e.name for e in pool], [e.samples for e in pool], adapter_vector=args.adapter_vector)
     result = retrieval_accuracy(retriever, rows, {e.name: e.domain for e in pool}, sorted(args.ks))
-    write_tables(Path(args.out_dir), result, {"retriever": args.retriever, "data_path": args.data_path,
+    write_tables(Path(args.out_dir), result, {"retriever": args.retriever, "adapter_vector": args.adapter_vector, "data_path": args.data_path,
                                               "config_path": args.config_path, "tasks": args.tasks})
     return 0
 

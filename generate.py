@@ -53,7 +53,8 @@ class Generator:
         self.retriever = None
         if self.pool is not None and not args.adapters:
             self.retriever = session.retriever(self.pool_entries, args.retriever, args.instruction,
-                                               exclude_prompt_choice(args.exclude_prompt_from_pooling), args.device, None)
+                                               exclude_prompt_choice(args.exclude_prompt_from_pooling), args.device, None,
+                                               args.adapter_vector)
         self.named = parse_adapters(args.adapters) if args.adapters else None
         if self.named and self.pool is not None:
             self.pool.indices([[n for n, _ in self.named]])  # unknown names fail here, before any prompt

@@ -227,7 +227,7 @@ def execute(plan: Plan, session) -> Path:
         scores = np.ones((len(rows), 1), dtype=np.float32)
     elif use_pool:
         retriever = session.retriever(pool, args.retriever, args.instruction, exclude_prompt_choice(args.exclude_prompt_from_pooling),
-                                      device, embedding_cache_dir(args.embedding_cache))
+                                      device, embedding_cache_dir(args.embedding_cache), args.adapter_vector)
         chosen, scores = retriever.search([r["inputs"] for r in rows], k, exclude=[r["task"] for r in rows] if args.ood else None)
     weights = composition_weights(scores, "uniform" if args.best_selection else args.weighting, args.temperature) if use_pool else scores
     t_retrieval = time.time() - t0

@@ -52,6 +52,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch_size", type=int, default=32, help="inputs per batch")
     p.add_argument("--learning_rate", type=float, default=2e-5, help="learning rate")
     p.add_argument("--seed", type=int, default=0, help="task-split and training seed")
+    p.add_argument("--adapter_vector", default="normalized_mean", choices=("normalized_mean", "mean"),
+                   help="the adapter vector the retriever is meant to be used with (recorded in task_split.json)")
     p.add_argument("--out", default="models/retriever", help="output model directory")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -103,7 +105,7 @@ def main(argv=None) -> int:
     model.save(str(out))
     (out / "task_split.json").write_text(json.dumps({"train": train_tasks, "held_out": held_out, "seed": args.seed,
                                                      "train_fraction": args.train_fraction, "instruction": args.instruction,
-                                                     "base_retriever": args.retriever}, indent=1), encoding="utf-8")
+                                                     "base_retriever": args.retriever, "adapter_vector": args.adapter_vector}, indent=1), encoding="utf-8")
     logger.info("Saved the retriever to %s (load it with main.py --retriever %s)", out, out)
     return 0
 

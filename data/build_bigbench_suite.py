@@ -68,9 +68,42 @@ def download_sdist(cache: Path) -> Path:
            "bigbench==1.0.0", "-d", str(cache)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if not path.exists():
-        # pip may fail to *prepare metadata* of the sdist yet still have saved the archive; only a missing file is fatal.
-        raise SystemExit(f"Could not download {SDIST_NAME} with: {' '.join(cmd)}\n{done.stderr[-2000:]}")
+        # pip may fail to *prepare metadata* of the sdist yet still have saved the archive (older pips), or refuse it
+        # without saving it (newer pips: the sdist declares a direct-URL dependency). Then fetch the file that PyPI's
+        # simple index lists, and check its sha256 against the index's.
+        try:
+            fetch_from_index(path)
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"Could not download {SDIST_NAME} with: {' '.join(cmd)}\n{done.stderr[-1500:]}\nnor from "
+                             f"{SIMPLE_INDEX}: {err}") from err
     return path
+
+
+SIMPLE_INDEX = "https://pypi.org/simple/bigbench/"
+
+
+def fetch_from_index(path: Path) -> None:
+    """Download ``path.name`` from PyPI's simple index into ``path``, checking the sha256 the index gives."""
+    import hashlib
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(SIMPLE_INDEX, timeout=60) as r:
+        page = r.read().decode("utf-8")
+    m = re.search(r'href="([^"]*/' + re.escape(path.name) + r')#sha256=([0-9a-f]{64})"', page)
+    if m is None:
+        raise ValueError(f"{SIMPLE_INDEX} lists no {path.name}")
+    url, sha = m.group(1), m.group(2)
+    tmp = path.with_name(path.name + ".part")
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=600) as r, open(tmp, "wb") as f:
+        while chunk := r.read(1 << 20):
+            digest.update(chunk)
+            f.write(chunk)
+    if digest.hexdigest() != sha:
+        tmp.unlink()
+        raise ValueError(f"{url} has sha256 {digest.hexdigest()}, the index says {sha}")
+    tmp.rename(path)
 
 
 def read_tasks(sdist: Path, sources: list[str]) -> dict[str, dict]:

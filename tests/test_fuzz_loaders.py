@@ -100,14 +100,19 @@ def test_settings_files(content):
 
     parser = main_mod.build_parser()
 
-    def load(p):
-        values = read_settings_file(str(p), parser)
+    path = write(content)
+    try:
+        accepted_or_input_error(lambda p: read_settings_file(str(p), parser), path)
+        try:
+            values = read_settings_file(str(path), parser)
+        except InputError:
+            return
         parser.set_defaults(**values)
         args = parser.parse_args(["--data_path", "d.json", "--res_path", "r.json"])
-        main_mod.validate(args)  # the values that pass the file's checks must survive the flag checks as InputErrors
-
-    try:
-        accepted_or_input_error(load, write(content))
+        try:
+            main_mod.validate(args)  # values of the right type, out of range: the flag checks refuse them, by flag name
+        except InputError:
+            pass
     finally:
         parser.set_defaults(**{a.dest: a.default for a in main_mod.build_parser()._actions})
 

@@ -96,3 +96,43 @@ def test_embedding_cache_reuses_and_keys_on_text(tmp_path, monkeypatch):
         emb.encode(["the cat sat", "another text"])
     other = Embedder("embedded:all-minilm-l6-v2", instruction="", cache_dir=tmp_path)
     assert not np.allclose(other.encode(["the cat sat", "a dog"]), first)  # another instruction, another entry
+
+
+class TableEmbedder:
+    """Fixed, already normalised 2-d embeddings per text."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def encode(self, texts, show_progress=False):
+        return np.asarray([self.table[t] for t in texts], dtype=np.float32)
+
+
+def test_adapter_vector_mean_and_normalized_mean_rank_as_their_formulas_say():
+    """Adapter 'spread' has samples at +-45 degrees around the query's direction (mean (0.707, 0)); adapter 'tight'
+    has both samples at 30 degrees (mean (0.866, 0.5), norm 1). Cosine prefers 'spread'; the plain mean prefers 'tight'."""
+    from utils.retrieval import LoraRetriever
+
+    c45, c30, s30 = np.cos(np.pi / 4), np.cos(np.pi / 6), np.sin(np.pi / 6)
+    table = {"s1": (c45, c45), "s2": (c45, -c45), "t1": (c30, s30), "t2": (c30, s30), "q": (1.0, 0.0)}
+    emb = TableEmbedder(table)
+    by_cos = LoraRetriever(emb, ["spread", "tight"], [["s1", "s2"], ["t1", "t2"]], adapter_vector="normalized_mean")
+    by_mean = LoraRetriever(emb, ["spread", "tight"], [["s1", "s2"], ["t1", "t2"]], adapter_vector="mean")
+    names, scores = by_cos.search(["q"], 2)
+    assert names == [["spread", "tight"]]
+    np.testing.assert_allclose(scores[0], [1.0, c30], atol=1e-6)
+    names, scores = by_mean.search(["q"], 2)
+    assert names == [["tight", "spread"]]
+    np.testing.assert_allclose(scores[0], [c30, c45], atol=1e-6)
+    with pytest.raises(ValueError, match="adapter vector"):
+        LoraRetriever(emb, ["spread"], [["s1"]], adapter_vector="median")
+
+
+def test_paper_profiles_use_the_plain_mean_and_the_embedded_one_the_normalised_mean():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for name in ("paper_llama2_7b", "paper_llama2_13b"):
+        assert json.loads((root / "config" / f"{name}.json").read_text())["adapter_vector"] == "mean"
+    assert json.loads((root / "config" / "embedded.json").read_text())["adapter_vector"] == "normalized_mean"

@@ -36,11 +36,14 @@ def add_pool_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_retrieval_flags(p: argparse.ArgumentParser) -> None:
-    """--retriever, --instruction, --exclude_prompt_from_pooling, --embedding_cache."""
+    """--retriever, --instruction, --exclude_prompt_from_pooling, --adapter_vector, --embedding_cache."""
     p.add_argument("--retriever", default=DEFAULT_RETRIEVER, help="sentence-transformers model: id, local dir or embedded:NAME")
     p.add_argument("--instruction", default=PAPER_INSTRUCTION, help="retrieval instruction given as the embedding prompt")
     p.add_argument("--exclude_prompt_from_pooling", default="auto", choices=("auto", "yes", "no"),
                    help="INSTRUCTOR-style pooling without the instruction tokens (auto: for ids naming instructor/lora_retriever)")
+    p.add_argument("--adapter_vector", default="normalized_mean", choices=("normalized_mean", "mean"),
+                   help="an adapter's vector: the normalised mean of its sample embeddings (cosine), or their plain mean "
+                        "(the paper's code, whose norm favours adapters with tightly clustered samples)")
     p.add_argument("--embedding_cache", default=None,
                    help="folder caching embeddings across runs (default: <cache>/embeddings; 'none' disables)")
 
@@ -116,7 +119,9 @@ def read_settings_file(path: str, parser: argparse.ArgumentParser, ignore_keys: 
 def _checked_value(action: argparse.Action, value, where: str):
     """A settings-file value checked against its flag's type and choices (a file cannot bypass the parser's checks)."""
     if value is None:
-        return None
+        if action.default is None:
+            return None  # the flag's own "not given"
+        raise InputError(f"{where} cannot be null; give a value or leave the key out (default {action.default!r}).")
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         if not isinstance(value, bool):
             raise InputError(f"{where} must be true or false (got {value!r}).")

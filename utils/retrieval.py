@@ -1,9 +1,14 @@
 """Stage: retrieval. Embedding inputs and finding the top-k adapters for each one.
 
-Each pool adapter j is represented by the mean of the embeddings of its ``sample`` inputs,
-L2-normalised:  v_j = normalize(mean_i e(s_ji)),  v: [N, d].
-A query q is embedded as e(q) (normalised) and scored against every adapter by inner product, i.e.
-cosine similarity:  score_qj = <e(q), v_j>.  The index is a FAISS inner-product index.
+Each pool adapter j is represented by the embeddings of its ``sample`` inputs (each L2-normalised), either
+
+    normalized_mean (default):  v_j = normalize(mean_i e(s_ji))   (score = cosine similarity), or
+    mean (the paper's code):    v_j = mean_i e(s_ji)              (not re-normalised: |v_j| <= 1, larger when the
+                                                                   samples sit close together), v: [N, d].
+
+A query q is embedded as e(q) (normalised) and scored against every adapter by inner product:
+score_qj = <e(q), v_j>. With ``mean``, an adapter with tightly clustered samples scores higher than one with
+spread samples at the same angle. The index is a FAISS inner-product index.
 
 Embeddings are computed in batches with the retrieval instruction given as the sentence-transformers
 ``prompt``. For INSTRUCTOR-style models (the paper's retriever) the instruction is excluded from the
@@ -30,6 +35,7 @@ HNSW_THRESHOLD = 200_000
 
 
 POOLING_CHOICES = {"auto": None, "yes": True, "no": False}
+ADAPTER_VECTORS = ("normalized_mean", "mean")
 
 
 def exclude_prompt_choice(value: str) -> bool | None:
@@ -149,11 +155,17 @@ class LoraRetriever:
     Args:
         embedder: the :class:`Embedder` for queries and samples.
         names: adapter names, in pool order.  samples: each adapter's example inputs.
+        adapter_vector: ``normalized_mean`` (cosine to the mean direction) or ``mean`` (the paper's code: the plain
+            mean, so its norm counts; module docstring).
     """
 
-    def __init__(self, embedder: Embedder, names: list[str], samples: list[list[str]], index_kind: str = "auto"):
+    def __init__(self, embedder: Embedder, names: list[str], samples: list[list[str]], index_kind: str = "auto",
+                 adapter_vector: str = "normalized_mean"):
         if len(names) != len(samples):
             raise ValueError("names and samples must have the same length.")
+        if adapter_vector not in ADAPTER_VECTORS:
+            raise ValueError(f"Unknown adapter vector {adapter_vector!r}; use one of {', '.join(ADAPTER_VECTORS)}.")
+        self.adapter_vector = adapter_vector
         self.embedder = embedder
         self.names = list(names)
         flat = [s for group in samples for s in group]
@@ -161,7 +173,7 @@ class LoraRetriever:
         vectors, start = [], 0
         for group in samples:
             mean = emb[start:start + len(group)].mean(0)
-            vectors.append(mean / max(np.linalg.norm(mean), 1e-12))
+            vectors.append(mean / max(np.linalg.norm(mean), 1e-12) if adapter_vector == "normalized_mean" else mean)
             start += len(group)
         self.vectors = np.stack(vectors).astype(np.float32)  # [N, d]
         self.index = build_index(self.vectors, index_kind)

@@ -141,7 +141,7 @@ def load_engine(args, session=None) -> Engine:
     retriever = None
     if entries:
         retriever = session.retriever(entries, args.retriever, args.instruction, exclude_prompt_choice(args.exclude_prompt_from_pooling),
-                                      args.device, None)
+                                      args.device, None, args.adapter_vector)
     if args.chat_format == "chat_template" and not getattr(tokenizer, "chat_template", None):
         raise InputError(f"--chat_format chat_template: the tokenizer of {args.base_model} has no chat template; use --chat_format template.")
     lock = threading.Lock()

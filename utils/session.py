@@ -66,7 +66,8 @@ class Session:
         """Context in which the base model runs without the pool's LoRA layers (for ``--eval_type base``)."""
         return self.pool.model.disable_adapter() if self.pool is not None else nullcontext()
 
-    def retriever(self, entries, retriever: str, instruction: str, exclude_prompt: bool | None, device: str, cache_dir):
+    def retriever(self, entries, retriever: str, instruction: str, exclude_prompt: bool | None, device: str, cache_dir,
+                  adapter_vector: str = "normalized_mean"):
         """A :class:`LoraRetriever` over ``entries``; the embedder and the pool's index are kept across runs."""
         from utils.retrieval import Embedder, LoraRetriever
 
@@ -76,9 +77,10 @@ class Session:
                                       cache_dir=cache_dir)
             self._embedder_key = ekey
             self._retriever = self._retriever_key = None
-        rkey = tuple((e.name, tuple(str(s) for s in e.samples)) for e in entries)
+        rkey = (adapter_vector, tuple((e.name, tuple(str(s) for s in e.samples)) for e in entries))
         if rkey != self._retriever_key:
-            self._retriever = LoraRetriever(self._embedder, [e.name for e in entries], [e.samples for e in entries])
+            self._retriever = LoraRetriever(self._embedder, [e.name for e in entries], [e.samples for e in entries],
+                                            adapter_vector=adapter_vector)
             self._retriever_key = rkey
         return self._retriever
 
