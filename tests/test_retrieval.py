@@ -136,3 +136,42 @@ def test_paper_profiles_use_the_plain_mean_and_the_embedded_one_the_normalised_m
     for name in ("paper_llama2_7b", "paper_llama2_13b"):
         assert json.loads((root / "config" / f"{name}.json").read_text())["adapter_vector"] == "mean"
     assert json.loads((root / "config" / "embedded.json").read_text())["adapter_vector"] == "normalized_mean"
+
+
+def test_retrieval_benchmark_files_are_at_the_papers_scale_and_disjoint_from_training():
+    """The committed output of data/build_retrieval_benchmark.py: 48+ tasks in 8+ domains, 20 samples and up to 50
+    test rows each, in the paper's formats; a training set of 60+ tasks sharing no BIG-bench task with it or with
+    the embedded pool."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from utils.data import load_pool_config, load_rows
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("build_retrieval_benchmark", root / "data" / "build_retrieval_benchmark.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    builder.check_disjoint()
+    bench_dir, train_dir = root / "data" / "retrieval_benchmark", root / "data" / "retrieval_train"
+    pool = load_pool_config(bench_dir / "pool.json", check_paths=False, adapter_pattern="{name}")
+    rows = load_rows(bench_dir / "combined_test.json")
+    assert len(pool) >= 48 and len({e.domain for e in pool}) >= 8
+    assert all(len(e.samples) == 20 for e in pool)
+    per_task = {}
+    for r in rows:
+        per_task[r["task"]] = per_task.get(r["task"], 0) + 1
+    assert set(per_task) == {e.name for e in pool} and max(per_task.values()) <= 50
+    by_domain = {}
+    for e in pool:
+        by_domain.setdefault(e.domain, []).append(e.name)
+    assert all(len(v) >= 3 for v in by_domain.values())  # neighbours compete in every domain
+    train_pool = load_pool_config(train_dir / "pool.json", check_paths=False, adapter_pattern="{name}")
+    assert len(train_pool) >= 60
+    bench_sources = {t["source"] for t in json.loads((bench_dir / "suite.json").read_text())["tasks"]}
+    train_sources = {t["source"] for t in json.loads((train_dir / "suite.json").read_text())["tasks"]}
+    embedded_sources = {t["source"] for t in json.loads((root / "data" / "bigbench" / "suite.json").read_text())["tasks"]}
+    assert not bench_sources & train_sources and not train_sources & embedded_sources
+    # test inputs never appear among the samples or training inputs
+    samples = {s for e in pool for s in e.samples}
+    assert not samples & {r["inputs"] for r in rows}
