@@ -114,7 +114,8 @@ def test_eval_all_sweep_on_tiny_model(tmp_path, tiny_base, pool_file):
 
 
 @pytest.mark.slow
-def test_train_retriever_saves_a_loadable_model(tmp_path):
+@pytest.mark.parametrize("loss", ["infonce", "triplet"])
+def test_train_retriever_saves_a_loadable_model(tmp_path, loss):
     import train_retriever
     from utils.retrieval import Embedder
 
@@ -124,11 +125,15 @@ def test_train_retriever_saves_a_loadable_model(tmp_path):
     cfg = write_json(tmp_path / "pool.json", pool)
     out = tmp_path / "retriever"
     assert train_retriever.main(["--config_path", str(cfg), "--train_dir", str(tmp_path / "none"), "--train_fraction", "0.6",
-                                 "--per_task", "8", "--batch_size", "8", "--out", str(out)]) == 0
+                                 "--per_task", "8", "--batch_size", "8", "--loss", loss, "--steps", "12", "--learning_rate", "1e-4",
+                                 "--out", str(out)]) == 0
     split = json.loads((out / "task_split.json").read_text())
     assert len(split["train"]) == 3 and len(split["held_out"]) == 2 and not set(split["train"]) & set(split["held_out"])
     emb = Embedder(str(out)).encode(["the team won"])
     assert emb.shape == (1, 384)
+    if loss == "infonce":  # the contrastive loss goes down on these easily separated tasks
+        losses = split["settings"]["losses"]
+        assert len(losses) == 12 and sum(losses[-4:]) < sum(losses[:4])
 
 
 def test_task_split_is_seeded():
