@@ -189,7 +189,7 @@ def train_infonce(model, by_task: dict[str, list[str]], domains: dict[str, str],
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if (step + 1) % 25 == 0:
             logger.info("step %d: loss %.4f (mean of the last 25: %.4f)", step + 1, losses[-1], sum(losses[-25:]) / 25)
     model.eval()
