@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test install suite pool sweep serve browser clean-results
+.PHONY: demo test install suite pool sweep serve browser retriever clean-results
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,12 @@ browser:
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 		elif command -v sudo >/dev/null 2>&1; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 		else echo "chromium is missing and cannot be installed here: the web page tests will be skipped (apt-get install chromium)"; fi; }
+
+# A retriever fine-tuned on the 72 public BIG-bench training tasks (about 4 minutes on 2 CPU cores); optional.
+retriever: install
+	@if [ ! -f models/retriever/model.safetensors ]; then \
+		$(PY) train_retriever.py --config_path data/retrieval_train/pool.json --train_dir data/retrieval_train/train \
+			--train_fraction 0.8 --loss infonce --hard_negatives domain --batch_size 16 --learning_rate 3e-5 --steps 60 --out models/retriever; fi
 
 serve: pool
 	$(PY) serve.py
