@@ -298,5 +298,6 @@ def test_failure_in_a_batch_fails_only_that_batch(app, engine):
         decoder._forward = original
     assert calls["n"] == 1
     assert r.status_code == 500 and "simulated device error" in r.json()["error"]["message"]
+    assert not decoder.composition._rows  # nothing kept for the failed rows
     ok = post(app, {"prompt": "the movie", "max_tokens": 3})
     assert ok.status_code == 200 and engine.scheduler.alive

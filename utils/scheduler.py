@@ -240,6 +240,8 @@ class Scheduler:
                 self.decoder.add([j.seq for j in group])
             except Exception as err:
                 logger.exception("Prefill of %d requests failed", len(group))
+                if self.decoder.composition is not None:  # their factors were built before the failing forward
+                    self.decoder.composition.forget([j.seq.serial for j in group])
                 failed = list(group)
                 if any(j.seq in self.decoder.rows for j in group):  # the failure left the merged batch inconsistent
                     failed += self.running
