@@ -32,7 +32,7 @@ def add_pool_flags(p: argparse.ArgumentParser) -> None:
     """--config_path, --adapter_pattern."""
     p.add_argument("--config_path", default=DEFAULT_POOL, help="LoRA pool config: JSON list of {model_name, domain, sample, path?}")
     p.add_argument("--adapter_pattern", default=None,
-                   help="adapter location for pool entries without 'path', e.g. loras/{name} or Styxxxx/llama2_7b_lora-{name}")
+                   help="adapter location for pool entries without 'path', e.g. loras/{name} or a hub pattern owner/prefix-{name}")
 
 
 def add_retrieval_flags(p: argparse.ArgumentParser) -> None:

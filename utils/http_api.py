@@ -160,7 +160,7 @@ class API:
         eng, d = self.engine, self.engine.defaults
         for name, neutral in UNSUPPORTED.items():
             value = (req.model_extra or {}).get(name, neutral)
-            if value not in (neutral, None) and not (name == "n" and value == 1):
+            if value not in (neutral, None):
                 raise APIError(400, f"'{name}' is not supported by this server; leave it out.", param=name, code="unsupported")
         names = set(eng.adapter_names)
         model = req.model

@@ -193,7 +193,7 @@ class Scheduler:
                             self.cond.wait(max(deadline - time.perf_counter(), 0.0))
                     for job in [j for j in self.waiting if j.cancelled]:
                         self.waiting.remove(job)
-                self._drop([j for j in self.running if j.cancelled], None)
+                self._drop([j for j in self.running if j.cancelled])
                 self._admit()
                 if self.running:
                     self._step()
@@ -296,9 +296,9 @@ class Scheduler:
                           "total_tokens": len(job.prompt_ids) + completion},
                 "timings": self._timings(job, now),
             })
-        self._drop(finished, None)
+        self._drop(finished)
 
-    def _drop(self, jobs: list[Job], _reason) -> None:
+    def _drop(self, jobs: list[Job]) -> None:
         if not jobs:
             return
         self.decoder.drop([j.seq for j in jobs])
