@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from utils.data import InputError
-    from utils.flags import parse_with_settings, resolve_device
+    from utils.flags import check_shared, default_dtype, parse_with_settings, resolve_device
 
     p = build_parser()
     try:
@@ -125,14 +125,9 @@ def main(argv=None) -> int:
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.lora_num < 1:
-            raise InputError(f"--lora_num must be at least 1 (got {args.lora_num}).")
-        if args.max_new_tokens < 1:
-            raise InputError(f"--max_new_tokens must be at least 1 (got {args.max_new_tokens}).")
-        if args.temperature <= 0:
-            raise InputError(f"--temperature must be above 0 (got {args.temperature}); a negative one would invert the ranking.")
+        check_shared(args)
         args.device = resolve_device(args.device)
-        args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+        args.dtype = args.dtype or default_dtype(args.device)
         gen = Generator(args)
         prompts = [args.prompt] if args.prompt is not None else None
         if prompts is not None:

@@ -75,6 +75,7 @@ def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
 def validate(args: argparse.Namespace) -> None:
     """Checks of the flags alone (files are checked when read)."""
     from utils.data import InputError
+    from utils.flags import check_shared
 
     if not args.data_path:
         raise InputError("--data_path is required, e.g. --data_path data/bigbench/combined_test.json")
@@ -82,15 +83,9 @@ def validate(args: argparse.Namespace) -> None:
         raise InputError("--res_path is required, e.g. --res_path results/mixture.json")
     if args.res_dir or args.force:
         raise InputError("--res_dir and --force go with --runs (a sweep); a single run writes --res_path.")
-    if args.lora_num < 1:
-        raise InputError(f"--lora_num must be at least 1 (got {args.lora_num}).")
+    check_shared(args)
     if args.batch_size < 1:
         raise InputError(f"--batch_size must be at least 1 (got {args.batch_size}).")
-    if args.max_new_tokens < 1:
-        raise InputError(f"--max_new_tokens must be at least 1 (got {args.max_new_tokens}).")
-    if args.temperature <= 0:
-        raise InputError(f"--temperature must be above 0 (got {args.temperature}); a negative temperature would invert the ranking "
-                         "(the least similar adapter would weigh most).")
     if args.max_input_tokens is not None and args.max_input_tokens < 1:
         raise InputError(f"--max_input_tokens must be at least 1 (got {args.max_input_tokens}).")
     if args.limit is not None and args.limit < 1:
@@ -196,6 +191,7 @@ def execute(plan: Plan, session) -> Path:
 
     from utils.composition import compose
     from utils.distributed import barrier, dist_info, init, my_batches
+    from utils.flags import default_dtype
     from utils.generation import generate_batch, length_sorted_batches
     from utils.results import Checkpoint, run_metadata, write_json_atomic
     from utils.retrieval import composition_weights, exclude_prompt_choice
@@ -214,7 +210,7 @@ def execute(plan: Plan, session) -> Path:
         if device == "cuda":
             device = f"cuda:{dist.local_rank}"
         logger.info("Process %d of %d on %s", dist.rank, dist.world_size, device)
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = args.dtype or default_dtype(device)
     tokenizer, model = session.base(args.base_model, dtype, device, args.device_map)
     adapter_pool = session.adapter_pool(pool) if use_pool else None
 

@@ -65,9 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(args) -> None:
     from utils.data import InputError
-    from utils.flags import resolve_device
+    from utils.flags import check_shared, default_dtype, resolve_device
 
-    checks = [("--lora_num", args.lora_num, 1), ("--max_new_tokens", args.max_new_tokens, 1), ("--max_batch_size", args.max_batch_size, 1),
+    check_shared(args)
+    checks = [("--max_batch_size", args.max_batch_size, 1),
               ("--max_queue", args.max_queue, 1), ("--max_body_bytes", args.max_body_bytes, 256), ("--max_tokens_cap", args.max_tokens_cap, 1)]
     for flag, value, low in checks:
         if value < low:
@@ -76,12 +77,10 @@ def validate(args) -> None:
         raise InputError(f"--port must be between 1 and 65535 (got {args.port}).")
     if args.max_wait_ms < 0:
         raise InputError(f"--max_wait_ms must be 0 or more (got {args.max_wait_ms}).")
-    if args.temperature <= 0:
-        raise InputError(f"--temperature must be above 0 (got {args.temperature}); a negative one would invert the ranking.")
     if args.max_new_tokens > args.max_tokens_cap:
         raise InputError(f"--max_new_tokens {args.max_new_tokens} (the default max_tokens) exceeds --max_tokens_cap {args.max_tokens_cap}; lower one or raise the other.")
     args.device = resolve_device(args.device)
-    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    args.dtype = args.dtype or default_dtype(args.device)
     if args.api_key is None:
         args.api_key = os.environ.get("LORA_RETRIEVER_API_KEY") or None
 

@@ -112,7 +112,6 @@ def compose(pool: AdapterPool, indices: torch.Tensor, weights: torch.Tensor, mod
         raise ValueError(f"Unknown composition mode {mode!r}; use one of {MODES}.")
     if indices.shape != weights.shape or indices.dim() != 2:
         raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must both be [batch, k].")
-    handles = []
     on_device = {}  # indices and weights copied once per device (once in all unless device_map spreads the model)
     with torch.no_grad():
         factors = []
@@ -121,10 +120,18 @@ def compose(pool: AdapterPool, indices: torch.Tensor, weights: torch.Tensor, mod
             if dev not in on_device:
                 on_device[dev] = (indices.to(dev), weights.to(device=dev, dtype=torch.float32))
             factors.append(build_composed(layer.A, layer.B, *on_device[dev], mode))
+    with _hooked(pool, [_make_hook(At, Bt) for At, Bt in factors]) as model:
+        yield model
+
+
+@contextmanager
+def _hooked(pool: AdapterPool, hooks: list):
+    """``pool.model`` with peft's own LoRA path off and ``hooks[i]`` on ``pool.layers[i]`` until exit."""
+    handles = []
     with pool.model.disable_adapter():
         try:
-            for layer, (At, Bt) in zip(pool.layers, factors):
-                handles.append(layer.module.register_forward_hook(_make_hook(At, Bt), with_kwargs=True))
+            for layer, hook in zip(pool.layers, hooks):
+                handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
             yield pool.model
         finally:
             for h in handles:
@@ -229,7 +236,6 @@ class LiveComposition:
     @contextmanager
     def active(self):
         """The pool's model with peft's own LoRA path off and the live per-row deltas on (until exit)."""
-        handles = []
 
         def make(i):
             def hook(module, args, kwargs, output):
@@ -239,13 +245,9 @@ class LiveComposition:
                 return _add_delta(args[0] if args else kwargs["x"], output, At, Bt, dec)
             return hook
 
-        with self.pool.model.disable_adapter():
+        with _hooked(self.pool, [make(i) for i in range(len(self.pool.layers))]) as model:
+            self.is_active = True
             try:
-                for i, layer in enumerate(self.pool.layers):
-                    handles.append(layer.module.register_forward_hook(make(i), with_kwargs=True))
-                self.is_active = True
-                yield self.pool.model
+                yield model
             finally:
                 self.is_active = False
-                for h in handles:
-                    h.remove()

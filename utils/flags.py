@@ -155,6 +155,22 @@ def _checked_scalar(action: argparse.Action, value, where: str):
     return value
 
 
+def check_shared(args: argparse.Namespace) -> None:
+    """Range checks of the composition and prompt flags every entry point shares (before any model loads)."""
+    if args.lora_num < 1:
+        raise InputError(f"--lora_num must be at least 1 (got {args.lora_num}).")
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max_new_tokens must be at least 1 (got {args.max_new_tokens}).")
+    if args.temperature <= 0:
+        raise InputError(f"--temperature must be above 0 (got {args.temperature}); a negative temperature would invert the ranking "
+                         "(the least similar adapter would weigh most).")
+
+
+def default_dtype(device: str) -> str:
+    """The model dtype when --dtype is not given: bfloat16 on a GPU, float32 elsewhere."""
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
 def resolve_device(device: str | None) -> str:
     """The torch device to use: ``device`` checked against what this machine has, or cuda when there is one.
 

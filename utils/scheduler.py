@@ -242,13 +242,8 @@ class Scheduler:
                 logger.exception("Prefill of %d requests failed", len(group))
                 if self.decoder.composition is not None:  # their factors were built before the failing forward
                     self.decoder.composition.forget([j.seq.serial for j in group])
-                failed = list(group)
-                if any(j.seq in self.decoder.rows for j in group):  # the failure left the merged batch inconsistent
-                    failed += self.running
-                    self.running = []
-                    self.decoder.reset()
-                for job in failed:
-                    self._fail(job, 500, f"Generation failed for this batch: {type(err).__name__}: {err}")
+                # a failure after the merge leaves the running batch inconsistent: it fails with the group
+                self._fail_batch(group, err, with_running=any(j.seq in self.decoder.rows for j in group))
                 continue
             self.running.extend(group)
             self._emit_progress(group)
@@ -263,10 +258,7 @@ class Scheduler:
             self.decoder.step()
         except Exception as err:
             logger.exception("Decoding step of %d rows failed", n)
-            failed, self.running = self.running, []
-            self.decoder.reset()
-            for job in failed:
-                self._fail(job, 500, f"Generation failed for this batch: {type(err).__name__}: {err}")
+            self._fail_batch([], err, with_running=True)
             return
         self._emit_progress(self.running)
 
@@ -317,6 +309,15 @@ class Scheduler:
 
     def _fail(self, job: Job, status: int, message: str) -> None:
         job.emit("error", {"status": status, "message": message})
+
+    def _fail_batch(self, jobs: list[Job], err: Exception, with_running: bool = False) -> None:
+        """Fail ``jobs`` with a 500; ``with_running``: the running batch too, and the decoder starts afresh."""
+        if with_running:
+            jobs = jobs + self.running
+            self.running = []
+            self.decoder.reset()
+        for job in jobs:
+            self._fail(job, 500, f"Generation failed for this batch: {type(err).__name__}: {err}")
 
     # -- adapters of each request --------------------------------------------------------------------------
     def _resolve(self, jobs: list[Job]) -> None:
