@@ -23,10 +23,16 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-EVAL_TYPES = ("mixture", "fusion", "base")
+EVAL_TYPES = ("mixture", "fusion", "base", "soup", "arrow", "lorahub")
+# Flags of one evaluation type only; the results of other types do not record them.
+OWN_FLAGS = {
+    "soup": ("soup",),
+    "arrow": ("arrow_top_k", "arrow_temperature", "arrow_general_adapters"),
+    "lorahub": ("lorahub_scope", "lorahub_examples", "lorahub_budget", "lorahub_candidates", "lorahub_optimizer", "lorahub_l1"),
+}
 
 logger = logging.getLogger("main")
 
@@ -44,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch_size", type=int, default=8, help="rows generated together")
     a("--ood", action="store_true", help="out-of-domain: remove the row's own task adapter before taking the top k")
     a("--best_selection", action="store_true", help="perfect selection: use the row's own task adapter (k=1, weight 1)")
+    add_baseline_flags(p)
     # Models and retrieval.
     flags.add_model_flags(p)
     flags.add_retrieval_flags(p)
@@ -63,6 +70,27 @@ def build_parser() -> argparse.ArgumentParser:
     flags.add_settings_flag(p)
     a("--log_level", default="INFO", help="logging level")
     return p
+
+
+def add_baseline_flags(p: argparse.ArgumentParser) -> None:
+    """The comparison rows' own flags (--eval_type soup / arrow / lorahub)."""
+    g = p.add_argument_group("baselines: Adapter Soup (--eval_type soup), PEFT's Arrow (arrow), LoraHub (lorahub)")
+    a = g.add_argument
+    a("--soup", default="domain", choices=("domain", "all"),
+      help="soup: average (fuse, uniform weights) the adapters of the domain whose centroid is nearest to the input, or all adapters")
+    a("--arrow_top_k", type=int, default=3, help="arrow: adapters each token is routed to, in each LoRA layer")
+    a("--arrow_temperature", type=float, default=1.0, help="arrow: router softmax temperature (> 0)")
+    a("--arrow_general_adapters", nargs="+", default=None, metavar="PATH",
+      help="arrow: general-purpose LoRAs (same rank and targets as the pool); given, GenKnowSub subtracts their mean from "
+           "every pool adapter before routing")
+    a("--lorahub_scope", default="all", choices=("all", "task"),
+      help="lorahub: one weight vector for the whole mixed test set (all), or one per task (task; an oracle that knows the task)")
+    a("--lorahub_examples", type=int, default=5, help="lorahub: labelled pool samples per task to learn from")
+    a("--lorahub_budget", type=int, default=40, help="lorahub: loss evaluations of the gradient-free search, per vector")
+    a("--lorahub_candidates", default="pool", choices=("pool", "retrieved"),
+      help="lorahub: weigh every pool adapter, or the --lora_num adapters retrieved for the scope's examples")
+    a("--lorahub_optimizer", default="NGOpt", choices=("NGOpt", "CMA"), help="lorahub: nevergrad optimiser")
+    a("--lorahub_l1", type=float, default=0.05, help="lorahub: weight of the L1 penalty mean|w| (LoraHub: 0.05)")
 
 
 def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,8 +118,19 @@ def validate(args: argparse.Namespace) -> None:
         raise InputError(f"--max_input_tokens must be at least 1 (got {args.max_input_tokens}).")
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be at least 1 (got {args.limit}).")
-    if args.best_selection and args.eval_type == "base":
-        raise InputError("--best_selection uses adapters; it cannot go with --eval_type base.")
+    if args.best_selection and args.eval_type not in ("mixture", "fusion"):
+        raise InputError(f"--best_selection uses the row's own adapter alone; it cannot go with --eval_type {args.eval_type}.")
+    if args.eval_type == "arrow" and args.arrow_temperature <= 0:
+        raise InputError(f"--arrow_temperature must be above 0 (got {args.arrow_temperature}).")
+    if args.eval_type == "lorahub":
+        if args.ood and args.lorahub_scope == "all":
+            raise InputError("--ood with --lorahub_scope all: one vector serves every row, so no row's own adapter can be left "
+                             "out of it; use --lorahub_scope task --ood (each task's vector learned without its own adapter).")
+        for flag, low in (("lorahub_examples", 1), ("lorahub_budget", 1)):
+            if getattr(args, flag) < low:
+                raise InputError(f"--{flag} must be at least {low} (got {getattr(args, flag)}).")
+        if args.lorahub_l1 < 0:
+            raise InputError(f"--lorahub_l1 must be 0 or more (got {args.lorahub_l1}).")
     if args.best_selection and args.ood:
         raise InputError("--best_selection uses the row's own adapter, which --ood removes; drop one of them.")
 
@@ -101,6 +140,10 @@ def resolved_settings(args: argparse.Namespace) -> dict:
     s = {k: v for k, v in vars(args).items()
          if k not in ("log_level", "no_resume", "settings", "batch_size", "device", "device_map", "embedding_cache",
                       "runs", "res_dir", "force")}
+    for eval_type, keys in OWN_FLAGS.items():
+        if args.eval_type != eval_type:
+            for key in keys:
+                s.pop(key, None)
     if args.best_selection:
         s["lora_num"] = 1
     # The contents, not only the names, of the input files decide the predictions.
@@ -137,6 +180,7 @@ class Plan:
     checkpoint: object
     done: dict
     t_start: float
+    cleanup: list = field(default_factory=list)  # called once the results file is written
 
 
 def prepare(args: argparse.Namespace) -> Plan:
@@ -164,7 +208,7 @@ def prepare(args: argparse.Namespace) -> Plan:
             missing = sorted({r["task"] for r in rows} - names)
             if missing:
                 raise InputError(f"--best_selection needs each row's own adapter, but the pool has none for tasks {missing}; add them to {args.config_path}.")
-        else:
+        elif args.eval_type in ("mixture", "fusion") or (args.eval_type == "lorahub" and args.lorahub_candidates == "retrieved"):
             own_in_pool = args.ood and any(r["task"] in names for r in rows)
             available = len(pool) - (1 if own_in_pool else 0)
             if k > available:
@@ -172,6 +216,7 @@ def prepare(args: argparse.Namespace) -> Plan:
                     f"--lora_num {k} is larger than the {available} candidate adapters"
                     + (" left after OOD exclusion" if own_in_pool else "") + f" in {args.config_path}; lower --lora_num."
                 )
+        check_baseline(args, rows, pool)
     check_writable(args.res_path)
     settings = resolved_settings(args)
     dist = dist_info()
@@ -182,9 +227,143 @@ def prepare(args: argparse.Namespace) -> Plan:
     return Plan(args, rows, prompter, pool, k, settings, checkpoint, done, t_start)
 
 
+def check_baseline(args: argparse.Namespace, rows: list[dict], pool: list) -> None:
+    """What the soup / arrow / lorahub evaluation types need of the pool, checked before any model loads."""
+    from utils.data import InputError
+
+    names = {e.name for e in pool}
+    if args.eval_type == "soup" and args.soup == "domain":
+        blank = [e.name for e in pool if not e.domain]
+        if blank:
+            raise InputError(f"--eval_type soup groups adapters by their 'domain', but {', '.join(blank[:8])} in {args.config_path} "
+                             "have none; add domains, or average all adapters with --soup all.")
+    if args.eval_type in ("soup", "arrow") and args.ood and len(pool) == 1 and any(r["task"] in names for r in rows):
+        raise InputError(f"--ood removes each row's own adapter, and the pool in {args.config_path} has only that one; add adapters.")
+    if args.eval_type == "arrow":
+        from utils.arrow import check_arrow_pool
+
+        own_in_pool = args.ood and any(r["task"] in names for r in rows)
+        check_arrow_pool(pool[1:] if own_in_pool else pool, args.arrow_top_k, args.arrow_general_adapters)
+        if own_in_pool:
+            check_arrow_pool(pool, 1, args.arrow_general_adapters)  # every adapter's shape, the first one included
+    if args.eval_type == "lorahub":
+        from utils.lorahub import few_shot_examples
+
+        if args.lorahub_scope == "task":
+            missing = sorted({r["task"] for r in rows} - names)
+            if missing:
+                raise InputError(f"--lorahub_scope task learns each task's vector from that task's labelled samples in the pool config, "
+                                 f"but {args.config_path} has no entry for tasks {missing[:8]}; use --lorahub_scope all.")
+            tasks = {r["task"] for r in rows}
+            few_shot_examples([e for e in pool if e.name in tasks], args.lorahub_examples)
+            if args.ood and len(pool) < 2:
+                raise InputError("--lorahub_scope task --ood needs at least two adapters in the pool.")
+        else:
+            few_shot_examples(pool, args.lorahub_examples)
+
+
+@dataclass
+class Routing:
+    """Which adapters each row uses and how (everything but Arrow, which routes inside the model).
+
+    ``adapters[i]`` / ``weights[i]``: row i's adapter names and weights (rows may differ in length; shorter rows are
+    padded with weight 0, which adds nothing); ``scores[i]``: retrieval similarities, or None; ``extra[i]``: more
+    fields for row i's record; ``mode``: the composition (mixture or fusion); ``meta``: what the results' meta records.
+    """
+
+    adapters: list
+    weights: list
+    scores: list | None
+    extra: list
+    mode: str
+    meta: dict
+
+
+def route(plan: Plan, session, adapter_pool, tokenizer, device: str) -> Routing:
+    """Retrieval (or the baseline's own choice) for every row: the adapters and weights that compose it."""
+    from utils.retrieval import composition_weights, exclude_prompt_choice, nearest_domain
+
+    args, rows, pool, k = plan.args, plan.rows, plan.pool, plan.k
+    n = len(rows)
+    if args.eval_type == "base":
+        return Routing([[] for _ in rows], [[] for _ in rows], None, [{} for _ in rows], "mixture", {})
+    if args.best_selection:
+        return Routing([[r["task"]] for r in rows], [[1.0] for _ in rows], None, [{} for _ in rows], args.eval_type, {})
+    own = [r["task"] for r in rows] if args.ood else None
+    names = [e.name for e in pool]
+    if args.eval_type == "soup" and args.soup == "all":
+        chosen = [[m for m in names if not own or m != own[i]] for i in range(n)]
+        return Routing(chosen, [[1.0 / len(c)] * len(c) for c in chosen], None, [{} for _ in rows], "fusion", {})
+    retriever = session.retriever(pool, args.retriever, args.instruction, exclude_prompt_choice(args.exclude_prompt_from_pooling),
+                                  device, embedding_cache_dir(args.embedding_cache), args.adapter_vector)
+    if args.eval_type == "soup":
+        chosen, domains, sims = nearest_domain(retriever, retriever.embedder.encode([r["inputs"] for r in rows]),
+                                               [e.domain for e in pool], own)
+        return Routing(chosen, [[1.0 / len(c)] * len(c) for c in chosen], [[float(x)] for x in sims],
+                       [{"soup_domain": d} for d in domains], "fusion", {})
+    if args.eval_type == "lorahub":
+        return lorahub_routing(plan, session, adapter_pool, tokenizer, retriever)
+    chosen, scores = retriever.search([r["inputs"] for r in rows], k, exclude=own)
+    weights = composition_weights(scores, args.weighting, args.temperature)
+    return Routing(chosen, weights.tolist(), scores.tolist(), [{} for _ in rows], args.eval_type, {})
+
+
+def lorahub_routing(plan: Plan, session, adapter_pool, tokenizer, retriever) -> Routing:
+    """LoraHub: learn one weight vector per scope (all rows, or each task) and give it to the scope's rows."""
+    from dataclasses import asdict
+
+    from utils.lorahub import FewShotLoss, WeightStore, few_shot_examples, learn_weights
+    from utils.results import fingerprint
+
+    args, rows, pool = plan.args, plan.rows, plan.pool
+    by_name = {e.name: e for e in pool}
+    if args.lorahub_scope == "all":
+        scopes = {"all": (pool, None)}
+        key_of = ["all"] * len(rows)
+    else:
+        tasks = list(dict.fromkeys(r["task"] for r in rows))
+        scopes = {t: ([by_name[t]], t if args.ood else None) for t in tasks}
+        key_of = [r["task"] for r in rows]
+    store = WeightStore(args.res_path, fingerprint(plan.settings))
+    t0 = time.time()
+    for key, (entries, banned) in scopes.items():
+        if key in store.vectors:
+            logger.info("LoraHub %s: reusing the weights learned by the interrupted run", key)
+            continue
+        examples = few_shot_examples(entries, args.lorahub_examples)
+        if args.lorahub_candidates == "retrieved":
+            import numpy as np
+
+            centre = retriever.embedder.encode([x for x, _ in examples]).mean(0, keepdims=True)
+            centre /= max(float(np.linalg.norm(centre)), 1e-12)
+            candidates = retriever.search_embeddings(centre, plan.k, exclude=[banned])[0][0]
+        else:
+            candidates = [e.name for e in pool if e.name != banned]
+        loss = FewShotLoss(adapter_pool, tokenizer, plan.prompter, examples)
+        learned = learn_weights(loss, candidates, adapter_pool.index, args.lorahub_budget, args.seed, args.lorahub_l1,
+                                args.lorahub_optimizer)
+        logger.info("LoraHub %s: %d examples, %d evaluations in %.1f s; loss %.4f (base model %.4f); weights %s", key,
+                    learned.examples, learned.evaluations, learned.seconds, learned.loss, learned.base_loss,
+                    ", ".join(f"{n}={w:+.2f}" for n, w in zip(learned.adapters, learned.weights)))
+        store.put(key, learned)
+    vectors = store.vectors
+    meta = {"lorahub": {"search_seconds": round(time.time() - t0, 2), "vectors": {k2: asdict(v) for k2, v in vectors.items()}}}
+    plan.cleanup.append(store.remove)
+    return Routing([list(vectors[key].adapters) for key in key_of], [list(vectors[key].weights) for key in key_of], None,
+                   [{"lorahub_scope": key} for key in key_of], "fusion", meta)
+
+
+def padded(names: list[list[str]], weights: list[list[float]]):
+    """Rows of different lengths as [b, k] names and weights: missing places repeat a row's first adapter with weight 0."""
+    k = max(len(n) for n in names)
+    return ([list(n) + [n[0]] * (k - len(n)) for n in names],
+            [[float(x) for x in w] + [0.0] * (k - len(w)) for w in weights])
+
+
 def execute(plan: Plan, session) -> Path:
     """Load what ``session`` does not hold yet, retrieve, generate, and write the results file atomically."""
-    import numpy as np
+    import contextlib
+
     import torch
     import transformers
     from tqdm.auto import tqdm
@@ -194,10 +373,9 @@ def execute(plan: Plan, session) -> Path:
     from utils.flags import default_dtype
     from utils.generation import generate_batch, length_sorted_batches
     from utils.results import Checkpoint, run_metadata, write_json_atomic
-    from utils.retrieval import composition_weights, exclude_prompt_choice
 
-    args, rows, pool, k, settings, checkpoint, done = plan.args, plan.rows, plan.pool, plan.k, plan.settings, plan.checkpoint, plan.done
-    use_pool = args.eval_type != "base"
+    args, rows, pool, settings, checkpoint, done = plan.args, plan.rows, plan.pool, plan.settings, plan.checkpoint, plan.done
+    arrow = args.eval_type == "arrow"
     if done:
         logger.info("Resuming: %d rows already in %s", len(done), checkpoint.path)
     logger.info("Settings: %s", json.dumps(settings))
@@ -212,50 +390,66 @@ def execute(plan: Plan, session) -> Path:
         logger.info("Process %d of %d on %s", dist.rank, dist.world_size, device)
     dtype = args.dtype or default_dtype(device)
     tokenizer, model = session.base(args.base_model, dtype, device, args.device_map)
-    adapter_pool = session.adapter_pool(pool) if use_pool else None
+    adapter_pool = session.adapter_pool(pool) if args.eval_type not in ("base", "arrow") else None
 
-    # Retrieval for every row, batched.
+    # Routing for every row, batched (Arrow routes each token inside the model instead).
     t0 = time.time()
-    chosen: list[list[str]] = [[] for _ in rows]
-    scores = np.zeros((len(rows), k), dtype=np.float32)
-    if use_pool and args.best_selection:
-        chosen = [[r["task"]] for r in rows]
-        scores = np.ones((len(rows), 1), dtype=np.float32)
-    elif use_pool:
-        retriever = session.retriever(pool, args.retriever, args.instruction, exclude_prompt_choice(args.exclude_prompt_from_pooling),
-                                      device, embedding_cache_dir(args.embedding_cache), args.adapter_vector)
-        chosen, scores = retriever.search([r["inputs"] for r in rows], k, exclude=[r["task"] for r in rows] if args.ood else None)
-    weights = composition_weights(scores, "uniform" if args.best_selection else args.weighting, args.temperature) if use_pool else scores
+    routing = None if arrow else route(plan, session, adapter_pool, tokenizer, device)
     t_retrieval = time.time() - t0
 
     prompts = [plan.prompter.generate_prompt(r["inputs"]) for r in rows]
     # Batches are formed over all rows (not only the unfinished ones), so that a resumed run generates each
-    # remaining row in the same batch, with the same padding, as an uninterrupted run would.
+    # remaining row in the same batch, with the same padding, as an uninterrupted run would. Arrow with --ood
+    # needs one model per left-out adapter, so its batches are formed within each task's rows.
     lengths = [len(ids) for ids in tokenizer(prompts).input_ids]
-    batches = my_batches(length_sorted_batches(lengths, args.batch_size), dist)
+    names = {e.name for e in pool}
+    group_of = [r["task"] if arrow and args.ood and r["task"] in names else None for r in rows]
+    groups: dict = {}
+    for i, g in enumerate(group_of):
+        groups.setdefault(g, []).append(i)
+    batches = []
+    for g, members in groups.items():
+        batches += [[members[j] for j in b] for b in length_sorted_batches([lengths[i] for i in members], args.batch_size)]
+    batches = my_batches(batches, dist)
     batches = [b for b in ([i for i in batch if i not in done] for batch in batches) if b]
     checkpoint.start(done)
     t0, n_tokens = time.time(), 0
-    for batch in tqdm(batches, desc=f"Generating ({args.eval_type})", unit="batch"):
-        batch_prompts = [prompts[i] for i in batch]
-        if use_pool:
-            idx = adapter_pool.indices([chosen[i] for i in batch])
-            w = torch.as_tensor(weights[batch])
-            with compose(adapter_pool, idx, w, args.eval_type) as composed:
-                texts, counts = generate_batch(composed, tokenizer, batch_prompts, args.max_new_tokens, args.max_input_tokens)
-        else:
-            with session.without_adapters():
-                texts, counts = generate_batch(model, tokenizer, batch_prompts, args.max_new_tokens, args.max_input_tokens)
-        n_tokens += sum(counts)
-        out = []
-        for i, text in zip(batch, texts):
-            row = dict(rows[i])
-            row.update(index=i, predicted_answer=text, adapters=chosen[i], weights=[float(x) for x in weights[i]] if use_pool else [])
-            if use_pool and not args.best_selection:
-                row["scores"] = [float(x) for x in scores[i]]
-            out.append(row)
-            done[i] = row
-        checkpoint.append(out)
+    with contextlib.ExitStack() as arrow_stack:
+        arrow_group, arrow_model = object(), None
+        for batch in tqdm(batches, desc=f"Generating ({args.eval_type})", unit="batch"):
+            batch_prompts = [prompts[i] for i in batch]
+            if arrow:
+                if group_of[batch[0]] != arrow_group:  # a new left-out adapter: PEFT's Arrow over the rest of the pool
+                    arrow_stack.close()
+                    arrow_group = group_of[batch[0]]
+                    arrow_model = arrow_stack.enter_context(session.arrow(
+                        [e for e in pool if e.name != arrow_group], args.arrow_top_k, args.arrow_temperature,
+                        args.arrow_general_adapters, args.seed))
+                texts, counts = generate_batch(arrow_model, tokenizer, batch_prompts, args.max_new_tokens, args.max_input_tokens)
+            elif args.eval_type != "base":
+                names_b, w_b = padded([routing.adapters[i] for i in batch], [routing.weights[i] for i in batch])
+                with compose(adapter_pool, adapter_pool.indices(names_b), torch.tensor(w_b), routing.mode) as composed:
+                    texts, counts = generate_batch(composed, tokenizer, batch_prompts, args.max_new_tokens, args.max_input_tokens)
+            else:
+                with session.without_adapters():
+                    texts, counts = generate_batch(model, tokenizer, batch_prompts, args.max_new_tokens, args.max_input_tokens)
+            n_tokens += sum(counts)
+            out = []
+            for i, text in zip(batch, texts):
+                row = dict(rows[i])
+                row.update(index=i, predicted_answer=text)
+                if arrow:
+                    row.update(adapters=[], weights=[])
+                    if group_of[i] is not None:
+                        row["arrow_left_out"] = group_of[i]
+                else:
+                    row.update(adapters=routing.adapters[i], weights=[float(x) for x in routing.weights[i]])
+                    if routing.scores is not None:
+                        row["scores"] = [float(x) for x in routing.scores[i]]
+                    row.update(routing.extra[i])
+                out.append(row)
+                done[i] = row
+            checkpoint.append(out)
     t_gen = time.time() - t0
 
     shards = []
@@ -274,12 +468,16 @@ def execute(plan: Plan, session) -> Path:
     meta["timing_s"] = {"retrieval": round(t_retrieval, 3), "generation": round(t_gen, 3), "total": round(time.time() - plan.t_start, 3)}
     meta["generated_tokens"] = n_tokens
     meta["device"], meta["dtype"] = device, dtype
+    if routing is not None:
+        meta.update(routing.meta)
     result = {"format": "lora_retriever.results/1", "settings": settings, "meta": meta,
               "rows": [{k2: v for k2, v in done[i].items() if k2 != "index"} for i in range(len(rows))]}
     write_json_atomic(args.res_path, result)
     checkpoint.remove()
     for shard in shards:
         shard.remove()
+    for cleanup in plan.cleanup:
+        cleanup()
     logger.info("Wrote %d rows to %s (retrieval %.2f s, generation %.1f s, %d new tokens)", len(rows), args.res_path, t_retrieval, t_gen, n_tokens)
     return Path(args.res_path)
 

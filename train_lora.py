@@ -78,43 +78,18 @@ def load_settings(path: str | None, overrides: dict) -> TrainSettings:
     return TrainSettings(**values)
 
 
-def encode_example(tokenizer, prompter, row: dict, max_length: int) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) with labels = -100 on the prompt: the loss covers the response and EOS only."""
-    prompt = prompter.generate_prompt(row["inputs"])
-    prompt_ids = tokenizer(prompt, add_special_tokens=True).input_ids
-    target_ids = tokenizer(row["targets"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    target_ids = target_ids[: max(1, max_length // 2)]
-    keep = max_length - len(target_ids)
-    prompt_ids = prompt_ids[-keep:] if keep > 0 else []
-    return prompt_ids + target_ids, [-100] * len(prompt_ids) + target_ids
-
-
-def collate(examples, pad_id: int):
-    import torch
-
-    width = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, (x, y) in enumerate(examples):
-        ids[i, : len(x)] = torch.tensor(x)
-        labels[i, : len(y)] = torch.tensor(y)
-        mask[i, : len(x)] = 1
-    return ids, labels, mask
-
-
 def train_one(task: str, rows: list[dict], out_dir: Path, settings: TrainSettings, tokenizer, base_model) -> dict:
     """Train a LoRA on ``rows`` and save it to ``out_dir``; returns the training record."""
     import torch
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
 
-    from utils.prompter import Prompter
+    from utils.prompter import Prompter, collate_supervised, encode_supervised
 
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
     prompter = Prompter(settings.template)
-    examples = [encode_example(tokenizer, prompter, r, settings.max_length) for r in rows]
+    examples = [encode_supervised(tokenizer, prompter, r["inputs"], r["targets"], settings.max_length) for r in rows]
     config = LoraConfig(r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                         target_modules=list(settings.target_modules), layers_to_transform=settings.layers_to_transform,
                         task_type="CAUSAL_LM")
@@ -135,7 +110,7 @@ def train_one(task: str, rows: list[dict], out_dir: Path, settings: TrainSetting
                 order = list(range(len(examples)))
                 rng.shuffle(order)
             batch.append(examples[order.pop()])
-        ids, labels, mask = collate(batch, tokenizer.pad_token_id)
+        ids, labels, mask = collate_supervised(batch, tokenizer.pad_token_id)
         dev = settings.device
         loss = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=labels.to(dev)).loss
         loss.backward()

@@ -81,12 +81,11 @@ def test_train_lora_writes_registers_reuses_and_inspects(tmp_path, tiny_base, ca
 
 
 def test_loss_covers_only_the_response():
-    import train_lora
     from tests.helpers import make_tokenizer
-    from utils.prompter import Prompter
+    from utils.prompter import Prompter, encode_supervised
 
     tok = make_tokenizer()
-    ids, labels = train_lora.encode_example(tok, Prompter("alpaca"), {"inputs": "the cat", "targets": "positive"}, 512)
+    ids, labels = encode_supervised(tok, Prompter("alpaca"), "the cat", "positive", 512)
     n_resp = len(tok("positive", add_special_tokens=False).input_ids) + 1
     assert labels[:-n_resp] == [-100] * (len(ids) - n_resp)
     assert labels[-n_resp:] == ids[-n_resp:] and ids[-1] == tok.eos_token_id

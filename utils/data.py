@@ -89,6 +89,7 @@ class PoolEntry:
     samples: list[str]
     path: str  # local directory or hub id
     extra: dict = field(default_factory=dict)
+    sample_targets: list = field(default_factory=list)  # each sample's 'targets' (None where a sample has none)
 
 
 def looks_like_hub_id(path: str) -> bool:
@@ -124,12 +125,14 @@ def load_pool_config(path: str | Path, adapter_pattern: str | None = None, check
         samples = entry.get("sample")
         if not isinstance(samples, list) or not samples:
             raise InputError(f"{where} ({name!r}) has no 'sample' inputs; the retriever needs example inputs to represent the LoRA.")
-        texts = []
+        texts, targets = [], []
         for s in samples:
             text = s.get("inputs") if isinstance(s, dict) else s
             if not isinstance(text, str):
                 raise InputError(f"{where} ({name!r}): each sample must be a string or an object with a string 'inputs'.")
             texts.append(text)
+            target = s.get("targets") if isinstance(s, dict) else None
+            targets.append(target if isinstance(target, str) else None)
         adapter_path = entry.get("path")
         if adapter_path is None:
             if adapter_pattern is None:
@@ -150,7 +153,8 @@ def load_pool_config(path: str | Path, adapter_pattern: str | None = None, check
                 )
             check_adapter_config(Path(adapter_path) / "adapter_config.json", f"{where} ({name!r})")
         pool.append(PoolEntry(name=name, domain=str(entry.get("domain", "")), samples=texts, path=adapter_path,
-                              extra={k: v for k, v in entry.items() if k not in ("model_name", "domain", "sample", "path")}))
+                              extra={k: v for k, v in entry.items() if k not in ("model_name", "domain", "sample", "path")},
+                              sample_targets=targets))
     return pool
 
 

@@ -59,3 +59,32 @@ class Prompter:
     def get_response(self, output: str) -> str:
         """The part of a decoded full sequence after the template's response marker."""
         return output.split(self.template["response_split"], 1)[-1].strip()
+
+
+def encode_supervised(tokenizer, prompter: Prompter, inputs: str, targets: str, max_length: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one prompt and its target, labels = -100 on the prompt: a loss covers the target and EOS only.
+
+    The target keeps at most ``max_length // 2`` tokens; the prompt keeps its last tokens (the response marker).
+    Used for LoRA training and for LoraHub's few-shot loss.
+    """
+    prompt_ids = tokenizer(prompter.generate_prompt(inputs), add_special_tokens=True).input_ids
+    target_ids = tokenizer(targets, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    target_ids = target_ids[: max(1, max_length // 2)]
+    keep = max_length - len(target_ids)
+    prompt_ids = prompt_ids[-keep:] if keep > 0 else []
+    return prompt_ids + target_ids, [-100] * len(prompt_ids) + target_ids
+
+
+def collate_supervised(examples: list[tuple[list[int], list[int]]], pad_id: int):
+    """Right-padded (input_ids [n, T], labels [n, T] with -100 on padding, attention_mask [n, T]) tensors."""
+    import torch
+
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return ids, labels, mask

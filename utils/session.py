@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,29 @@ class Session:
             self._pool_key = key
             logger.info("%d adapters loaded in %.1f s", len(entries), time.time() - t0)
         return self.pool
+
+    @contextmanager
+    def arrow(self, entries, top_k: int, temperature: float, general_paths=None, seed: int = 0):
+        """PEFT's Arrow model over ``entries`` on the base model, removed again on exit (see :mod:`utils.arrow`).
+
+        Arrow injects its own LoRA layers, so a base model that carries the pool's layers is reloaded first.
+        """
+        from utils.arrow import build_arrow_model
+
+        if self.model is None:
+            raise RuntimeError("Session.base() must load the base model before Arrow.")
+        if self.pool is not None:
+            logger.info("Arrow loads its own copy of the adapters: reloading the base model without the pool's LoRA layers")
+            base_key = self._base_key
+            self._drop_models()
+            self.base(*base_key)
+        t0 = time.time()
+        model = build_arrow_model(self.model, entries, top_k, temperature, general_paths, seed)
+        logger.info("Arrow over %d adapters built in %.1f s", len(entries), time.time() - t0)
+        try:
+            yield model
+        finally:
+            model.unload()  # the base model's own layers back in place
 
     def without_adapters(self):
         """Context in which the base model runs without the pool's LoRA layers (for ``--eval_type base``)."""

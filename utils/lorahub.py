@@ -1,0 +1,180 @@
+"""Stage: LoraHub, one weight vector over a set of LoRAs learned gradient-free from a few labelled examples (a baseline).
+
+LoraHub (Huang et al., 2023) fuses candidate LoRAs j = 1..n with one weight vector w (any sign, no sum constraint)
+
+    A = sum_j w_j A_j,   B = sum_j w_j s_j B_j,   h = W x + B A x       (our ``fusion`` composition)
+
+and chooses w by gradient-free search (nevergrad; NGOpt, or CMA-ES), starting from w = 0 (the base model) inside
+[-1.5, 1.5]^n, minimising on a few labelled examples
+
+    L(w) = mean over target tokens of the cross-entropy  +  l1 * mean_j |w_j|     (LoraHub: l1 = 0.05)
+
+The examples are the pool entries' ``sample`` rows (inputs and targets), rendered with the run's prompt template; the
+loss covers the target and EOS only. The learned w is then applied to every row of its scope through the same
+per-sample composition as the other evaluation types.
+
+Scopes (``main.py --lorahub_scope``): ``all``, one vector learned on examples of every pool task and used for the whole
+mixed test set (the paper's "in the wild" setting); ``task``, one vector per task learned on that task's examples and
+used for that task's rows (an oracle that knows each row's task).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils.data import InputError, PoolEntry
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZERS = ("NGOpt", "CMA")
+BOUND = 1.5
+
+
+@dataclass
+class LearnedWeights:
+    """One learned vector: the candidate adapters, their weights, and how the search went."""
+
+    adapters: list[str]
+    weights: list[float]
+    loss: float  # the objective L(w) of the returned weights
+    base_loss: float  # L(0): the base model's cross-entropy on the same examples
+    evaluations: int
+    seconds: float
+    examples: int
+
+
+def few_shot_examples(entries: list[PoolEntry], per_task: int) -> list[tuple[str, str]]:
+    """The first ``per_task`` labelled samples (inputs, targets) of each entry, in pool order.
+
+    An entry whose samples carry no ``targets`` cannot teach LoraHub anything: refused, naming it.
+    """
+    if per_task < 1:
+        raise InputError(f"--lorahub_examples must be at least 1 (got {per_task}).")
+    out = []
+    for e in entries:
+        labelled = [(x, y) for x, y in zip(e.samples, e.sample_targets or [None] * len(e.samples)) if y is not None]
+        if not labelled:
+            raise InputError(f"LoraHub learns from labelled examples, but the samples of adapter {e.name!r} have no 'targets'; "
+                             "give its 'sample' entries as {\"inputs\": ..., \"targets\": ...} in the pool config.")
+        out.extend(labelled[:per_task])
+    return out
+
+
+class FewShotLoss:
+    """Mean target-token cross-entropy of the pool's model on fixed examples, under one fused weight vector.
+
+    Args:
+        pool: the loaded :class:`utils.adapter_pool.AdapterPool`.
+        tokenizer, prompter: how examples become token ids (the run's template).
+        examples: (inputs, targets) pairs.  batch_size: examples per forward.  max_length: tokens per example.
+    """
+
+    def __init__(self, pool, tokenizer, prompter, examples: list[tuple[str, str]], batch_size: int = 8, max_length: int = 256):
+        from utils.prompter import collate_supervised, encode_supervised
+
+        if not examples:
+            raise InputError("LoraHub has no examples to learn from.")
+        self.pool = pool
+        encoded = [encode_supervised(tokenizer, prompter, x, y, max_length) for x, y in examples]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # similar lengths together: less padding
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.batches = [collate_supervised([encoded[i] for i in order[s:s + batch_size]], pad)
+                        for s in range(0, len(order), batch_size)]
+        self.n_examples = len(examples)
+        self.n_tokens = int(sum(int((labels[:, 1:] != -100).sum()) for _, labels, _ in self.batches))
+        self.evaluations = 0
+
+    @torch.inference_mode()
+    def __call__(self, indices: list[int], weights) -> float:
+        """Mean cross-entropy per target token with ``h = W x + (sum_j w_j s_j B_j)(sum_j w_j A_j) x``."""
+        from utils.composition import compose
+
+        self.evaluations += 1
+        device = next(self.pool.model.parameters()).device
+        total = 0.0
+        for ids, labels, mask in self.batches:
+            b = ids.shape[0]
+            idx = torch.as_tensor(indices, dtype=torch.long).expand(b, -1)
+            w = torch.as_tensor(np.asarray(weights, dtype=np.float32)).expand(b, -1)
+            with compose(self.pool, idx, w, "fusion") as model:
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            logits = logits[:, :-1].float()
+            target = labels[:, 1:].to(device)
+            total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                             ignore_index=-100, reduction="sum"))
+        return total / max(self.n_tokens, 1)
+
+
+def learn_weights(loss: FewShotLoss, candidates: list[str], pool_index: dict[str, int], budget: int, seed: int,
+                  l1: float = 0.05, optimizer: str = "NGOpt") -> LearnedWeights:
+    """LoraHub's search: minimise ``loss(w) + l1 * mean|w|`` over w in [-1.5, 1.5]^n from w = 0, ``budget`` evaluations."""
+    import nevergrad as ng
+
+    if budget < 1:
+        raise InputError(f"--lorahub_budget must be at least 1 (got {budget}).")
+    if optimizer not in OPTIMIZERS:
+        raise InputError(f"Unknown --lorahub_optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}.")
+    idx = [pool_index[n] for n in candidates]
+    t0 = time.time()
+    start_evals = loss.evaluations
+    base_loss = loss(idx, np.zeros(len(idx)))
+
+    def objective(w: np.ndarray) -> float:
+        return loss(idx, w) + l1 * float(np.abs(w).mean())
+
+    param = ng.p.Array(init=np.zeros(len(idx)), lower=-BOUND, upper=BOUND)
+    param.random_state = np.random.RandomState(seed)
+    opt = getattr(ng.optimizers, optimizer)(parametrization=param, budget=budget, num_workers=1)
+    best_w, best_value = np.zeros(len(idx)), base_loss  # w = 0 (the base model) is the starting point: keep it if nothing beats it
+    with warnings.catch_warnings():
+        # NGOpt's small-budget choice (COBYLA via scipy) warns about its own default trust-region radius.
+        warnings.filterwarnings("ignore", message=".*RHOEND.*")
+        for _ in range(budget):
+            cand = opt.ask()
+            value = objective(cand.value)
+            opt.tell(cand, value)
+            if value < best_value:
+                best_w, best_value = np.array(cand.value, dtype=np.float64), value
+    return LearnedWeights(adapters=list(candidates), weights=[round(float(x), 6) for x in best_w], loss=round(float(best_value), 6),
+                          base_loss=round(float(base_loss), 6), evaluations=loss.evaluations - start_evals,
+                          seconds=round(time.time() - t0, 2), examples=loss.n_examples)
+
+
+class WeightStore:
+    """Learned vectors of one run kept beside its results file (``<res_path>.lorahub.json``) until the run ends.
+
+    An interrupted run resumes its search scope by scope instead of searching again; a store written under other
+    settings is ignored.
+    """
+
+    def __init__(self, res_path: str | Path, fingerprint: str):
+        self.path = Path(str(res_path) + ".lorahub.json")
+        self.fingerprint = fingerprint
+        self.vectors: dict[str, LearnedWeights] = {}
+        if self.path.is_file():
+            try:
+                saved = json.loads(self.path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                saved = {}
+            if saved.get("fingerprint") == fingerprint:
+                self.vectors = {k: LearnedWeights(**v) for k, v in saved.get("vectors", {}).items()}
+
+    def put(self, key: str, value: LearnedWeights) -> None:
+        self.vectors[key] = value
+        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "vectors": {k: asdict(v) for k, v in self.vectors.items()}},
+                                  indent=1), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        if self.path.exists():
+            self.path.unlink()
