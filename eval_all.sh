@@ -4,11 +4,14 @@
 #   bash eval_all.sh [PROFILE]        PROFILE: embedded (default), llama2_7b or llama2_13b
 #
 # Runs: base (no adapter), perfect selection, then selection (top-1), mixture and fusion (top-3),
-# each in-domain and OOD, all in one process. A finished run (its results file exists) is skipped
-# unless FORCE=1; an interrupted one resumes from its checkpoint.
+# each in-domain and OOD; then the comparison rows: mixture with softmax weights, Adapter Soup,
+# LoraHub (one vector for the mixed set; one per task) and PEFT's Arrow, in-domain and OOD where OOD
+# means something. All in one process. A finished run (its results file exists) is skipped unless
+# FORCE=1; an interrupted one resumes from its checkpoint.
 # Environment: PYTHON (interpreter), LAUNCH (how main.py starts, e.g. "torchrun --nproc_per_node 4";
 # default: $PYTHON), DATA (evaluation file), OUT (results folder),
-# EXTRA_ARGS (more main.py flags, e.g. "--limit 20"), FORCE=1 (redo finished runs).
+# EXTRA_ARGS (more main.py flags, e.g. "--limit 20"), FORCE=1 (redo finished runs),
+# SKIP (run names to leave out, e.g. SKIP="arrow arrow_ood" for a pool of mixed ranks, which Arrow refuses).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -36,7 +39,26 @@ RUNS=(
   "mixture_ood     --eval_type mixture --lora_num 3 --ood"
   "fusion          --eval_type fusion  --lora_num 3"
   "fusion_ood      --eval_type fusion  --lora_num 3 --ood"
+  "mixture_softmax      --eval_type mixture --lora_num 3 --weighting softmax"
+  "mixture_softmax_ood  --eval_type mixture --lora_num 3 --weighting softmax --ood"
+  "soup             --eval_type soup"
+  "soup_ood         --eval_type soup --ood"
+  "lorahub          --eval_type lorahub --lorahub_scope all"
+  "lorahub_task     --eval_type lorahub --lorahub_scope task"
+  "lorahub_task_ood --eval_type lorahub --lorahub_scope task --ood"
+  "arrow            --eval_type arrow"
+  "arrow_ood        --eval_type arrow --ood"
 )
+# (LoraHub's search settings and the softmax temperature come from the profile's settings file; Arrow runs
+# last because it loads its own copy of the adapters into the base model.)
+if [[ -n "${SKIP:-}" ]]; then
+  KEPT=()
+  for spec in "${RUNS[@]}"; do
+    name=${spec%% *}
+    if [[ " $SKIP " != *" $name "* ]]; then KEPT+=("$spec"); fi
+  done
+  RUNS=("${KEPT[@]}")
+fi
 # All runs in one process: the base model, the adapters and the retriever load once for the whole sweep.
 # EXTRA_ARGS are appended to every run's flags, so they win over a run's own (quotes work: they are parsed
 # like a shell command line).

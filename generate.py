@@ -112,13 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from utils.data import InputError
-    from utils.flags import check_shared, default_dtype, parse_with_settings, resolve_device
+    from utils.flags import MAIN_ONLY_KEYS, check_shared, default_dtype, parse_with_settings, resolve_device
 
     p = build_parser()
     try:
         # a profile written for main.py may carry its run flags; they mean nothing here
-        args = parse_with_settings(p, argv, ignore_keys=("batch_size", "data_path", "res_path", "max_input_tokens", "limit", "seed",
-                                                          "device_map", "ood", "best_selection"))
+        args = parse_with_settings(p, argv, ignore_keys=MAIN_ONLY_KEYS)
     except InputError as err:
         logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
         logger.error("%s", err)

@@ -31,7 +31,8 @@ EVAL_TYPES = ("mixture", "fusion", "base", "soup", "arrow", "lorahub")
 OWN_FLAGS = {
     "soup": ("soup",),
     "arrow": ("arrow_top_k", "arrow_temperature", "arrow_general_adapters"),
-    "lorahub": ("lorahub_scope", "lorahub_examples", "lorahub_budget", "lorahub_candidates", "lorahub_optimizer", "lorahub_l1"),
+    "lorahub": ("lorahub_scope", "lorahub_examples", "lorahub_budget", "lorahub_candidates", "lorahub_optimizer", "lorahub_l1",
+                "lorahub_dtype"),
 }
 
 logger = logging.getLogger("main")
@@ -91,6 +92,9 @@ def add_baseline_flags(p: argparse.ArgumentParser) -> None:
       help="lorahub: weigh every pool adapter, or the --lora_num adapters retrieved for the scope's examples")
     a("--lorahub_optimizer", default="NGOpt", choices=("NGOpt", "CMA"), help="lorahub: nevergrad optimiser")
     a("--lorahub_l1", type=float, default=0.05, help="lorahub: weight of the L1 penalty mean|w| (LoraHub: 0.05)")
+    a("--lorahub_dtype", default=None, choices=("float32", "bfloat16", "float16"),
+      help="lorahub: compute the search's loss under autocast in this dtype (default: the model's); bfloat16 speeds a "
+           "float32 model on CPUs with bf16 instructions; generation keeps the model's dtype")
 
 
 def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
@@ -312,6 +316,8 @@ def lorahub_routing(plan: Plan, session, adapter_pool, tokenizer, retriever) -> 
     """LoraHub: learn one weight vector per scope (all rows, or each task) and give it to the scope's rows."""
     from dataclasses import asdict
 
+    import torch
+
     from utils.lorahub import FewShotLoss, WeightStore, few_shot_examples, learn_weights
     from utils.results import fingerprint
 
@@ -339,7 +345,8 @@ def lorahub_routing(plan: Plan, session, adapter_pool, tokenizer, retriever) -> 
             candidates = retriever.search_embeddings(centre, plan.k, exclude=[banned])[0][0]
         else:
             candidates = [e.name for e in pool if e.name != banned]
-        loss = FewShotLoss(adapter_pool, tokenizer, plan.prompter, examples)
+        autocast = getattr(torch, args.lorahub_dtype) if args.lorahub_dtype else None
+        loss = FewShotLoss(adapter_pool, tokenizer, plan.prompter, examples, autocast_dtype=autocast)
         learned = learn_weights(loss, candidates, adapter_pool.index, args.lorahub_budget, args.seed, args.lorahub_l1,
                                 args.lorahub_optimizer)
         logger.info("LoraHub %s: %d examples, %d evaluations in %.1f s; loss %.4f (base model %.4f); weights %s", key,

@@ -23,10 +23,6 @@ import sys
 logger = logging.getLogger("serve")
 
 # Keys of main.py's profiles (config/*.json) that mean nothing to a server.
-MAIN_ONLY_KEYS = ("batch_size", "data_path", "res_path", "max_input_tokens", "limit", "seed", "device_map", "ood",
-                  "best_selection", "runs", "res_dir", "force", "no_resume")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from utils import flags
     from utils.scheduler import POLICIES
@@ -87,7 +83,7 @@ def validate(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from utils.data import InputError
-    from utils.flags import parse_with_settings
+    from utils.flags import MAIN_ONLY_KEYS, parse_with_settings
 
     try:
         args = parse_with_settings(build_parser(), argv, ignore_keys=MAIN_ONLY_KEYS)

@@ -29,3 +29,13 @@ def tiny_loras(tiny_base, tmp_path_factory):
         "beta": make_lora(tiny_base, d / "beta", r=2, alpha=16, seed=2, targets=("q_proj", "v_proj", "o_proj")),
         "gamma": make_lora(tiny_base, d / "gamma", r=8, alpha=4, seed=3, targets=("v_proj", "down_proj")),
     }
+
+
+@pytest.fixture(scope="session")
+def equal_loras(tiny_base, tmp_path_factory):
+    """Three LoRAs of one rank and one set of targets (what PEFT's Arrow can route over), and a fourth, general one."""
+    from tests.helpers import make_lora
+
+    d = tmp_path_factory.mktemp("equal_loras")
+    return {name: make_lora(tiny_base, d / name, r=4, alpha=8, seed=seed)
+            for name, seed in (("alpha", 11), ("beta", 12), ("gamma", 13), ("general", 14))}

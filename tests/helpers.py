@@ -49,7 +49,7 @@ def make_tiny_llama(save_dir: Path | None = None, vocab_size: int = 400, seed: i
 
 
 def make_lora(base_dir: Path, out_dir: Path, r: int = 4, alpha: int = 8, targets=("q_proj", "v_proj"), seed: int = 1,
-              use_rslora: bool = False) -> Path:
+              use_rslora: bool = False, scale: float = 3.0) -> Path:
     """A non-trivial LoRA (``init_lora_weights=False``) saved as a standard PEFT directory."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -62,7 +62,7 @@ def make_lora(base_dir: Path, out_dir: Path, r: int = 4, alpha: int = 8, targets
     with torch.no_grad():  # make the deltas large enough to change outputs clearly
         for name, p in model.named_parameters():
             if "lora_" in name:
-                p.mul_(3.0)
+                p.mul_(scale)
     model.save_pretrained(out_dir)
     return Path(out_dir)
 

@@ -91,25 +91,47 @@ def test_loss_covers_only_the_response():
     assert labels[-n_resp:] == ids[-n_resp:] and ids[-1] == tok.eos_token_id
 
 
-def test_eval_all_sweep_on_tiny_model(tmp_path, tiny_base, pool_file):
-    rows = [{"inputs": f"{t} example 9", "targets": "x", "task": t, "domain": t + "_dom", "metric": m}
-            for t, m in (("alpha", "em"), ("beta", "bleu"), ("gamma", "rouge"))]
+SWEEP_RUNS = ["base", "best_selection", "selection", "selection_ood", "mixture", "mixture_ood", "fusion", "fusion_ood",
+              "mixture_softmax", "mixture_softmax_ood", "soup", "soup_ood", "lorahub", "lorahub_task", "lorahub_task_ood",
+              "arrow", "arrow_ood"]
+
+
+def test_eval_all_sweep_on_tiny_model(tmp_path, tiny_base, equal_loras, tiny_loras):
+    pool = [{"model_name": n, "domain": d, "sample": [{"inputs": f"{n} example {i}", "targets": "x"} for i in range(3)],
+             "path": str(equal_loras[n])} for n, d in (("alpha", "one"), ("beta", "one"), ("gamma", "two"))]
+    pool_file = write_json(tmp_path / "pool.json", pool)
+    rows = [{"inputs": f"{t} example 9", "targets": "x", "task": t, "domain": d, "metric": m}
+            for t, d, m in (("alpha", "one", "em"), ("beta", "one", "bleu"), ("gamma", "two", "rouge"))]
     data = write_json(tmp_path / "data.json", rows)
     out = tmp_path / "res"
     env = dict(os.environ, PYTHON=sys.executable, DATA=str(data), OUT=str(out),
                EXTRA_ARGS=f"--base_model {tiny_base} --config_path {pool_file} --max_new_tokens 3 --lora_num 1 --device cpu "
-                          "--instruction 'Find the task: '")
-    # --lora_num 1 (given last) keeps k within the 3-adapter pool for the OOD runs
+                          "--instruction 'Find the task: ' --arrow_top_k 1")
+    # --lora_num 1 and --arrow_top_k 1 (given last) keep k within the 3-adapter pool for the OOD runs
     done = subprocess.run(["bash", str(ROOT / "eval_all.sh"), "embedded"], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = (out / "runs.txt").read_text().split()
-    assert runs == ["base", "best_selection", "selection", "selection_ood", "mixture", "mixture_ood", "fusion", "fusion_ood"]
+    assert runs == SWEEP_RUNS
     for r in runs:
-        assert json.loads((out / f"{r}.json").read_text())["settings"]["instruction"] == "Find the task: "
+        settings = json.loads((out / f"{r}.json").read_text())["settings"]
+        assert settings["instruction"] == "Find the task: "
+        assert ("lorahub_budget" in settings) == r.startswith("lorahub")
+    assert json.loads((out / "lorahub.json").read_text())["settings"]["lorahub_budget"] == 30  # from the embedded profile
     assert (out / "summary" / "domain.tex").is_file()
     assert done.stdout.splitlines()[0].startswith("| Domain (metric) | base | best_selection |")
+    assert "| lorahub | lorahub_task | lorahub_task_ood | arrow | arrow_ood |" in done.stdout.splitlines()[0]
     again = subprocess.run(["bash", str(ROOT / "eval_all.sh"), "embedded"], env=env, capture_output=True, text=True, cwd=tmp_path)
-    assert again.returncode == 0 and again.stderr.count("skipping") == 8
+    assert again.returncode == 0 and again.stderr.count("skipping") == len(SWEEP_RUNS)
+    # A pool of mixed ranks: Arrow refuses it before any run starts, and SKIP leaves its rows out.
+    mixed = write_json(tmp_path / "mixed.json", [dict(e, path=str(tiny_loras[e["model_name"]])) for e in pool])
+    env.update(EXTRA_ARGS=env["EXTRA_ARGS"].replace(str(pool_file), str(mixed)), OUT=str(tmp_path / "mixed"))
+    refused = subprocess.run(["bash", str(ROOT / "eval_all.sh"), "embedded"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert refused.returncode == 2 and "Run 'arrow'" in refused.stderr and "SKIP" not in refused.stdout
+    assert not (tmp_path / "mixed" / "base.json").exists()
+    env["SKIP"] = "arrow arrow_ood"
+    skipped = subprocess.run(["bash", str(ROOT / "eval_all.sh"), "embedded"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert (tmp_path / "mixed" / "runs.txt").read_text().split() == SWEEP_RUNS[:-2]
 
 
 @pytest.mark.slow

@@ -71,7 +71,7 @@ def check_arrow_pool(entries: list[PoolEntry], top_k: int, general_paths: list[s
                            for (r, t), ns in sorted(by_shape.items(), key=lambda kv: -len(kv[1])))
         raise InputError(f"PEFT's Arrow routes only over adapters of one rank and one set of target modules, and this pool mixes "
                          f"them ({groups}); evaluate Arrow on a pool of matching adapters, or use --eval_type mixture / fusion, "
-                         "which compose any ranks and targets.")
+                         "which compose any ranks and targets (in eval_all.sh, SKIP=\"arrow arrow_ood\" leaves the Arrow rows out).")
 
 
 def build_arrow_model(base_model, entries: list[PoolEntry], top_k: int, router_temperature: float,

@@ -19,6 +19,12 @@ DEFAULT_RETRIEVER = "embedded:all-minilm-l6-v2"
 DEFAULT_POOL = "config/bigbench_pool.json"
 PAPER_INSTRUCTION = "Represent the sentence for similar task retrieval: "
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+# Settings-file keys that only main.py (an evaluation run) has flags for: a profile such as config/embedded.json
+# may carry them, and generate.py / serve.py read the same profile without them.
+MAIN_ONLY_KEYS = ("batch_size", "data_path", "res_path", "max_input_tokens", "limit", "seed", "device_map", "ood",
+                  "best_selection", "runs", "res_dir", "force", "no_resume", "soup", "arrow_top_k", "arrow_temperature",
+                  "arrow_general_adapters", "lorahub_scope", "lorahub_examples", "lorahub_budget", "lorahub_candidates",
+                  "lorahub_optimizer", "lorahub_l1", "lorahub_dtype")
 
 
 def add_model_flags(p: argparse.ArgumentParser, device_default: str | None = None) -> None:
