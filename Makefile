@@ -1,5 +1,5 @@
 # Two entry points for a fresh clone; each sets itself up in .venv inside the checkout.
-#   make demo   install, build the BIG-bench suite if missing, train the LoRA pool if missing, run the sweep, summarise
+#   make demo   install, build the BIG-bench suite if missing, train the LoRA pool if missing, run the sweep (the paper's rows and the comparison rows), summarise
 #   make test   install and run the test suite
 PYTHON ?= python3
 VENV   := .venv

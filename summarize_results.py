@@ -100,13 +100,16 @@ def write_charts(chart_dir: Path, names: list[str], rows) -> list[Path]:
         domain, metric = label.rsplit(" (", 1)
         by_domain.setdefault(domain, []).append((metric.rstrip(")"), values))
     paths = []
+    # Up to 10 runs take matplotlib's default colours; a longer sweep (the paper's rows plus the comparison rows)
+    # takes 20 distinct ones, so that no two bars of a group share a colour.
+    palette = plt.get_cmap("tab20").colors if len(names) > 10 else plt.get_cmap("tab10").colors
     for domain, metrics in by_domain.items():
         fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(names) * len(metrics), 3.2))
         width = 0.8 / max(1, len(names))
         for i, run in enumerate(names):
             xs = [m + i * width for m in range(len(metrics)) if metrics[m][1][i] is not None]
             ys = [metrics[m][1][i] for m in range(len(metrics)) if metrics[m][1][i] is not None]
-            ax.bar(xs, ys, width, label=run)
+            ax.bar(xs, ys, width, label=run, color=palette[i % len(palette)])
         ax.set_xticks([m + 0.4 - width / 2 for m in range(len(metrics))], [m for m, _ in metrics])
         ax.set_ylabel("score")
         ax.set_title(domain)

@@ -87,7 +87,7 @@ def main() -> int:
         ("unwritable results path", ["--res_path", f("plainfile", "x") + "/r.json"]),
         ("--force without --runs", ["--force"]),
         ("sweep: --runs with --res_path", ["--runs", "a"]),
-        ("Arrow over adapters of different ranks", ["--eval_type", "arrow", "--config_path", f("ranks.json", json.dumps(
+        ("Arrow over adapters of different ranks", ["--eval_type", "arrow", "--arrow_top_k", "1", "--config_path", f("ranks.json", json.dumps(
             [good_pool[0], dict(good_pool[1], path=str(rank2))]))]),
         ("LoraHub: pool samples without targets", ["--eval_type", "lorahub"]),
         ("LoraHub: one vector for all rows, with --ood", ["--eval_type", "lorahub", "--ood"]),

@@ -291,7 +291,8 @@ SWEEP = ["mixture_softmax --eval_type mixture --lora_num 2 --weighting softmax",
          "soup --eval_type soup", "soup_ood --eval_type soup --ood",
          "lorahub --eval_type lorahub", "lorahub_task --eval_type lorahub --lorahub_scope task",
          "lorahub_task_ood --eval_type lorahub --lorahub_scope task --ood",
-         "arrow --eval_type arrow --arrow_top_k 2", "arrow_ood --eval_type arrow --arrow_top_k 2 --ood"]
+         "arrow --eval_type arrow --arrow_top_k 2", "arrow_ood --eval_type arrow --arrow_top_k 2 --ood",
+         "after_arrow --eval_type mixture --lora_num 2 --weighting softmax"]
 
 
 @pytest.mark.slow
@@ -320,3 +321,6 @@ def test_each_baseline_runs_in_the_sweep_and_resumes(workspace):
                    for d in (a, b)]
         assert learned[0] == learned[1], name  # the search, redone on resume, learns the same weights
         assert not list(cut.glob(f"{name}.json.*")), name  # no checkpoint or weight store left behind
+    # After Arrow has unloaded its layers, the pool loads on the same base model and predicts as before Arrow.
+    first, after = (json.loads((full / f"{n}.json").read_text())["rows"] for n in ("mixture_softmax", "after_arrow"))
+    assert first == after

@@ -116,7 +116,7 @@ def test_eval_all_sweep_on_tiny_model(tmp_path, tiny_base, equal_loras, tiny_lor
         settings = json.loads((out / f"{r}.json").read_text())["settings"]
         assert settings["instruction"] == "Find the task: "
         assert ("lorahub_budget" in settings) == r.startswith("lorahub")
-    assert json.loads((out / "lorahub.json").read_text())["settings"]["lorahub_budget"] == 30  # from the embedded profile
+    assert json.loads((out / "lorahub.json").read_text())["settings"]["lorahub_budget"] == 20  # from the embedded profile
     assert (out / "summary" / "domain.tex").is_file()
     assert done.stdout.splitlines()[0].startswith("| Domain (metric) | base | best_selection |")
     assert "| lorahub | lorahub_task | lorahub_task_ood | arrow | arrow_ood |" in done.stdout.splitlines()[0]
