@@ -114,6 +114,10 @@ def test_arrow_refuses_mixed_ranks_before_loading(tmp_path, tiny_base, tiny_lora
         check_arrow_pool(entries, 2)
     with pytest.raises(InputError, match="--arrow_top_k 4 is larger than the 3"):
         check_arrow_pool(entries[:1] * 3, 4)
+    with pytest.raises(InputError, match="--arrow_general_adapters .*nowhere does not exist or has no adapter_config.json"):
+        check_arrow_pool(entries[:1], 1, [str(tmp_path / "nowhere")])
+    with pytest.raises(InputError, match="general adapter"):  # a general LoRA of another rank than the pool's
+        check_arrow_pool(entries[:1], 1, [str(tiny_loras["beta"])])
 
 
 # --- LoraHub -----------------------------------------------------------------------------------------------------

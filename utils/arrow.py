@@ -19,20 +19,22 @@ base model, so it is built on a base model without the pool's layers and removed
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
-from utils.data import InputError, PoolEntry, looks_like_hub_id
+from utils.data import InputError, PoolEntry, check_adapter_config, looks_like_hub_id
 
 logger = logging.getLogger(__name__)
 
 
-def _adapter_shape(entry_path: str) -> tuple[int, tuple[str, ...]] | None:
+def _adapter_shape(entry_path: str, where: str) -> tuple[int, tuple[str, ...]] | None:
     """(rank, sorted target modules) from a local adapter's config; None for a hub id (checked after loading)."""
     if looks_like_hub_id(entry_path):
         return None
-    config = json.loads((Path(entry_path) / "adapter_config.json").read_text(encoding="utf-8"))
+    config_file = Path(entry_path) / "adapter_config.json"
+    if not config_file.is_file():
+        raise InputError(f"{where}: {entry_path} does not exist or has no adapter_config.json; give a PEFT LoRA directory or hub id.")
+    config = check_adapter_config(config_file, where)
     targets = config.get("target_modules") or []
     if isinstance(targets, str):  # a regular expression: compared as written
         targets = [targets]
@@ -49,12 +51,12 @@ def check_arrow_pool(entries: list[PoolEntry], top_k: int, general_paths: list[s
     if top_k > len(entries):
         raise InputError(f"--arrow_top_k {top_k} is larger than the {len(entries)} adapters Arrow can route over; lower --arrow_top_k.")
     shapes = {}
-    for e in list(entries):
-        shape = _adapter_shape(e.path)
+    for e in entries:
+        shape = _adapter_shape(e.path, f"Adapter {e.name!r}")
         if shape is not None:
             shapes[e.name] = shape
-    for i, path in enumerate(general_paths or []):
-        shape = _adapter_shape(path)
+    for path in general_paths or []:
+        shape = _adapter_shape(path, f"--arrow_general_adapters {path}")
         if shape is not None:
             shapes[f"general adapter {path}"] = shape
     if not shapes:
