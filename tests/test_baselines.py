@@ -174,6 +174,22 @@ def test_lorahub_task_scope_ood_leaves_each_tasks_adapter_out(workspace):
         assert row["lorahub_scope"] == row["task"] and row["task"] not in row["adapters"]
 
 
+def test_lorahub_retrieved_candidates_are_the_top_k_for_the_examples(workspace):
+    """--lorahub_candidates retrieved: the --lora_num adapters nearest to the mean embedding of the scope's examples."""
+    from utils.retrieval import PAPER_INSTRUCTION, Embedder
+
+    assert main_mod.main(argv(workspace, "--eval_type", "lorahub", "--lorahub_scope", "task", "--ood",
+                              "--lorahub_candidates", "retrieved", "--lora_num", "1", "--lorahub_examples", "2")) == 0
+    vectors = json.loads((workspace["dir"] / "res.json").read_text())["meta"]["lorahub"]["vectors"]
+    emb = Embedder("embedded:all-minilm-l6-v2", PAPER_INSTRUCTION)
+    means = {n: emb.encode(samples).mean(0) for n, (_, samples) in TASKS.items()}
+    for task, (_, samples) in TASKS.items():
+        centre = emb.encode(samples[:2]).mean(0)
+        centre /= np.linalg.norm(centre)
+        others = {n: float(centre @ (m / np.linalg.norm(m))) for n, m in means.items() if n != task}
+        assert vectors[task]["adapters"] == [max(others, key=others.get)]
+
+
 def test_lorahub_resume_reuses_the_stored_weights(workspace):
     """An interrupted LoraHub run keeps its learned vectors beside the results file; the rerun applies them unsearched."""
     from utils.lorahub import LearnedWeights, WeightStore
