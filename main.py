@@ -5,6 +5,9 @@ Example (the embedded default, offline on CPU):
     python main.py --data_path data/bigbench/combined_test.json --config_path config/bigbench_pool.json \
         --res_path results/mixture.json --eval_type mixture --lora_num 3 --batch_size 8
 
+The comparison rows use the same pool, data and decoding: ``--eval_type soup`` (Adapter Soup), ``arrow`` (PEFT's
+Arrow) and ``lorahub`` (LoraHub), each with its own flags below.
+
 The paper's own setup on a GPU: add ``--settings config/paper_llama2_7b.json`` (base model, adapters and
 retriever of the paper) and point ``--data_path`` at the paper's ``combined_test.json``.
 

@@ -56,8 +56,10 @@ def add_retrieval_flags(p: argparse.ArgumentParser) -> None:
 
 def add_composition_flags(p: argparse.ArgumentParser, eval_types: tuple[str, ...]) -> None:
     """--eval_type, --lora_num, --weighting, --temperature."""
+    extra = {"base": "base (no adapter)", "soup": "soup (Adapter Soup)", "arrow": "arrow (PEFT's Arrow)", "lorahub": "lorahub (LoraHub)"}
+    others = [extra[t] for t in eval_types if t in extra]
     p.add_argument("--eval_type", default="mixture", choices=eval_types,
-                   help="mixture / fusion of the top-k adapters" + (", or base (no adapter)" if "base" in eval_types else ""))
+                   help="mixture / fusion of the top-k adapters" + (f"; or {', '.join(others)}" if others else ""))
     p.add_argument("--lora_num", type=int, default=3, help="k, the number of adapters retrieved per input (1 = selection)")
     p.add_argument("--weighting", default="uniform", choices=("uniform", "softmax"),
                    help="composition weights: uniform 1/k (paper) or softmax of similarities")
