@@ -319,6 +319,7 @@ def lorahub_routing(plan: Plan, session, adapter_pool, tokenizer, retriever) -> 
     """LoraHub: learn one weight vector per scope (all rows, or each task) and give it to the scope's rows."""
     from dataclasses import asdict
 
+    import numpy as np
     import torch
 
     from utils.lorahub import FewShotLoss, WeightStore, few_shot_examples, learn_weights
@@ -341,8 +342,6 @@ def lorahub_routing(plan: Plan, session, adapter_pool, tokenizer, retriever) -> 
             continue
         examples = few_shot_examples(entries, args.lorahub_examples)
         if args.lorahub_candidates == "retrieved":
-            import numpy as np
-
             centre = retriever.embedder.encode([x for x, _ in examples]).mean(0, keepdims=True)
             centre /= max(float(np.linalg.norm(centre)), 1e-12)
             candidates = retriever.search_embeddings(centre, plan.k, exclude=[banned])[0][0]
