@@ -250,9 +250,7 @@ def check_baseline(args: argparse.Namespace, rows: list[dict], pool: list) -> No
         from utils.arrow import check_arrow_pool
 
         own_in_pool = args.ood and any(r["task"] in names for r in rows)
-        check_arrow_pool(pool[1:] if own_in_pool else pool, args.arrow_top_k, args.arrow_general_adapters)
-        if own_in_pool:
-            check_arrow_pool(pool, 1, args.arrow_general_adapters)  # every adapter's shape, the first one included
+        check_arrow_pool(pool, args.arrow_top_k, args.arrow_general_adapters, left_out=1 if own_in_pool else 0)
     if args.eval_type == "lorahub":
         from utils.lorahub import few_shot_examples
 

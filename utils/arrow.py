@@ -44,12 +44,17 @@ def _adapter_shape(entry_path: str, where: str) -> tuple[int, tuple[str, ...]] |
     return (ranks.pop(), tuple(sorted(targets)))
 
 
-def check_arrow_pool(entries: list[PoolEntry], top_k: int, general_paths: list[str] | None = None) -> None:
-    """Refuse, before any model loads, a pool that PEFT's Arrow cannot route over (see the module docstring)."""
+def check_arrow_pool(entries: list[PoolEntry], top_k: int, general_paths: list[str] | None = None, left_out: int = 0) -> None:
+    """Refuse, before any model loads, a pool that PEFT's Arrow cannot route over (see the module docstring).
+
+    ``left_out``: adapters each Arrow model goes without (1 for OOD, which leaves each task's own adapter out).
+    """
     if top_k < 1:
         raise InputError(f"--arrow_top_k must be at least 1 (got {top_k}).")
-    if top_k > len(entries):
-        raise InputError(f"--arrow_top_k {top_k} is larger than the {len(entries)} adapters Arrow can route over; lower --arrow_top_k.")
+    available = len(entries) - left_out
+    if top_k > available:
+        raise InputError(f"--arrow_top_k {top_k} is larger than the {available} adapters Arrow can route over"
+                         + (" once the own task's adapter is left out" if left_out else "") + "; lower --arrow_top_k.")
     shapes = {}
     for e in entries:
         shape = _adapter_shape(e.path, f"Adapter {e.name!r}")

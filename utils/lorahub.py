@@ -83,7 +83,7 @@ class FewShotLoss:
 
     def __init__(self, pool, tokenizer, prompter, examples: list[tuple[str, str]], batch_size: int = 8, max_length: int = 256,
                  autocast_dtype: torch.dtype | None = None):
-        from utils.prompter import encode_supervised
+        from utils.prompter import collate_supervised, encode_supervised
 
         if not examples:
             raise InputError("LoraHub has no examples to learn from.")
@@ -92,7 +92,12 @@ class FewShotLoss:
         encoded = [encode_supervised(tokenizer, prompter, x, y, max_length) for x, y in examples]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # similar lengths together: less padding
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.batches = [_left_padded([encoded[i] for i in order[s:s + batch_size]], pad) for s in range(0, len(order), batch_size)]
+        self.batches = []
+        for s in range(0, len(order), batch_size):
+            ids, labels, mask = collate_supervised([encoded[i] for i in order[s:s + batch_size]], pad, left=True)
+            # Rows are aligned at the end, so every target token sits in the last ``keep`` positions.
+            keep = min(int((labels != -100).sum(1).max()) + 1, ids.shape[1])
+            self.batches.append((ids, labels, mask, keep))
         self.n_examples = len(examples)
         self.n_tokens = int(sum(int((b[1] != -100).sum()) for b in self.batches))
         self.evaluations = 0
@@ -114,8 +119,7 @@ class FewShotLoss:
             w = torch.as_tensor(np.asarray(weights, dtype=np.float32)).expand(b, -1)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             with compose(self.pool, idx, w, "fusion") as model, autocast:
-                # Rows are left-padded, so every target token sits in the last ``keep`` positions: the LM head runs on
-                # those only (the targets are short, the prompts long).
+                # The LM head runs on the last ``keep`` positions only (the targets are short, the prompts long).
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                                logits_to_keep=keep).logits
             logits = logits[:, :-1].float()  # position t predicts token t + 1
@@ -123,21 +127,6 @@ class FewShotLoss:
             total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                                              ignore_index=-100, reduction="sum"))
         return total / max(self.n_tokens, 1)
-
-
-def _left_padded(examples: list[tuple[list[int], list[int]]], pad_id: int):
-    """(input_ids, labels, attention_mask [n, T], keep): rows aligned at the end; ``keep`` = 1 + the longest target."""
-    width = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    longest = 1
-    for i, (x, y) in enumerate(examples):
-        ids[i, width - len(x):] = torch.tensor(x)
-        labels[i, width - len(y):] = torch.tensor(y)
-        mask[i, width - len(x):] = 1
-        longest = max(longest, sum(1 for t in y if t != -100))
-    return ids, labels, mask, min(longest + 1, width)
 
 
 def learn_weights(loss: FewShotLoss, candidates: list[str], pool_index: dict[str, int], budget: int, seed: int,

@@ -75,8 +75,11 @@ def encode_supervised(tokenizer, prompter: Prompter, inputs: str, targets: str, 
     return prompt_ids + target_ids, [-100] * len(prompt_ids) + target_ids
 
 
-def collate_supervised(examples: list[tuple[list[int], list[int]]], pad_id: int):
-    """Right-padded (input_ids [n, T], labels [n, T] with -100 on padding, attention_mask [n, T]) tensors."""
+def collate_supervised(examples: list[tuple[list[int], list[int]]], pad_id: int, left: bool = False):
+    """Padded (input_ids [n, T], labels [n, T] with -100 on padding, attention_mask [n, T]) tensors.
+
+    Right-padded for training; ``left=True`` aligns every row at the end (its last tokens in the last positions).
+    """
     import torch
 
     width = max(len(ids) for ids, _ in examples)
@@ -84,7 +87,8 @@ def collate_supervised(examples: list[tuple[list[int], list[int]]], pad_id: int)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for i, (x, y) in enumerate(examples):
-        ids[i, : len(x)] = torch.tensor(x)
-        labels[i, : len(y)] = torch.tensor(y)
-        mask[i, : len(x)] = 1
+        cols = slice(width - len(x), width) if left else slice(0, len(x))
+        ids[i, cols] = torch.tensor(x)
+        labels[i, cols] = torch.tensor(y)
+        mask[i, cols] = 1
     return ids, labels, mask

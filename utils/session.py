@@ -52,9 +52,7 @@ class Session:
         key = tuple((e.name, str(e.path)) for e in entries)
         if self.pool is not None and key != self._pool_key:
             logger.info("Another adapter pool: reloading the base model without the previous pool's LoRA layers")
-            base_key = self._base_key
-            self._drop_models()
-            self.base(*base_key)
+            self._reload_base()
         if self.pool is None:
             t0 = time.time()
             self.pool = AdapterPool(self.model, entries)
@@ -74,9 +72,7 @@ class Session:
             raise RuntimeError("Session.base() must load the base model before Arrow.")
         if self.pool is not None:
             logger.info("Arrow loads its own copy of the adapters: reloading the base model without the pool's LoRA layers")
-            base_key = self._base_key
-            self._drop_models()
-            self.base(*base_key)
+            self._reload_base()
         t0 = time.time()
         model = build_arrow_model(self.model, entries, top_k, temperature, general_paths, seed)
         logger.info("Arrow over %d adapters built in %.1f s", len(entries), time.time() - t0)
@@ -106,6 +102,12 @@ class Session:
                                             adapter_vector=adapter_vector)
             self._retriever_key = rkey
         return self._retriever
+
+    def _reload_base(self):
+        """The same base model, freshly loaded (peft's injected LoRA layers gone)."""
+        base_key = self._base_key
+        self._drop_models()
+        self.base(*base_key)
 
     def _drop_models(self):
         self.tokenizer = self.model = self.pool = None
