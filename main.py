@@ -188,6 +188,7 @@ class Plan:
     done: dict
     t_start: float
     cleanup: list = field(default_factory=list)  # called once the results file is written
+    seconds: dict = field(default_factory=dict)  # what execute() spent: generation, and LoraHub's search
 
 
 def prepare(args: argparse.Namespace) -> Plan:
@@ -458,6 +459,9 @@ def execute(plan: Plan, session) -> Path:
                 done[i] = row
             checkpoint.append(out)
     t_gen = time.time() - t0
+    plan.seconds["generation"] = t_gen
+    if routing is not None and "lorahub" in routing.meta:
+        plan.seconds["search"] = t_retrieval
 
     shards = []
     if dist.enabled:  # every rank has finished its batches: rank 0 merges the checkpoints
@@ -556,7 +560,53 @@ def run_sweep(args: argparse.Namespace) -> list[Path]:
         except InputError as err:
             raise InputError(f"Run {name!r}: {err}") from err
     session = Session()
-    return [execute(plan, session) for plan in plans]
+    pace = SweepPace()
+    out = []
+    for i, plan in enumerate(plans):
+        logger.info("Sweep: run %d of %d, %s; %s", i + 1, len(plans), Path(plan.args.res_path).stem, pace.estimate(plans[i:]))
+        units = work_units(plan)  # before execute(), which fills plan.done
+        out.append(execute(plan, session))
+        pace.record(plan, units)
+    return out
+
+
+def work_units(plan: Plan) -> tuple[int, int]:
+    """(rows left to generate, LoraHub example-evaluations of its searches) of one run."""
+    rows = len(plan.rows) - len(plan.done)
+    args = plan.args
+    if args.eval_type != "lorahub":
+        return rows, 0
+    per_scope = args.lorahub_examples * (len(plan.pool) if args.lorahub_scope == "all" else 1)
+    scopes = 1 if args.lorahub_scope == "all" else len({r["task"] for r in plan.rows})
+    return rows, scopes * per_scope * (args.lorahub_budget + 1)
+
+
+class SweepPace:
+    """Time left in a sweep, from the pace of its finished runs: seconds per generated row and per LoraHub
+    example-evaluation (a search evaluates its loss on every example, budget + 1 times)."""
+
+    def __init__(self):
+        self.rows = self.row_s = self.evals = self.eval_s = 0.0
+
+    def record(self, plan: Plan, units: tuple[int, int]) -> None:
+        rows, evals = units
+        self.rows += rows
+        self.row_s += plan.seconds.get("generation", 0.0)
+        if evals and "search" in plan.seconds:
+            self.evals += evals
+            self.eval_s += plan.seconds["search"]
+
+    def estimate(self, remaining: list[Plan]) -> str:
+        if not self.rows:
+            return "time left estimated after the first run"
+        rows = sum(work_units(p)[0] for p in remaining)
+        evals = sum(work_units(p)[1] for p in remaining)
+        left = rows * self.row_s / self.rows
+        if evals and not self.evals:
+            return f"at least {left / 60:.0f} min left (LoraHub's searches not timed yet)"
+        if evals:
+            left += evals * self.eval_s / self.evals
+        return f"about {left / 60:.0f} min left"
 
 
 def main(argv: list[str] | None = None) -> int:

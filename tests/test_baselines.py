@@ -153,6 +153,50 @@ def test_lorahub_learns_the_largest_weight_for_the_right_adapter(tmp_path, tiny_
     assert learned.evaluations == 41  # the base model's loss, then the budget
 
 
+def test_compose_shared_equals_compose_with_identical_rows(tiny_base, equal_loras):
+    """LoraHub's one-vector composition (factors built once, no batch dimension) is compose() with every row alike."""
+    from transformers import AutoModelForCausalLM
+
+    from utils.adapter_pool import AdapterPool
+    from utils.composition import compose, compose_shared
+
+    names = ("alpha", "beta", "gamma")
+    pool = AdapterPool(AutoModelForCausalLM.from_pretrained(tiny_base), [PoolEntry(n, "d", ["x"], str(equal_loras[n])) for n in names],
+                       show_progress=False)
+    ids, w = input_ids(n=4), [0.7, -0.4, 1.2]
+    for mode in ("fusion", "mixture"):
+        with torch.no_grad():
+            with compose(pool, torch.tensor([[0, 1, 2]] * 4), torch.tensor([w] * 4), mode) as model:
+                expected = model(input_ids=ids).logits
+            with compose_shared(pool, [0, 1, 2], w, mode) as model:
+                got = model(input_ids=ids).logits
+            base = pool.model(input_ids=ids).logits  # hooks removed on exit: peft's own path is back
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(got, base, atol=1e-3)
+
+
+def test_lorahub_search_and_rows_do_not_depend_on_the_thread_count(workspace):
+    """The same LoraHub run in two processes, OMP_NUM_THREADS=1 and 2: identical vectors, losses and rows."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    got = {}
+    for threads in ("1", "2"):
+        res = f"threads{threads}.json"
+        env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        done = subprocess.run([sys.executable, str(root / "main.py"), *argv(workspace, "--eval_type", "lorahub", "--lorahub_scope", "task",
+                                                                             "--log_level", "WARNING", res=res)],
+                              cwd=root, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        got[threads] = json.loads((workspace["dir"] / res).read_text())
+    one, two = got["1"], got["2"]
+    vec = lambda d: {k: (v["weights"], v["loss"], v["base_loss"]) for k, v in d["meta"]["lorahub"]["vectors"].items()}
+    assert vec(one) == vec(two) and len(vec(one)) == 3
+    assert one["rows"] == two["rows"]
+
+
 def test_lorahub_run_records_the_learned_weights_and_applies_them(workspace):
     assert main_mod.main(argv(workspace, "--eval_type", "lorahub")) == 0
     data = json.loads((workspace["dir"] / "res.json").read_text())

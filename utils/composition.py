@@ -125,6 +125,39 @@ def compose(pool: AdapterPool, indices: torch.Tensor, weights: torch.Tensor, mod
 
 
 @contextmanager
+def compose_shared(pool: AdapterPool, indices: list[int], weights, mode: str = "fusion"):
+    """Apply ONE composition to every row of every forward inside the ``with`` block.
+
+    Same math as :func:`compose` with identical rows (module docstring), for callers that run many batches under
+    one weight vector (LoraHub's search evaluates its loss on several example batches per vector). The factors are
+    built once per block, not once per batch, and without a batch dimension:
+
+        At: [d_in, R']    Bt: [R', d_out]    h = base(x) + (x @ At) @ Bt    for x of shape [..., d_in]
+
+    Args:
+        pool: the loaded :class:`AdapterPool`.  indices: k stack indices.  weights: k weights w_j.
+        mode: "mixture" or "fusion".
+    """
+    if mode not in MODES:
+        raise ValueError(f"Unknown composition mode {mode!r}; use one of {MODES}.")
+    w = torch.as_tensor(weights, dtype=torch.float32).reshape(1, -1)
+    idx = torch.as_tensor(indices, dtype=torch.long).reshape(1, -1)
+    if idx.shape != w.shape:
+        raise ValueError(f"{idx.shape[1]} adapter indices but {w.shape[1]} weights.")
+    with torch.no_grad():
+        factors = [tuple(f[0] for f in build_composed(layer.A, layer.B, idx, w, mode)) for layer in pool.layers]
+
+    def make(At: torch.Tensor, Bt: torch.Tensor):
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs["x"]
+            return output + ((x.to(At.dtype) @ At) @ Bt).to(output.dtype)
+        return hook
+
+    with _hooked(pool, [make(At, Bt) for At, Bt in factors]) as model:
+        yield model
+
+
+@contextmanager
 def _hooked(pool: AdapterPool, hooks: list):
     """``pool.model`` with peft's own LoRA path off and ``hooks[i]`` on ``pool.layers[i]`` until exit."""
     handles = []

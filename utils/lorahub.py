@@ -104,28 +104,30 @@ class FewShotLoss:
 
     @torch.inference_mode()
     def __call__(self, indices: list[int], weights) -> float:
-        """Mean cross-entropy per target token with ``h = W x + (sum_j w_j s_j B_j)(sum_j w_j A_j) x``."""
+        """Mean cross-entropy per target token with ``h = W x + (sum_j w_j s_j B_j)(sum_j w_j A_j) x``.
+
+        The fused factors are built once per call (one weight vector for every example batch), by
+        :func:`utils.composition.compose_shared`.
+        """
         from contextlib import nullcontext
 
-        from utils.composition import compose
+        from utils.composition import compose_shared
 
         self.evaluations += 1
         device = next(self.pool.model.parameters()).device
         autocast = torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None else nullcontext()
         total = 0.0
-        for ids, labels, mask, keep in self.batches:
-            b = ids.shape[0]
-            idx = torch.as_tensor(indices, dtype=torch.long).expand(b, -1)
-            w = torch.as_tensor(np.asarray(weights, dtype=np.float32)).expand(b, -1)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            with compose(self.pool, idx, w, "fusion") as model, autocast:
-                # The LM head runs on the last ``keep`` positions only (the targets are short, the prompts long).
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                               logits_to_keep=keep).logits
-            logits = logits[:, :-1].float()  # position t predicts token t + 1
-            target = labels[:, -(keep - 1):].to(device)
-            total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                             ignore_index=-100, reduction="sum"))
+        with compose_shared(self.pool, list(indices), np.asarray(weights, dtype=np.float32), "fusion") as model:
+            for ids, labels, mask, keep in self.batches:
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                with autocast:
+                    # The LM head runs on the last ``keep`` positions only (the targets are short, the prompts long).
+                    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                                   logits_to_keep=keep).logits
+                logits = logits[:, :-1].float()  # position t predicts token t + 1
+                target = labels[:, -(keep - 1):].to(device)
+                total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                                 ignore_index=-100, reduction="sum"))
         return total / max(self.n_tokens, 1)
 
 
