@@ -42,6 +42,7 @@ class Generator:
         from utils.data import load_pool_config
         from utils.prompter import Prompter
         from utils.retrieval import exclude_prompt_choice
+        from utils.routing import Router
         from utils.session import Session
 
         self.args = args
@@ -50,39 +51,36 @@ class Generator:
         session = Session()
         self.tokenizer, self.model = session.base(args.base_model, args.dtype, args.device, None)
         self.pool = session.adapter_pool(self.pool_entries) if self.pool_entries else None
-        self.retriever = None
+        retriever = None
         if self.pool is not None and not args.adapters:
-            self.retriever = session.retriever(self.pool_entries, args.retriever, args.instruction,
-                                               exclude_prompt_choice(args.exclude_prompt_from_pooling), args.device, None,
-                                               args.adapter_vector)
+            retriever = session.retriever(self.pool_entries, args.retriever, args.instruction,
+                                          exclude_prompt_choice(args.exclude_prompt_from_pooling), args.device, None,
+                                          args.adapter_vector)
+        self.router = Router([e.name for e in self.pool_entries], [e.domain for e in self.pool_entries], retriever)
         self.named = parse_adapters(args.adapters) if args.adapters else None
         if self.named and self.pool is not None:
             self.pool.indices([[n for n, _ in self.named]])  # unknown names fail here, before any prompt
 
     def answer(self, text: str) -> tuple[str, list[tuple[str, float | None, float]]]:
         """(response, [(adapter, similarity or None, weight)])."""
-        import numpy as np
         import torch
 
         from utils.composition import compose
         from utils.generation import generate_batch
-        from utils.retrieval import composition_weights
+        from utils.routing import Route
 
         prompt = self.prompter.generate_prompt(text)
         if self.pool is None:
             out, _ = generate_batch(self.model, self.tokenizer, [prompt], self.args.max_new_tokens)
             return out[0], []
-        if self.named:
-            names = [n for n, _ in self.named]
-            sims = [None] * len(names)
-            weights = np.asarray([[w for _, w in self.named]], dtype=np.float32)
-        else:
-            found, scores = self.retriever.search([text], self.args.lora_num)
-            names, sims = found[0], [float(s) for s in scores[0]]
-            weights = composition_weights(scores, self.args.weighting, self.args.temperature)
-        with compose(self.pool, self.pool.indices([names]), torch.as_tensor(weights), self.args.eval_type) as model:
+        a = self.args
+        route = Route("mix", mix=tuple(self.named), mode=a.eval_type) if self.named else \
+            Route("auto", k=a.lora_num, weighting=a.weighting, temperature=a.temperature, mode=a.eval_type)
+        routing = self.router.route([text], [route])
+        names, weights = routing.adapters[0], routing.weights[0]
+        with compose(self.pool, self.pool.indices([names]), torch.tensor([weights], dtype=torch.float32), routing.modes[0]) as model:
             out, _ = generate_batch(model, self.tokenizer, [prompt], self.args.max_new_tokens)
-        return out[0], list(zip(names, sims, [float(w) for w in weights[0]]))
+        return out[0], list(zip(names, routing.similarities[0] or [None] * len(names), weights))
 
 
 def show(response: str, used) -> str:

@@ -25,8 +25,8 @@ logger = logging.getLogger("serve")
 # Keys of main.py's profiles (config/*.json) that mean nothing to a server.
 def build_parser() -> argparse.ArgumentParser:
     from utils import flags
-    from utils.scheduler import POLICIES
-    from utils.serving import CHAT_FORMATS, PROMPT_FORMATS
+    from utils.serving.request_scheduler import POLICIES
+    from utils.serving.serving_engine import CHAT_FORMATS, PROMPT_FORMATS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import uvicorn
 
-    from utils.http_api import create_app
-    from utils.serving import load_engine
+    from utils.serving.http_api import create_app
+    from utils.serving.serving_engine import load_engine
 
     try:
         engine = load_engine(args)

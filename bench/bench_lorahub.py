@@ -2,7 +2,7 @@
 
     python bench/bench_lorahub.py --out docs/bench_lorahub.json
 
-The loss is the one the sweep's LoraHub rows search over (``utils.lorahub.FewShotLoss``, the embedded profile's 2
+The loss is the one the sweep's LoraHub rows search over (``utils.baselines.lorahub.FewShotLoss``, the embedded profile's 2
 labelled samples per task, 13 adapters, fusion). Measured:
 
 - one loss evaluation split into building the fused factors, the model's forwards and the cross-entropy, with the
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils.adapter_pool import AdapterPool  # noqa: E402
 from utils.composition import compose_shared  # noqa: E402
 from utils.data import load_pool_config  # noqa: E402
-from utils.lorahub import FewShotLoss, few_shot_examples, learn_weights  # noqa: E402
+from utils.baselines.lorahub import FewShotLoss, few_shot_examples, learn_weights  # noqa: E402
 from utils.model_loading import load_base_model, load_tokenizer  # noqa: E402
 from utils.prompter import Prompter  # noqa: E402
 

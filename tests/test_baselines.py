@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import main as main_mod
+from utils import evaluation
 from tests.helpers import write_json
 from utils.data import InputError, PoolEntry
 
@@ -107,7 +108,7 @@ def test_arrow_ood_routes_without_the_rows_own_adapter(workspace, monkeypatch):
 
 
 def test_arrow_refuses_mixed_ranks_before_loading(tmp_path, tiny_base, tiny_loras, caplog):
-    from utils.arrow import check_arrow_pool
+    from utils.baselines.arrow import check_arrow_pool
 
     entries = [PoolEntry(n, "d", ["x"], str(p)) for n, p in tiny_loras.items()]
     with pytest.raises(InputError, match="one rank and one set of target modules.*mixture / fusion"):
@@ -131,7 +132,7 @@ def test_lorahub_learns_the_largest_weight_for_the_right_adapter(tmp_path, tiny_
     from utils.adapter_pool import AdapterPool
     from utils.composition import compose
     from utils.generation import generate_batch
-    from utils.lorahub import FewShotLoss, learn_weights
+    from utils.baselines.lorahub import FewShotLoss, learn_weights
     from utils.prompter import Prompter
 
     names = ("alpha", "beta", "gamma")
@@ -236,11 +237,11 @@ def test_lorahub_retrieved_candidates_are_the_top_k_for_the_examples(workspace):
 
 def test_lorahub_resume_reuses_the_stored_weights(workspace):
     """An interrupted LoraHub run keeps its learned vectors beside the results file; the rerun applies them unsearched."""
-    from utils.lorahub import LearnedWeights, WeightStore
+    from utils.baselines.lorahub import LearnedWeights, WeightStore
     from utils.results import fingerprint
 
     args = argv(workspace, "--eval_type", "lorahub", "--lorahub_dtype", "bfloat16")
-    plan = main_mod.prepare(main_mod.parse_settings(args))
+    plan = evaluation.prepare(main_mod.parse_settings(args))
     stored = LearnedWeights(adapters=["gamma", "alpha"], weights=[0.25, -0.5], loss=1.0, base_loss=2.0, evaluations=9,
                             seconds=0.1, examples=9)
     WeightStore(workspace["dir"] / "res.json", fingerprint(plan.settings)).put("all", stored)
@@ -272,7 +273,7 @@ def test_lorahub_needs_labelled_samples(workspace, caplog):
 # --- Adapter Soup ------------------------------------------------------------------------------------------------
 
 def test_nearest_domain_picks_the_closest_centroid_and_honours_exclusion():
-    from utils.retrieval import nearest_domain
+    from utils.baselines.soup import nearest_domain
 
     vectors = np.array([[1, 0, 0], [0.8, 0.6, 0], [0, 0, 1]], dtype=np.float32)
     retr = SimpleNamespace(names=["a", "b", "c"], vectors=vectors, adapter_vector="mean")
@@ -312,15 +313,15 @@ def test_soup_equals_fusion_of_the_chosen_adapters(workspace):
     from utils.session import Session
 
     args = main_mod.parse_settings(argv(workspace, "--eval_type", "soup", "--ood"))
-    plan = main_mod.prepare(args)
+    plan = evaluation.prepare(args)
     session = Session()
     tok, _ = session.base(args.base_model, "float32", "cpu", None)
     pool = session.adapter_pool(plan.pool)
-    routing = main_mod.route(plan, session, pool, tok, "cpu")
-    assert routing.mode == "fusion"
+    routing = evaluation.route(plan, session, pool, tok, "cpu")
+    assert set(routing.modes) == {"fusion"}
     ids = input_ids(len(plan.rows))
-    names, weights = main_mod.padded(routing.adapters, routing.weights)
-    with torch.no_grad(), compose(pool, pool.indices(names), torch.tensor(weights), routing.mode) as model:
+    names, weights = evaluation.padded(routing.adapters, routing.weights)
+    with torch.no_grad(), compose(pool, pool.indices(names), torch.tensor(weights), routing.modes[0]) as model:
         got = model(input_ids=ids).logits
     for i, row in enumerate(plan.rows):
         assert row["task"] not in routing.adapters[i]  # OOD

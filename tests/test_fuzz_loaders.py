@@ -96,6 +96,7 @@ def test_prompt_templates(content):
                  documents(json_values), raw_bytes))
 def test_settings_files(content):
     import main as main_mod
+    from utils import evaluation
     from utils.flags import read_settings_file
 
     parser = main_mod.build_parser()
@@ -110,7 +111,7 @@ def test_settings_files(content):
         parser.set_defaults(**values)
         args = parser.parse_args(["--data_path", "d.json", "--res_path", "r.json"])
         try:
-            main_mod.validate(args)  # values of the right type, out of range: the flag checks refuse them, by flag name
+            evaluation.validate(args)  # values of the right type, out of range: the flag checks refuse them, by flag name
         except InputError:
             pass
     finally:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import main as main_mod
+from utils import evaluation
 from tests.helpers import write_json
 
 TASKS = {
@@ -83,7 +84,7 @@ def test_resume_continues_and_matches(workspace):
                                     "--max_new_tokens", "4", "--batch_size", "2", "--device", "cpu", "--lora_num", "2"])
     from utils.results import Checkpoint
 
-    ck = Checkpoint(res, main_mod.resolved_settings(args))
+    ck = Checkpoint(res, evaluation.resolved_settings(args))
     ck.start({})
     planted = []
     for i in (0, 3):
@@ -305,7 +306,7 @@ def test_sweep_skips_finished_runs_unless_forced(workspace, caplog):
     assert main_mod.main(sweep_argv(workspace, out, runs)) == 0
     (out / "mix.json").write_text('{"kept": true}')
     caplog.clear()
-    caplog.set_level("INFO", logger="main")
+    caplog.set_level("INFO", logger="utils.evaluation")
     assert main_mod.main(sweep_argv(workspace, out, runs)) == 0
     assert caplog.text.count("skipping") == 2 and json.loads((out / "mix.json").read_text()) == {"kept": True}
     assert main_mod.main(sweep_argv(workspace, out, runs, "--force")) == 0

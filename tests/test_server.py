@@ -21,7 +21,7 @@ TASKS = {
 
 @pytest.fixture(scope="module")
 def engine(tiny_base, tiny_loras, tmp_path_factory):
-    from utils.serving import load_engine
+    from utils.serving.serving_engine import load_engine
 
     d = tmp_path_factory.mktemp("serve_pool")
     pool = [{"model_name": n, "domain": dom, "sample": [{"inputs": s, "targets": "x"} for s in ss], "path": str(tiny_loras[n])}
@@ -38,7 +38,7 @@ def engine(tiny_base, tiny_loras, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(engine):
-    from utils.http_api import create_app
+    from utils.serving.http_api import create_app
 
     return create_app(engine, max_body_bytes=4096)
 
@@ -248,7 +248,7 @@ def test_invalid_requests_get_openai_errors(app, body, status, param, words):
 
 
 def test_api_key_required_when_set(engine):
-    from utils.http_api import create_app
+    from utils.serving.http_api import create_app
 
     app = create_app(engine, api_key="s3cret")
     assert post(app, {"prompt": "x", "max_tokens": 1}).status_code == 401
@@ -264,10 +264,10 @@ def test_full_queue_answers_429(engine):
     """A scheduler that is not consuming, with room for one request: the second gets 429 and Retry-After."""
     import dataclasses
 
-    from utils.http_api import create_app
-    from utils.scheduler import Scheduler
+    from utils.serving.http_api import create_app
+    from utils.serving.request_scheduler import Scheduler
 
-    stalled = Scheduler(engine.scheduler.decoder, pool=engine.pool, retriever=engine.retriever, max_queue=1)
+    stalled = Scheduler(engine.scheduler.decoder, pool=engine.pool, router=engine.scheduler.router, max_queue=1)
     app = create_app(dataclasses.replace(engine, scheduler=stalled))
 
     async def go():

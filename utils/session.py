@@ -62,11 +62,11 @@ class Session:
 
     @contextmanager
     def arrow(self, entries, top_k: int, temperature: float, general_paths=None, seed: int = 0):
-        """PEFT's Arrow model over ``entries`` on the base model, removed again on exit (see :mod:`utils.arrow`).
+        """PEFT's Arrow model over ``entries`` on the base model, removed again on exit (see :mod:`utils.baselines.arrow`).
 
         Arrow injects its own LoRA layers, so a base model that carries the pool's layers is reloaded first.
         """
-        from utils.arrow import build_arrow_model
+        from utils.baselines.arrow import build_arrow_model
 
         if self.model is None:
             raise RuntimeError("Session.base() must load the base model before Arrow.")

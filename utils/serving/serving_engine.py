@@ -28,6 +28,7 @@ class Defaults:
     composition: str = "mixture"
     lora_num: int = 3
     weighting: str = "uniform"
+    softmax_temperature: float = 0.1  # T of weighting "softmax"
     max_tokens: int = 50
     max_tokens_cap: int = 1024
     chat_format: str = "template"
@@ -123,11 +124,12 @@ def load_engine(args, session=None) -> Engine:
     """
     from utils.composition import LiveComposition
     from utils.data import load_pool_config
-    from utils.decoding import BatchDecoder
+    from utils.serving.batch_decoding import BatchDecoder
     from utils.prompter import Prompter
     from utils.retrieval import exclude_prompt_choice
-    from utils.scheduler import Scheduler
-    from utils.serving_metrics import ServerMetrics
+    from utils.routing import Router
+    from utils.serving.request_scheduler import Scheduler
+    from utils.serving.server_metrics import ServerMetrics
     from utils.session import Session
 
     prompter = Prompter(args.template)
@@ -152,10 +154,10 @@ def load_engine(args, session=None) -> Engine:
                            eos_ids=eos_ids(tokenizer, model), context_length=ctx, tokenizer_lock=lock)
     with decoder.composition.active() if decoder.composition is not None else nullcontext():
         decoder.check_model()
-    scheduler = Scheduler(decoder, pool=pool, retriever=retriever, domains={e.name: e.domain for e in entries}, metrics=metrics,
-                          max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                          policy=args.batching, softmax_temperature=args.temperature)
-    defaults = Defaults(composition=args.eval_type, lora_num=args.lora_num, weighting=args.weighting,
+    router = Router([e.name for e in entries], [e.domain for e in entries], retriever)
+    scheduler = Scheduler(decoder, pool=pool, router=router, metrics=metrics, max_batch_size=args.max_batch_size,
+                          max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, policy=args.batching)
+    defaults = Defaults(composition=args.eval_type, lora_num=args.lora_num, weighting=args.weighting, softmax_temperature=args.temperature,
                         max_tokens=args.max_new_tokens, max_tokens_cap=args.max_tokens_cap,
                         chat_format=args.chat_format, prompt_format=args.prompt_format)
     logger.info("Loaded %s with %d adapters in %.1f s (context %d tokens)", args.base_model, len(entries), time.time() - t0, ctx)

@@ -28,8 +28,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from utils.decoding import Sampling
-from utils.scheduler import Job, QueueFull
+from utils.routing import Route
+from utils.serving.batch_decoding import Sampling
+from utils.serving.request_scheduler import Job, QueueFull
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def _validation_message(err: ValidationError) -> tuple[str, str]:
 
 
 class API:
-    """The routes over one :class:`utils.serving.Engine`."""
+    """The routes over one :class:`utils.serving.serving_engine.Engine`."""
 
     def __init__(self, engine, api_key: str | None = None, max_body_bytes: int = 1 << 20, retry_after_s: int = 1):
         self.engine = engine
@@ -219,10 +220,17 @@ class API:
             if not 1 <= lora_num <= available:
                 raise APIError(400, f"'lora_num' must be between 1 and {available} (the pool's adapters"
                                     + (" left after 'exclude'" if exclude else "") + f"); got {lora_num}.", param="lora_num", code="invalid_value")
+        composition = req.composition or d.composition
+        if target == "auto":
+            route = Route("auto", k=lora_num, weighting=req.weighting or d.weighting, temperature=d.softmax_temperature,
+                          exclude=tuple(exclude), mode=composition)
+        elif target == "mix":
+            route = Route("mix", mix=tuple(adapters.items()), mode=composition)
+        else:
+            route = Route("base")
         return Job(prompt_ids=prompt_ids, query=query, max_new_tokens=max_tokens, emit=emit,
-                   sampling=Sampling(temperature=temperature, top_p=top_p, seed=req.seed), stop=stop, target=target,
-                   adapters=adapters, composition=req.composition or d.composition, lora_num=lora_num,
-                   weighting=req.weighting or d.weighting, exclude=exclude, ignore_eos=req.ignore_eos)
+                   sampling=Sampling(temperature=temperature, top_p=top_p, seed=req.seed), stop=stop, route=route,
+                   ignore_eos=req.ignore_eos)
 
     # -- running a job -------------------------------------------------------------------------------------
     def submit(self, make_job):

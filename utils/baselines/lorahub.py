@@ -195,3 +195,41 @@ class WeightStore:
     def remove(self) -> None:
         if self.path.exists():
             self.path.unlink()
+
+
+def learn_scope_vectors(args, rows: list[dict], pool: list[PoolEntry], k: int, prompter, adapter_pool, tokenizer, retriever,
+                        store: WeightStore) -> list[str]:
+    """One weight vector per scope (``--lorahub_scope all``: the whole mixed set; ``task``: each task), kept in ``store``.
+
+    A scope already in ``store`` (an interrupted run) is not searched again. With ``--ood`` a task's vector is learned
+    without that task's adapter. Candidates are the whole pool, or (``--lorahub_candidates retrieved``) the ``k``
+    adapters nearest to the mean embedding of the scope's examples. Returns each row's scope key.
+    """
+    by_name = {e.name: e for e in pool}
+    if args.lorahub_scope == "all":
+        scopes = {"all": (pool, None)}
+        key_of = ["all"] * len(rows)
+    else:
+        tasks = list(dict.fromkeys(r["task"] for r in rows))
+        scopes = {t: ([by_name[t]], t if args.ood else None) for t in tasks}
+        key_of = [r["task"] for r in rows]
+    for key, (entries, banned) in scopes.items():
+        if key in store.vectors:
+            logger.info("LoraHub %s: reusing the weights learned by the interrupted run", key)
+            continue
+        examples = few_shot_examples(entries, args.lorahub_examples)
+        if args.lorahub_candidates == "retrieved":
+            centre = retriever.embedder.encode([x for x, _ in examples]).mean(0, keepdims=True)
+            centre /= max(float(np.linalg.norm(centre)), 1e-12)
+            candidates = retriever.search_embeddings(centre, k, exclude=[banned])[0][0]
+        else:
+            candidates = [e.name for e in pool if e.name != banned]
+        autocast = getattr(torch, args.lorahub_dtype) if args.lorahub_dtype else None
+        loss = FewShotLoss(adapter_pool, tokenizer, prompter, examples, autocast_dtype=autocast)
+        learned = learn_weights(loss, candidates, adapter_pool.index, args.lorahub_budget, args.seed, args.lorahub_l1,
+                                args.lorahub_optimizer)
+        logger.info("LoraHub %s: %d examples, %d evaluations in %.1f s; loss %.4f (base model %.4f); weights %s", key,
+                    learned.examples, learned.evaluations, learned.seconds, learned.loss, learned.base_loss,
+                    ", ".join(f"{n}={w:+.2f}" for n, w in zip(learned.adapters, learned.weights)))
+        store.put(key, learned)
+    return key_of

@@ -33,7 +33,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from utils.decoding import BatchDecoder, Sampling, Sequence
+from utils.routing import Route, Router
+from utils.serving.batch_decoding import BatchDecoder, Sampling, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +49,8 @@ class QueueFull(Exception):
 class Job:
     """One generation request as the scheduler sees it (the HTTP layer has validated every field).
 
-    ``target`` is ``"auto"`` (retrieve ``lora_num`` adapters for ``query``), ``"base"``, or ``"mix"`` with
-    ``adapters`` the explicit ``{name: weight}`` (one adapter by name is a mix of one with weight 1).
+    ``route`` is what the request asks of the router (:class:`utils.routing.Route`: ``auto`` retrieval for ``query``,
+    ``base``, or an explicit ``mix``; one adapter by name is a mix of one with weight 1).
     ``emit(kind, payload)`` receives ``("meta", {...})`` once the adapters are known, ``("delta", {"text"})``
     as text is generated, then ``("done", {...})`` or ``("error", {"status", "message"})``. It is called from
     the scheduler thread and must be thread-safe.
@@ -61,12 +62,7 @@ class Job:
     emit: Callable[[str, dict], None]
     sampling: Sampling = field(default_factory=Sampling)
     stop: list[str] = field(default_factory=list)
-    target: str = "auto"
-    adapters: dict[str, float] | None = None
-    composition: str = "mixture"
-    lora_num: int = 3
-    weighting: str = "uniform"
-    exclude: list[str] = field(default_factory=list)
+    route: Route = field(default_factory=Route)
     ignore_eos: bool = False
     t_arrival: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
@@ -105,27 +101,25 @@ class Scheduler:
 
     Args:
         decoder: the running batch.
-        pool: the :class:`AdapterPool` (None: base model only); ``domains`` maps adapter name to domain.
-        retriever: a :class:`LoraRetriever` over the pool (None: no ``auto`` requests).
+        pool: the :class:`AdapterPool` (None: base model only).
+        router: the :class:`utils.routing.Router` over the pool, which answers each request's route.
         metrics: a :class:`ServerMetrics` or None.
-        softmax_temperature: temperature of ``weighting="softmax"``.
     """
 
-    def __init__(self, decoder: BatchDecoder, pool=None, retriever=None, domains: dict | None = None, metrics=None,
+    def __init__(self, decoder: BatchDecoder, pool=None, router: Router | None = None, metrics=None,
                  max_batch_size: int = 32, max_wait_ms: float = 10.0, max_queue: int = 256, policy: str = "continuous",
-                 softmax_temperature: float = 0.1, prefill_padding: float = 1.25):
+                 prefill_padding: float = 1.25):
         if policy not in POLICIES:
             raise ValueError(f"Unknown batching policy {policy!r}; use one of {', '.join(POLICIES)}.")
         self.decoder = decoder
         self.pool = pool
-        self.retriever = retriever
-        self.domains = domains or {}
+        self.router = router or Router([])
+        self.domains = dict(zip(self.router.names, self.router.domains))
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.policy = policy
-        self.softmax_temperature = softmax_temperature
         self.prefill_padding = prefill_padding
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: list[Job] = []
@@ -321,50 +315,30 @@ class Scheduler:
 
     # -- adapters of each request --------------------------------------------------------------------------
     def _resolve(self, jobs: list[Job]) -> None:
-        """Give each job its adapters, weights and :class:`Sequence` (batched retrieval for ``auto``)."""
-        from utils.retrieval import composition_weights
-
-        auto = [j for j in jobs if j.target == "auto"]
-        found = {}
-        if auto:
-            t0 = time.perf_counter()
-            try:
-                emb = self.retriever.embedder.encode([j.query for j in auto])
-            except Exception as err:
-                logger.exception("Retrieval failed")
-                for job in auto:
-                    self._remove_waiting(job)
-                    self._fail(job, 500, f"Retrieval failed: {type(err).__name__}: {err}")
-                auto = []
-            dt = time.perf_counter() - t0
-            if auto and self.metrics is not None:
-                self.metrics.retrieval.observe(dt)
-            for i, job in enumerate(auto):
-                names, scores = self.retriever.search_embeddings(emb[i:i + 1], job.lora_num, exclude=[job.exclude])
-                weights = composition_weights(scores, job.weighting, self.softmax_temperature)[0]
-                found[id(job)] = [(n, float(s), float(w)) for n, s, w in zip(names[0], scores[0], weights)]
-                job.retrieval_s = dt
-        for job in jobs:
-            if job.target == "auto":
-                if id(job) not in found:
-                    continue
-                picked = found[id(job)]
-            elif job.target == "base":
-                picked = []
-            else:
-                picked = [(n, None, float(w)) for n, w in job.adapters.items()]
-            job.applied = [{"name": n, "domain": self.domains.get(n, ""), "similarity": s, "weight": w} for n, s, w in picked]
-            if not picked:
-                job.label = "base"
-            elif len(picked) == 1:
-                job.label = "selection"
-            else:
-                job.label = job.composition
+        """Give each job its adapters, weights and :class:`Sequence`: one router call for all of them."""
+        if not jobs:
+            return
+        t0 = time.perf_counter()
+        try:
+            routing = self.router.route([j.query for j in jobs], [j.route for j in jobs])
+        except Exception as err:
+            logger.exception("Retrieval failed")
+            for job in jobs:
+                self._remove_waiting(job)
+                self._fail(job, 500, f"Retrieval failed: {type(err).__name__}: {err}")
+            return
+        retrieval_s = routing.meta.get("retrieval_s")
+        if retrieval_s is not None and self.metrics is not None:
+            self.metrics.retrieval.observe(time.perf_counter() - t0)
+        for i, job in enumerate(jobs):
+            if job.route.method == "auto":
+                job.retrieval_s = retrieval_s or 0.0
+            job.applied = routing.applied(i, self.domains)
+            job.label = routing.label(i)
             job.seq = Sequence(
                 prompt_ids=job.prompt_ids, max_new_tokens=job.max_new_tokens, sampling=job.sampling, stop=job.stop,
-                adapter_idx=[self.pool.index[n] for n, _, _ in picked] if picked else [],
-                adapter_w=[w for _, _, w in picked], fusion=job.composition == "fusion" and len(picked) > 1,
-                ignore_eos=job.ignore_eos)
+                adapter_idx=[self.pool.index[n] for n in routing.adapters[i]], adapter_w=list(routing.weights[i]),
+                fusion=routing.modes[i] == "fusion" and len(routing.adapters[i]) > 1, ignore_eos=job.ignore_eos)
             job.emit("meta", {"adapters": job.applied, "composition": job.label,
                               "retrieval_ms": round(job.retrieval_s * 1000.0, 2)})
 

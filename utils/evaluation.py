@@ -1,0 +1,493 @@
+"""Stage: evaluation. One run over a mixed-task data file: plan, prepare, route, generate, write; and a sweep of runs.
+
+A run is checked whole before any model loads (:func:`prepare` gives a :class:`Plan`), then :func:`execute` loads
+what the :class:`utils.session.Session` does not hold yet, asks :mod:`utils.routing` which adapters and weights
+each row uses (Arrow routes inside the model instead), generates in length-sorted batches with per-sample
+composition, checkpoints every batch, and writes one self-describing results file atomically.
+
+A sweep (:func:`run_sweep`, ``main.py --runs``) runs several configurations in one process, loading the base
+model, the pool and the retriever once, and logs before each run its place and an estimate of the time left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+EVAL_TYPES = ("mixture", "fusion", "base", "soup", "arrow", "lorahub")
+# Flags of one evaluation type only; the results of other types do not record them.
+OWN_FLAGS = {
+    "soup": ("soup",),
+    "arrow": ("arrow_top_k", "arrow_temperature", "arrow_general_adapters"),
+    "lorahub": ("lorahub_scope", "lorahub_examples", "lorahub_budget", "lorahub_candidates", "lorahub_optimizer", "lorahub_l1",
+                "lorahub_dtype"),
+}
+
+logger = logging.getLogger(__name__)
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Checks of the flags alone (files are checked when read)."""
+    from utils.data import InputError
+    from utils.flags import check_shared
+
+    if not args.data_path:
+        raise InputError("--data_path is required, e.g. --data_path data/bigbench/combined_test.json")
+    if not args.res_path:
+        raise InputError("--res_path is required, e.g. --res_path results/mixture.json")
+    if args.res_dir or args.force:
+        raise InputError("--res_dir and --force go with --runs (a sweep); a single run writes --res_path.")
+    check_shared(args)
+    if args.batch_size < 1:
+        raise InputError(f"--batch_size must be at least 1 (got {args.batch_size}).")
+    if args.max_input_tokens is not None and args.max_input_tokens < 1:
+        raise InputError(f"--max_input_tokens must be at least 1 (got {args.max_input_tokens}).")
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit must be at least 1 (got {args.limit}).")
+    if args.best_selection and args.eval_type not in ("mixture", "fusion"):
+        raise InputError(f"--best_selection uses the row's own adapter alone; it cannot go with --eval_type {args.eval_type}.")
+    if args.eval_type == "arrow" and args.arrow_temperature <= 0:
+        raise InputError(f"--arrow_temperature must be above 0 (got {args.arrow_temperature}).")
+    if args.eval_type == "lorahub":
+        if args.ood and args.lorahub_scope == "all":
+            raise InputError("--ood with --lorahub_scope all: one vector serves every row, so no row's own adapter can be left "
+                             "out of it; use --lorahub_scope task --ood (each task's vector learned without its own adapter).")
+        for flag, low in (("lorahub_examples", 1), ("lorahub_budget", 1)):
+            if getattr(args, flag) < low:
+                raise InputError(f"--{flag} must be at least {low} (got {getattr(args, flag)}).")
+        if args.lorahub_l1 < 0:
+            raise InputError(f"--lorahub_l1 must be 0 or more (got {args.lorahub_l1}).")
+    if args.best_selection and args.ood:
+        raise InputError("--best_selection uses the row's own adapter, which --ood removes; drop one of them.")
+
+
+def resolved_settings(args: argparse.Namespace) -> dict:
+    """The settings that decide the predictions (written into the results file and checkpoint)."""
+    s = {k: v for k, v in vars(args).items()
+         if k not in ("log_level", "no_resume", "settings", "batch_size", "device", "device_map", "embedding_cache",
+                      "runs", "res_dir", "force")}
+    for eval_type, keys in OWN_FLAGS.items():
+        if args.eval_type != eval_type:
+            for key in keys:
+                s.pop(key, None)
+    if args.best_selection:
+        s["lora_num"] = 1
+    # The contents, not only the names, of the input files decide the predictions.
+    s["data_sha256"] = file_sha256(args.data_path)
+    if args.eval_type != "base":
+        s["pool_sha256"] = file_sha256(args.config_path)
+    return s
+
+
+def embedding_cache_dir(value: str | None):
+    from utils.model_loading import cache_dir
+
+    if value is None:
+        return cache_dir() / "embeddings"
+    return None if value.lower() == "none" else Path(value)
+
+
+def file_sha256(path: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@dataclass
+class Plan:
+    """One run, checked and ready: its flags, rows, pool entries and checkpoint (no model loaded yet)."""
+
+    args: argparse.Namespace
+    rows: list
+    prompter: object
+    pool: list
+    k: int
+    settings: dict
+    checkpoint: object
+    done: dict
+    t_start: float
+    cleanup: list = field(default_factory=list)  # called once the results file is written
+    seconds: dict = field(default_factory=dict)  # what execute() spent: generation, and LoraHub's search
+
+
+def prepare(args: argparse.Namespace) -> Plan:
+    """Every check of one run that needs no model: flags, data, pool config, output path, checkpoint."""
+    from utils.data import InputError, load_pool_config, load_rows
+    from utils.distributed import dist_info
+    from utils.prompter import Prompter
+    from utils.results import Checkpoint, check_writable
+
+    from utils.flags import resolve_device
+
+    t_start = time.time()
+    validate(args)
+    resolve_device(args.device)  # an unknown or absent device fails here, before any model loads
+    rows = load_rows(args.data_path)
+    if args.limit:
+        rows = rows[: args.limit]
+    prompter = Prompter(args.template)  # an unknown template fails here, before any model loads
+    k = 1 if args.best_selection else args.lora_num
+    pool = []
+    if args.eval_type != "base":
+        pool = load_pool_config(args.config_path, args.adapter_pattern)
+        names = {e.name for e in pool}
+        if args.best_selection:
+            missing = sorted({r["task"] for r in rows} - names)
+            if missing:
+                raise InputError(f"--best_selection needs each row's own adapter, but the pool has none for tasks {missing}; add them to {args.config_path}.")
+        elif args.eval_type in ("mixture", "fusion") or (args.eval_type == "lorahub" and args.lorahub_candidates == "retrieved"):
+            own_in_pool = args.ood and any(r["task"] in names for r in rows)
+            available = len(pool) - (1 if own_in_pool else 0)
+            if k > available:
+                raise InputError(
+                    f"--lora_num {k} is larger than the {available} candidate adapters"
+                    + (" left after OOD exclusion" if own_in_pool else "") + f" in {args.config_path}; lower --lora_num."
+                )
+        check_baseline(args, rows, pool)
+    check_writable(args.res_path)
+    settings = resolved_settings(args)
+    dist = dist_info()
+    checkpoint = Checkpoint(args.res_path, settings, shard=dist.rank if dist.enabled else None)
+    if args.no_resume:
+        checkpoint.remove()
+    done = checkpoint.load()
+    return Plan(args, rows, prompter, pool, k, settings, checkpoint, done, t_start)
+
+
+def check_baseline(args: argparse.Namespace, rows: list[dict], pool: list) -> None:
+    """What the soup / arrow / lorahub evaluation types need of the pool, checked before any model loads."""
+    from utils.data import InputError
+
+    names = {e.name for e in pool}
+    if args.eval_type == "soup" and args.soup == "domain":
+        blank = [e.name for e in pool if not e.domain]
+        if blank:
+            raise InputError(f"--eval_type soup groups adapters by their 'domain', but {', '.join(blank[:8])} in {args.config_path} "
+                             "have none; add domains, or average all adapters with --soup all.")
+    if args.eval_type in ("soup", "arrow") and args.ood and len(pool) == 1 and any(r["task"] in names for r in rows):
+        raise InputError(f"--ood removes each row's own adapter, and the pool in {args.config_path} has only that one; add adapters.")
+    if args.eval_type == "arrow":
+        from utils.baselines.arrow import check_arrow_pool
+
+        own_in_pool = args.ood and any(r["task"] in names for r in rows)
+        check_arrow_pool(pool, args.arrow_top_k, args.arrow_general_adapters, left_out=1 if own_in_pool else 0)
+    if args.eval_type == "lorahub":
+        from utils.baselines.lorahub import few_shot_examples
+
+        if args.lorahub_scope == "task":
+            missing = sorted({r["task"] for r in rows} - names)
+            if missing:
+                raise InputError(f"--lorahub_scope task learns each task's vector from that task's labelled samples in the pool config, "
+                                 f"but {args.config_path} has no entry for tasks {missing[:8]}; use --lorahub_scope all.")
+            tasks = {r["task"] for r in rows}
+            few_shot_examples([e for e in pool if e.name in tasks], args.lorahub_examples)
+            if args.ood and len(pool) < 2:
+                raise InputError("--lorahub_scope task --ood needs at least two adapters in the pool.")
+        else:
+            few_shot_examples(pool, args.lorahub_examples)
+
+
+def routes_of(plan: Plan) -> list:
+    """What each row asks of the router (:class:`utils.routing.Route`), from the run's flags."""
+    from utils.routing import Route
+
+    args, rows = plan.args, plan.rows
+    if args.eval_type == "base":
+        return [Route("base") for _ in rows]
+    if args.best_selection:
+        return [Route("own", task=r["task"], mode=args.eval_type) for r in rows]
+    own = [(r["task"],) if args.ood else () for r in rows]
+    if args.eval_type == "soup":
+        return [Route("soup" if args.soup == "domain" else "soup_all", exclude=e) for e in own]
+    return [Route("auto", k=plan.k, weighting=args.weighting, temperature=args.temperature, exclude=e, mode=args.eval_type)
+            for e in own]
+
+
+def route(plan: Plan, session, adapter_pool, tokenizer, device: str):
+    """The :class:`utils.routing.Routing` of every row: retrieval, or the baseline's own choice."""
+    from utils.retrieval import exclude_prompt_choice
+    from utils.routing import Route, Router
+
+    args, rows, pool = plan.args, plan.rows, plan.pool
+    retrieves = (args.eval_type in ("mixture", "fusion") and not args.best_selection) \
+        or (args.eval_type == "soup" and args.soup == "domain") \
+        or (args.eval_type == "lorahub" and args.lorahub_candidates == "retrieved")
+    retriever = None
+    if retrieves:
+        retriever = session.retriever(pool, args.retriever, args.instruction, exclude_prompt_choice(args.exclude_prompt_from_pooling),
+                                      device, embedding_cache_dir(args.embedding_cache), args.adapter_vector)
+    router = Router([e.name for e in pool], [e.domain for e in pool], retriever)
+    queries = [r["inputs"] for r in rows]
+    if args.eval_type != "lorahub":
+        return router.route(queries, routes_of(plan))
+    from dataclasses import asdict
+
+    from utils.baselines.lorahub import WeightStore, learn_scope_vectors
+    from utils.results import fingerprint
+
+    store = WeightStore(args.res_path, fingerprint(plan.settings))
+    t0 = time.time()
+    key_of = learn_scope_vectors(args, rows, pool, plan.k, plan.prompter, adapter_pool, tokenizer, retriever, store)
+    vectors = store.vectors
+    plan.cleanup.append(store.remove)
+    routing = router.route(queries, [Route("mix", mix=tuple(zip(vectors[key].adapters, vectors[key].weights)), mode="fusion")
+                                     for key in key_of])
+    routing.extra = [{"lorahub_scope": key} for key in key_of]
+    routing.meta = {"lorahub": {"search_seconds": round(time.time() - t0, 2), "vectors": {k2: asdict(v) for k2, v in vectors.items()}}}
+    return routing
+
+
+def padded(names: list[list[str]], weights: list[list[float]]):
+    """Rows of different lengths as [b, k] names and weights: missing places repeat a row's first adapter with weight 0."""
+    k = max(len(n) for n in names)
+    return ([list(n) + [n[0]] * (k - len(n)) for n in names],
+            [[float(x) for x in w] + [0.0] * (k - len(w)) for w in weights])
+
+
+def execute(plan: Plan, session) -> Path:
+    """Load what ``session`` does not hold yet, retrieve, generate, and write the results file atomically."""
+    import contextlib
+
+    import torch
+    import transformers
+    from tqdm.auto import tqdm
+
+    from utils.composition import compose
+    from utils.distributed import barrier, dist_info, init, my_batches
+    from utils.flags import default_dtype
+    from utils.generation import generate_batch, length_sorted_batches
+    from utils.results import Checkpoint, run_metadata, write_json_atomic
+
+    args, rows, pool, settings, checkpoint, done = plan.args, plan.rows, plan.pool, plan.settings, plan.checkpoint, plan.done
+    arrow = args.eval_type == "arrow"
+    if done:
+        logger.info("Resuming: %d rows already in %s", len(done), checkpoint.path)
+    logger.info("Settings: %s", json.dumps(settings))
+
+    transformers.set_seed(args.seed)
+    dist = dist_info()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dist.enabled:
+        init(dist, device.startswith("cuda"))
+        if device == "cuda":
+            device = f"cuda:{dist.local_rank}"
+        logger.info("Process %d of %d on %s", dist.rank, dist.world_size, device)
+    dtype = args.dtype or default_dtype(device)
+    tokenizer, model = session.base(args.base_model, dtype, device, args.device_map)
+    adapter_pool = session.adapter_pool(pool) if args.eval_type not in ("base", "arrow") else None
+
+    # Routing for every row, batched (Arrow routes each token inside the model instead).
+    t0 = time.time()
+    routing = None if arrow else route(plan, session, adapter_pool, tokenizer, device)
+    t_retrieval = time.time() - t0
+
+    prompts = [plan.prompter.generate_prompt(r["inputs"]) for r in rows]
+    # Batches are formed over all rows (not only the unfinished ones), so that a resumed run generates each
+    # remaining row in the same batch, with the same padding, as an uninterrupted run would. Arrow with --ood
+    # needs one model per left-out adapter, so its batches are formed within each task's rows.
+    lengths = [len(ids) for ids in tokenizer(prompts).input_ids]
+    names = {e.name for e in pool}
+    group_of = [r["task"] if arrow and args.ood and r["task"] in names else None for r in rows]
+    groups: dict = {}
+    for i, g in enumerate(group_of):
+        groups.setdefault(g, []).append(i)
+    batches = []
+    for g, members in groups.items():
+        batches += [[members[j] for j in b] for b in length_sorted_batches([lengths[i] for i in members], args.batch_size)]
+    batches = my_batches(batches, dist)
+    batches = [b for b in ([i for i in batch if i not in done] for batch in batches) if b]
+    checkpoint.start(done)
+    t0, n_tokens = time.time(), 0
+    with contextlib.ExitStack() as arrow_stack:
+        arrow_group, arrow_model = object(), None
+        for batch in tqdm(batches, desc=f"Generating ({args.eval_type})", unit="batch"):
+            batch_prompts = [prompts[i] for i in batch]
+            if arrow:
+                if group_of[batch[0]] != arrow_group:  # a new left-out adapter: PEFT's Arrow over the rest of the pool
+                    arrow_stack.close()
+                    arrow_group = group_of[batch[0]]
+                    arrow_model = arrow_stack.enter_context(session.arrow(
+                        [e for e in pool if e.name != arrow_group], args.arrow_top_k, args.arrow_temperature,
+                        args.arrow_general_adapters, args.seed))
+                texts, counts = generate_batch(arrow_model, tokenizer, batch_prompts, args.max_new_tokens, args.max_input_tokens)
+            elif args.eval_type != "base":
+                names_b, w_b = padded([routing.adapters[i] for i in batch], [routing.weights[i] for i in batch])
+                with compose(adapter_pool, adapter_pool.indices(names_b), torch.tensor(w_b), routing.modes[batch[0]]) as composed:
+                    texts, counts = generate_batch(composed, tokenizer, batch_prompts, args.max_new_tokens, args.max_input_tokens)
+            else:
+                with session.without_adapters():
+                    texts, counts = generate_batch(model, tokenizer, batch_prompts, args.max_new_tokens, args.max_input_tokens)
+            n_tokens += sum(counts)
+            out = []
+            for i, text in zip(batch, texts):
+                row = dict(rows[i])
+                row.update(index=i, predicted_answer=text)
+                if arrow:
+                    row.update(adapters=[], weights=[])
+                    if group_of[i] is not None:
+                        row["arrow_left_out"] = group_of[i]
+                else:
+                    row.update(adapters=routing.adapters[i], weights=[float(x) for x in routing.weights[i]])
+                    if routing.similarities[i] is not None:
+                        row["scores"] = [float(x) for x in routing.similarities[i]]
+                    row.update(routing.extra[i])
+                out.append(row)
+                done[i] = row
+            checkpoint.append(out)
+    t_gen = time.time() - t0
+    plan.seconds["generation"] = t_gen
+    if routing is not None and "lorahub" in routing.meta:
+        plan.seconds["search"] = t_retrieval
+
+    shards = []
+    if dist.enabled:  # every rank has finished its batches: rank 0 merges the checkpoints
+        barrier(dist)
+        if not dist.is_main:
+            return Path(args.res_path)
+        shards = [Checkpoint(args.res_path, settings, shard=r) for r in range(dist.world_size)]
+        done = {i: row for shard in shards for i, row in shard.load().items()}
+        missing = [i for i in range(len(rows)) if i not in done]
+        if missing:
+            raise RuntimeError(f"Merging the per-process checkpoints lacks rows {missing[:10]}; rerun the same command to finish them.")
+    meta = run_metadata(args.seed)
+    meta["world_size"] = dist.world_size
+    meta["batch_size"] = args.batch_size
+    meta["timing_s"] = {"retrieval": round(t_retrieval, 3), "generation": round(t_gen, 3), "total": round(time.time() - plan.t_start, 3)}
+    meta["generated_tokens"] = n_tokens
+    meta["device"], meta["dtype"] = device, dtype
+    if routing is not None:
+        meta.update({k: v for k, v in routing.meta.items() if k != "retrieval_s"})
+    result = {"format": "lora_retriever.results/1", "settings": settings, "meta": meta,
+              "rows": [{k2: v for k2, v in done[i].items() if k2 != "index"} for i in range(len(rows))]}
+    write_json_atomic(args.res_path, result)
+    checkpoint.remove()
+    for shard in shards:
+        shard.remove()
+    for cleanup in plan.cleanup:
+        cleanup()
+    logger.info("Wrote %d rows to %s (retrieval %.2f s, generation %.1f s, %d new tokens)", len(rows), args.res_path, t_retrieval, t_gen, n_tokens)
+    return Path(args.res_path)
+
+
+def run(args: argparse.Namespace, session=None) -> Path:
+    """One run: check everything, load each stage once (or reuse ``session``'s), evaluate, write the results."""
+    from utils.session import Session
+
+    return execute(prepare(args), session or Session())
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def sweep_runs(args: argparse.Namespace, build_parser) -> list[tuple[str, argparse.Namespace]]:
+    """The runs of ``--runs "NAME FLAGS..." ...``: each run's flags on top of the shared ones, results in --res_dir/NAME.json.
+
+    ``build_parser()`` gives the entry's parser, which parses each run's own flags.
+    """
+    import shlex
+
+    from utils.data import InputError
+
+    if args.res_path:
+        raise InputError("--res_path names one run's file; with --runs give --res_dir instead (each run writes <res_dir>/<name>.json).")
+    if not args.res_dir:
+        raise InputError("--runs needs --res_dir, the folder of the runs' results files, e.g. --res_dir results/embedded")
+    shared = {k: v for k, v in vars(args).items() if k not in ("runs", "res_dir", "force")}
+    runs, names = [], set()
+    for spec in args.runs:
+        try:
+            words = shlex.split(spec)
+        except ValueError as err:
+            raise InputError(f"--runs {spec!r}: {err}; check the quotes of this run.") from err
+        if not words or not RUN_NAME.fullmatch(words[0]):
+            raise InputError(f"--runs {spec!r}: start each run with its name (letters, digits, _ . -), e.g. --runs \"mixture --eval_type mixture --lora_num 3\".")
+        name, flags = words[0], words[1:]
+        if name in names:
+            raise InputError(f"--runs names {name!r} twice; give each run its own name.")
+        names.add(name)
+        if any(f.split("=")[0] in ("--runs", "--res_dir", "--res_path", "--force", "--settings") for f in flags):
+            raise InputError(f"--runs {name}: --runs, --res_dir, --res_path, --force and --settings apply to the whole sweep, not to one run.")
+        parser = build_parser()
+        parser.exit_on_error = False
+        parser.set_defaults(**shared)  # the run's own flags override the shared ones
+        try:
+            run_args, unknown = parser.parse_known_args(flags)
+        except argparse.ArgumentError as err:
+            raise InputError(f"Run {name!r}: {err}.") from err
+        if unknown:
+            raise InputError(f"Run {name!r}: unknown flags {unknown}; see python main.py --help.")
+        run_args.res_path = str(Path(args.res_dir) / f"{name}.json")
+        runs.append((name, run_args))
+    return runs
+
+
+def run_sweep(args: argparse.Namespace, build_parser) -> list[Path]:
+    """Every run of the sweep in this process, sharing the base model, the pool and the retriever.
+
+    All runs are checked before the first model loads; a run whose results file exists is skipped unless --force.
+    """
+    from utils.data import InputError
+    from utils.session import Session
+
+    plans = []
+    for name, run_args in sweep_runs(args, build_parser):
+        if Path(run_args.res_path).exists() and not args.force:
+            logger.info("%s exists; skipping %s (--force redoes it)", run_args.res_path, name)
+            continue
+        try:
+            plans.append(prepare(run_args))
+        except InputError as err:
+            raise InputError(f"Run {name!r}: {err}") from err
+    session = Session()
+    pace = SweepPace()
+    out = []
+    for i, plan in enumerate(plans):
+        logger.info("Sweep: run %d of %d, %s; %s", i + 1, len(plans), Path(plan.args.res_path).stem, pace.estimate(plans[i:]))
+        units = work_units(plan)  # before execute(), which fills plan.done
+        out.append(execute(plan, session))
+        pace.record(plan, units)
+    return out
+
+
+def work_units(plan: Plan) -> tuple[int, int]:
+    """(rows left to generate, LoraHub example-evaluations of its searches) of one run."""
+    rows = len(plan.rows) - len(plan.done)
+    args = plan.args
+    if args.eval_type != "lorahub":
+        return rows, 0
+    per_scope = args.lorahub_examples * (len(plan.pool) if args.lorahub_scope == "all" else 1)
+    scopes = 1 if args.lorahub_scope == "all" else len({r["task"] for r in plan.rows})
+    return rows, scopes * per_scope * (args.lorahub_budget + 1)
+
+
+class SweepPace:
+    """Time left in a sweep, from the pace of its finished runs: seconds per generated row and per LoraHub
+    example-evaluation (a search evaluates its loss on every example, budget + 1 times)."""
+
+    def __init__(self):
+        self.rows = self.row_s = self.evals = self.eval_s = 0.0
+
+    def record(self, plan: Plan, units: tuple[int, int]) -> None:
+        rows, evals = units
+        self.rows += rows
+        self.row_s += plan.seconds.get("generation", 0.0)
+        if evals and "search" in plan.seconds:
+            self.evals += evals
+            self.eval_s += plan.seconds["search"]
+
+    def estimate(self, remaining: list[Plan]) -> str:
+        if not self.rows:
+            return "time left estimated after the first run"
+        rows = sum(work_units(p)[0] for p in remaining)
+        evals = sum(work_units(p)[1] for p in remaining)
+        left = rows * self.row_s / self.rows
+        if evals and not self.evals:
+            return f"at least {left / 60:.0f} min left (LoraHub's searches not timed yet)"
+        if evals:
+            left += evals * self.eval_s / self.evals
+        return f"about {left / 60:.0f} min left"

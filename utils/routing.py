@@ -1,0 +1,163 @@
+"""Stage: routing. Which adapters, with which weights and which composition, for each input of a batch.
+
+Every entry asks this stage, and only this stage: main.py's evaluation (a whole test set at once), generate.py (one
+prompt) and the server's scheduler (the requests waiting to join the batch). Each input comes with a :class:`Route`,
+what it asks for:
+
+    auto      retrieval (:class:`utils.retrieval.LoraRetriever`): the top k adapters for the input's embedding, with
+              ``exclude`` (OOD: the row's own task) removed before the top k are taken; weights uniform
+              w_j = 1/k (the paper) or softmax w_j = exp(s_j / T) / sum_i exp(s_i / T) over the similarities s
+    mix       an explicit weighted mix {adapter: weight}, applied as given (not renormalised); one name is selection
+    base      no adapter
+    own       perfect selection: the input's own task adapter (``task``), weight 1 (an oracle)
+    soup      Adapter Soup: the adapters of the domain nearest to the input (:mod:`utils.baselines.soup`), uniform
+              weights, fused
+    soup_all  every adapter of the pool but ``exclude``, uniform weights, fused
+
+LoraHub's learned vectors (:mod:`utils.baselines.lorahub`) reach their rows as ``mix`` routes.
+
+All inputs that need an embedding (auto, soup) are embedded in ONE call of the retriever's embedder, in input order;
+auto inputs are searched in one FAISS call per (k, weighting, temperature). The answer is one :class:`Routing`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from utils.data import InputError
+
+METHODS = ("auto", "mix", "base", "own", "soup", "soup_all")
+
+
+@dataclass(frozen=True)
+class Route:
+    """What one input asks of the router (module docstring). ``mode``: the composition, mixture or fusion."""
+
+    method: str = "auto"
+    k: int = 3
+    weighting: str = "uniform"
+    temperature: float = 1.0
+    exclude: tuple[str, ...] = ()
+    mix: tuple[tuple[str, float], ...] = ()
+    task: str | None = None
+    mode: str = "mixture"
+
+
+@dataclass
+class Routing:
+    """The router's answer for a batch of n inputs; entry i is input i.
+
+    ``adapters[i]`` / ``weights[i]``: the adapter names and their weights (empty for the base model);
+    ``similarities[i]``: the retrieval scores of those adapters (soup: the chosen domain's), or None where nothing
+    was retrieved; ``modes[i]``: the composition (``mixture`` or ``fusion``); ``extra[i]``: more fields for the
+    input's record (e.g. Adapter Soup's domain); ``meta``: what a results file records (e.g. ``retrieval_s``).
+    """
+
+    adapters: list[list[str]]
+    weights: list[list[float]]
+    similarities: list[list[float] | None]
+    modes: list[str]
+    extra: list[dict]
+    meta: dict = field(default_factory=dict)
+
+    def label(self, i: int) -> str:
+        """``base``, ``selection`` (one adapter) or the composition mode of input i."""
+        if not self.adapters[i]:
+            return "base"
+        return "selection" if len(self.adapters[i]) == 1 else self.modes[i]
+
+    def applied(self, i: int, domains: dict[str, str]) -> list[dict]:
+        """Input i's adapters as ``{name, domain, similarity, weight}`` records (what the server reports)."""
+        sims = self.similarities[i] or [None] * len(self.adapters[i])
+        return [{"name": n, "domain": domains.get(n, ""), "similarity": s, "weight": float(w)}
+                for n, s, w in zip(self.adapters[i], sims, self.weights[i])]
+
+
+class Router:
+    """Answers :meth:`route` over one pool.
+
+    Args:
+        names: the pool's adapter names, in pool order.  domains: each adapter's domain, in the same order.
+        retriever: a :class:`utils.retrieval.LoraRetriever` over the pool, or None (then ``auto`` and ``soup``
+            are refused).
+    """
+
+    def __init__(self, names: list[str], domains: list[str] | None = None, retriever=None):
+        self.names = list(names)
+        self.domains = list(domains) if domains is not None else [""] * len(self.names)
+        self.retriever = retriever
+
+    def route(self, queries: list[str], routes: list[Route]) -> Routing:
+        """Adapters, weights, similarities and mode for each ``queries[i]`` as ``routes[i]`` asks."""
+        if len(queries) != len(routes):
+            raise ValueError(f"{len(queries)} queries but {len(routes)} routes.")
+        n = len(routes)
+        out = Routing([[] for _ in range(n)], [[] for _ in range(n)], [None] * n, ["mixture"] * n, [{} for _ in range(n)])
+        embedded = [i for i, r in enumerate(routes) if r.method in ("auto", "soup")]
+        emb = None
+        t0 = time.perf_counter()
+        if embedded:
+            if self.retriever is None:
+                raise InputError("Retrieval was asked for, but no retriever is loaded (the pool is empty or named adapters only).")
+            emb = self.retriever.embedder.encode([queries[i] for i in embedded])  # [len(embedded), d]
+            row_of = {i: j for j, i in enumerate(embedded)}
+            self._auto(out, routes, emb, row_of)
+            self._soup(out, routes, emb, row_of)
+            out.meta["retrieval_s"] = time.perf_counter() - t0
+        for i, r in enumerate(routes):
+            if r.method in ("auto", "soup"):
+                continue
+            if r.method == "base":
+                continue
+            if r.method == "mix":
+                names, weights = [n for n, _ in r.mix], [float(w) for _, w in r.mix]
+            elif r.method == "own":
+                if r.task is None:
+                    raise ValueError("Route 'own' (perfect selection) needs the input's task.")
+                names, weights = [r.task], [1.0]
+            elif r.method == "soup_all":
+                ban = set(r.exclude)
+                names = [m for m in self.names if m not in ban]
+                weights = [1.0 / len(names)] * len(names)
+            else:
+                raise ValueError(f"Unknown routing method {r.method!r}; use one of {', '.join(METHODS)}.")
+            out.adapters[i], out.weights[i] = names, weights
+            out.modes[i] = "fusion" if r.method == "soup_all" else r.mode
+        return out
+
+    def _auto(self, out: Routing, routes: list[Route], emb: np.ndarray, row_of: dict) -> None:
+        """Top-k retrieval and its weights, one search per (k, weighting, temperature)."""
+        from utils.retrieval import composition_weights
+
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(routes):
+            if r.method == "auto":
+                groups.setdefault((r.k, r.weighting, r.temperature), []).append(i)
+        for (k, weighting, temperature), members in groups.items():
+            names, scores = self.retriever.search_embeddings(emb[[row_of[i] for i in members]], k,
+                                                             exclude=[routes[i].exclude for i in members])
+            weights = composition_weights(scores, weighting, temperature)
+            for j, i in enumerate(members):
+                out.adapters[i] = names[j]
+                out.weights[i] = [float(w) for w in weights[j]]
+                out.similarities[i] = [float(s) for s in scores[j]]
+                out.modes[i] = routes[i].mode
+
+    def _soup(self, out: Routing, routes: list[Route], emb: np.ndarray, row_of: dict) -> None:
+        """Adapter Soup's nearest domain, its adapters fused with uniform weights."""
+        from utils.baselines.soup import nearest_domain
+
+        members = [i for i, r in enumerate(routes) if r.method == "soup"]
+        if not members:
+            return
+        chosen, domains, sims = nearest_domain(self.retriever, emb[[row_of[i] for i in members]], self.domains,
+                                               [routes[i].exclude for i in members])
+        for j, i in enumerate(members):
+            out.adapters[i] = chosen[j]
+            out.weights[i] = [1.0 / len(chosen[j])] * len(chosen[j])
+            out.similarities[i] = [float(sims[j])]
+            out.modes[i] = "fusion"
+            out.extra[i] = {"soup_domain": domains[j]}
