@@ -22,7 +22,7 @@ import sys
 
 logger = logging.getLogger("serve")
 
-# Keys of main.py's profiles (config/*.json) that mean nothing to a server.
+
 def build_parser() -> argparse.ArgumentParser:
     from utils import flags
     from utils.serving.request_scheduler import POLICIES

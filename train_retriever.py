@@ -113,6 +113,8 @@ def main(argv=None) -> int:
         domains = {e.name: e.domain for e in pool}
         names = [e.name for e in pool if e.name in train_tasks]
         by_task = {name: [t for t, lab in zip(texts, labels) if names[lab] == name] for name in names}
+        from utils.retriever_training import train_infonce
+
         losses = train_infonce(model, by_task, domains, args)
         model.save(str(out))
         write_split(out, train_tasks, held_out, args, losses)
@@ -139,61 +141,6 @@ def write_split(out: Path, train_tasks: list[str], held_out: list[str], args, lo
                                                      "train_fraction": args.train_fraction, "instruction": args.instruction,
                                                      "base_retriever": args.retriever, "adapter_vector": args.adapter_vector,
                                                      "settings": settings}, indent=1), encoding="utf-8")
-
-
-def train_infonce(model, by_task: dict[str, list[str]], domains: dict[str, str], args) -> list[float]:
-    """InfoNCE over distinct-task batches with in-batch and optional same-domain hard negatives (module docstring).
-
-    Shapes: anchors a [B, d], candidates c [B or 2B, d] (positives first, then hard negatives); logits a c^T / tau
-    [B, B or 2B]; target of row i: column i.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
-    tasks = sorted(t for t, xs in by_task.items() if len(xs) >= 2)
-    if len(tasks) < 2:
-        raise SystemExit("InfoNCE needs at least 2 training tasks with 2 inputs each.")
-    batch = min(args.batch_size, len(tasks))
-    same_domain = {t: [u for u in tasks if u != t and domains.get(u) == domains.get(t)] for t in tasks}
-    device = next(model.parameters()).device
-    model.max_seq_length = args.max_seq_length
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
-    warmup = max(1, args.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to 0
-        opt, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (args.steps - s) / max(1, args.steps - warmup)))
-    prefix = args.instruction or ""
-
-    def embed(texts):
-        features = model.tokenize([prefix + t for t in texts])
-        features = {k: v.to(device) if hasattr(v, "to") else v for k, v in features.items()}
-        return torch.nn.functional.normalize(model(features)["sentence_embedding"], dim=-1)
-
-    losses = []
-    for step in tqdm(range(args.steps), desc="Training retriever (InfoNCE)", unit="step"):
-        chosen = rng.sample(tasks, batch)
-        anchors, positives, negatives = [], [], []
-        for t in chosen:
-            a, p = rng.sample(by_task[t], 2)
-            anchors.append(a)
-            positives.append(p)
-            if args.hard_negatives == "domain" and same_domain[t]:
-                negatives.append(rng.choice(by_task[rng.choice(same_domain[t])]))
-        a = embed(anchors)
-        c = embed(positives + negatives)
-        logits = a @ c.T / args.tau
-        loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(anchors), device=device))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if (step + 1) % 25 == 0:
-            logger.info("step %d: loss %.4f (mean of the last 25: %.4f)", step + 1, losses[-1], sum(losses[-25:]) / 25)
-    model.eval()
-    return losses
 
 
 def _cuda() -> bool:
