@@ -76,13 +76,17 @@ class FewShotLoss:
         pool: the loaded :class:`utils.adapter_pool.AdapterPool`.
         tokenizer, prompter: how examples become token ids (the run's template).
         examples: (inputs, targets) pairs.  batch_size: examples per forward.  max_length: tokens per example.
+        max_padding: a batch's padded tokens stay within this many times its real ones (every padded position is
+            computed; sorted by length and cut like this, the embedded profile's 26 examples cost 2,522 tokens
+            per evaluation instead of 2,802 in batches of 8).
         autocast_dtype: compute the loss under ``torch.autocast`` in this dtype (e.g. bfloat16 for a float32 model on a
-            CPU with bf16 instructions: the search runs about 1.7x faster; the learned weights are then applied in
-            the model's own dtype). None: the model's dtype.
+            GPU, or a CPU with bf16 instructions; the learned weights are then applied in the model's own dtype).
+            None: the model's dtype. On a CPU without bf16 instructions autocast is emulated: 5.6 times slower than
+            float32, and its rounding differs from a CPU that has them (docs/benchmarks.md, LoraHub's search).
     """
 
     def __init__(self, pool, tokenizer, prompter, examples: list[tuple[str, str]], batch_size: int = 8, max_length: int = 256,
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, max_padding: float = 1.25):
         from utils.prompter import collate_supervised, encode_supervised
 
         if not examples:
@@ -92,9 +96,17 @@ class FewShotLoss:
         encoded = [encode_supervised(tokenizer, prompter, x, y, max_length) for x, y in examples]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # similar lengths together: less padding
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        groups: list[list[int]] = []
+        for i in order:  # at most batch_size rows, and padded tokens at most max_padding x the real ones
+            g = groups[-1] if groups else None
+            n = len(encoded[i][0])  # the longest so far: rows come sorted by length
+            if g and len(g) < batch_size and n * (len(g) + 1) <= max_padding * (sum(len(encoded[j][0]) for j in g) + n):
+                g.append(i)
+            else:
+                groups.append([i])
         self.batches = []
-        for s in range(0, len(order), batch_size):
-            ids, labels, mask = collate_supervised([encoded[i] for i in order[s:s + batch_size]], pad, left=True)
+        for g in groups:
+            ids, labels, mask = collate_supervised([encoded[i] for i in g], pad, left=True)
             # Rows are aligned at the end, so every target token sits in the last ``keep`` positions.
             keep = min(int((labels != -100).sum(1).max()) + 1, ids.shape[1])
             self.batches.append((ids, labels, mask, keep))
