@@ -361,3 +361,34 @@ def test_summarize_names_a_truncated_results_file(tmp_path, caplog):
     (tmp_path / "mixture.json").write_text('{"settings": {}, "rows": [{"inputs": "a"', encoding="utf-8")
     assert summarize_results.main(["--results_dir", str(tmp_path), "--no_charts"]) == 2
     assert "mixture.json is not valid JSON" in caplog.text and "No results files" not in caplog.text
+
+
+def test_sweep_logs_its_place_and_the_time_left(workspace, caplog):
+    out = workspace["dir"] / "paced"
+    runs = {"plain": ["--eval_type", "base"], "mix": ["--lora_num", "2"], "fused": ["--eval_type", "fusion", "--lora_num", "2"]}
+    caplog.set_level("INFO", logger="utils.evaluation")
+    assert main_mod.main(sweep_argv(workspace, out, runs)) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Sweep: run")]
+    assert [line.split(";")[0] for line in lines] == ["Sweep: run 1 of 3, plain", "Sweep: run 2 of 3, mix", "Sweep: run 3 of 3, fused"]
+    assert "estimated after the first run" in lines[0]
+    assert all("min left" in line for line in lines[1:])
+
+
+def test_sweep_pace_counts_rows_and_lorahub_evaluations():
+    from types import SimpleNamespace
+
+    def plan(eval_type, rows=10, done=0, **kw):
+        args = SimpleNamespace(eval_type=eval_type, lorahub_examples=2, lorahub_budget=4, lorahub_scope=kw.get("scope", "all"))
+        tasks = [{"task": f"t{i % 3}"} for i in range(rows)]
+        return SimpleNamespace(args=args, rows=tasks, done=dict.fromkeys(range(done)), pool=[1, 2, 3, 4], seconds=kw.get("seconds", {}))
+
+    assert evaluation.work_units(plan("mixture", done=4)) == (6, 0)
+    assert evaluation.work_units(plan("lorahub")) == (10, 4 * 2 * 5)  # 4 adapters x 2 examples, budget + 1 evaluations
+    assert evaluation.work_units(plan("lorahub", scope="task")) == (10, 3 * 2 * 5)  # 3 tasks, 2 examples each
+    pace = evaluation.SweepPace()
+    assert "after the first run" in pace.estimate([plan("mixture")])
+    pace.record(plan("mixture", seconds={"generation": 60.0}), (10, 0))  # 6 s per row
+    assert pace.estimate([plan("mixture"), plan("mixture")]) == "about 2 min left"
+    assert pace.estimate([plan("lorahub")]).startswith("at least 1 min left (LoraHub")
+    pace.record(plan("lorahub", seconds={"generation": 60.0, "search": 120.0}), (10, 40))  # 3 s per example-evaluation
+    assert pace.estimate([plan("lorahub")]) == "about 3 min left"  # 10 rows x 6 s + 40 x 3 s
