@@ -301,3 +301,12 @@ def test_failure_in_a_batch_fails_only_that_batch(app, engine):
     assert not decoder.composition._rows  # nothing kept for the failed rows
     ok = post(app, {"prompt": "the movie", "max_tokens": 3})
     assert ok.status_code == 200 and engine.scheduler.alive
+
+
+def test_web_page_is_served_from_the_projects_web_folder(app):
+    """GET / answers web/index.html itself (the page's own path, wherever the API module lives)."""
+    from pathlib import Path
+
+    r = get(app, "/")
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    assert r.text == (Path(__file__).resolve().parent.parent / "web" / "index.html").read_text(encoding="utf-8")

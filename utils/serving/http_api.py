@@ -34,7 +34,7 @@ from utils.serving.request_scheduler import Job, QueueFull
 
 logger = logging.getLogger(__name__)
 
-WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+WEB_DIR = Path(__file__).resolve().parents[2] / "web"
 UNSUPPORTED = {"n": 1, "best_of": 1, "logprobs": None, "top_logprobs": None, "echo": False, "suffix": None,
                "tools": None, "functions": None, "logit_bias": None}
 
