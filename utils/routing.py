@@ -108,9 +108,7 @@ class Router:
             self._soup(out, routes, emb, row_of)
             out.meta["retrieval_s"] = time.perf_counter() - t0
         for i, r in enumerate(routes):
-            if r.method in ("auto", "soup"):
-                continue
-            if r.method == "base":
+            if r.method in ("auto", "soup", "base"):  # answered above, or no adapter
                 continue
             if r.method == "mix":
                 names, weights = [n for n, _ in r.mix], [float(w) for _, w in r.mix]
