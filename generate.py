@@ -50,7 +50,8 @@ class Generator:
         self.pool_entries = [] if args.no_adapter else load_pool_config(args.config_path, args.adapter_pattern)
         session = Session()
         self.tokenizer, self.model = session.base(args.base_model, args.dtype, args.device, None)
-        self.pool = session.adapter_pool(self.pool_entries) if self.pool_entries else None
+        self.pool = (session.adapter_pool(self.pool_entries, args.max_loras, args.max_cpu_loras, args.eager_load)
+                     if self.pool_entries else None)
         retriever = None
         if self.pool is not None and not args.adapters:
             retriever = session.retriever(self.pool_entries, args.retriever, args.instruction,

@@ -9,7 +9,9 @@ requests join the running batch between decoding steps and finished ones leave i
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"model": "auto", "prompt": "Is this sarcastic? ...", "max_tokens": 32}'
 
-The model, pool and retriever load once, at start-up; every flag and file is checked before they load.
+The model, pool config and retriever load once, at start-up (each adapter's weights when retrieval first picks it);
+every flag and file is checked before they load. Adapters can be loaded and unloaded while serving
+(POST /v1/load_lora_adapter, /v1/unload_lora_adapter; --pool_state keeps the changes across restarts).
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--api_key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (default: $LORA_RETRIEVER_API_KEY, else none)")
     a("--max_body_bytes", type=int, default=1 << 20, help="largest request body accepted")
     a("--max_tokens_cap", type=int, default=1024, help="largest max_tokens a request may ask for")
+    # The pool at run time.
+    a("--adapter_root", action="append", default=None,
+      help="folder that POST /v1/load_lora_adapter may read adapters from (repeatable; default: the folders of the pool "
+           "config's adapters); paths outside it, through '..' or symlinks included, get 403")
+    a("--pool_state", default=None,
+      help="JSON file recording runtime loads and unloads (written atomically); a restart with it comes back with the same pool")
     # Batching.
     a("--max_batch_size", type=int, default=32, help="rows decoded together at most")
     a("--max_wait_ms", type=float, default=10.0, help="when idle, how long the first request waits for others to prefill with it")
@@ -105,7 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         logger.error("%s", err)
         return 2
-    app = create_app(engine, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    from pathlib import Path
+
+    from utils.serving.pool_admin import PoolAdmin, default_roots
+
+    roots = [Path(r) for r in args.adapter_root] if args.adapter_root else default_roots(engine.entries)
+    admin = PoolAdmin(engine, roots, args.pool_state)
+    try:
+        admin.restore()
+    except InputError as err:
+        logger.error("%s", err)
+        return 2
+    app = create_app(engine, api_key=args.api_key, max_body_bytes=args.max_body_bytes, admin=admin, bind_host=args.host)
     logger.info("Serving %s with %d adapters on http://%s:%d (web page at /, API at /v1)", args.base_model,
                 len(engine.entries), args.host, args.port)
     # uvicorn stops on SIGTERM/SIGINT: it stops accepting, waits for the requests in flight, then the lifespan

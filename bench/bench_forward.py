@@ -74,8 +74,7 @@ def forward_timings(repeats: int) -> list[dict]:
                 for mode in ("base", "mixture", "fusion"):
                     for name, ids, inner in (("prompt 16x250", prompt, 1), ("decoding step 16x1", step, 10)):
                         if mode == "base":
-                            with pool.model.disable_adapter():
-                                s = best_time(lambda: pool.model(input_ids=ids), 1, inner)
+                            s = best_time(lambda: pool.model(input_ids=ids), 1, inner)
                         else:
                             with compose(pool, idx, w, mode) as m:
                                 s = best_time(lambda: m(input_ids=ids), 1, inner)

@@ -27,6 +27,7 @@ disk as the original does); queries, prompts and retrieval stay real. It is mean
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import sys
@@ -186,7 +187,7 @@ def markdown_report(results: list[dict]) -> str:
 FILE_ORDER = ("original_mixture", "original_fusion", "base_file_order")  # batches in file order, as the original code
 
 
-def run_config(config, bs, pool, paths, retriever, tok, prompts, texts, n_new, lengths):
+def run_config(config, bs, pool, peft_model, paths, retriever, tok, prompts, texts, n_new, lengths):
     """(generation seconds, retrieval seconds, generated tokens) of one configuration over all rows."""
     rows = list(range(len(prompts)))
     k = 1 if config in ("selection", "peft_selection") else 3
@@ -201,16 +202,15 @@ def run_config(config, bs, pool, paths, retriever, tok, prompts, texts, n_new, l
         bp = [prompts[i] for i in idx]
         t0 = time.perf_counter()
         if config in ("base", "base_file_order"):
-            with pool.model.disable_adapter():
-                n = generate(pool.model, tok, bp, n_new)
+            n = generate(pool.model, tok, bp, n_new)
         elif config.startswith("original"):
             t1 = time.perf_counter()
             picked = [retriever.search([texts[i]], k)[0][0] for i in idx]  # one query at a time, as the original
             ret_s += time.perf_counter() - t1
             t0 += time.perf_counter() - t1
-            n = OriginalLoop(pool.model, paths, config.split("_")[1]).run(tok, bp, picked, n_new)
+            n = OriginalLoop(peft_model, paths, config.split("_")[1]).run(tok, bp, picked, n_new)
         elif config == "peft_selection":
-            n = generate(pool.model, tok, bp, n_new, adapter_names=[chosen[i][0] for i in idx])
+            n = generate(peft_model, tok, bp, n_new, adapter_names=[chosen[i][0] for i in idx])
         else:
             mode = "fusion" if config == "fusion" else "mixture"
             with compose(pool, pool.indices([chosen[i] for i in idx]), weights[idx], mode) as m:
@@ -262,12 +262,21 @@ def main(argv=None) -> int:
         pool = AdapterPool(base, pool_entries, show_progress=False)
         paths = {e.name: e.path for e in pool_entries}
         results = []
-        generate(pool.model.get_base_model(), tok, prompts[:2], 2)  # warm-up
+        peft_model = None
+        if any(c.startswith("original") or c == "peft_selection" for c in args.configs):
+            # stock peft's own multi-adapter model (the adapters injected), on its own copy of the base weights
+            from peft import PeftModel
+
+            peft_model = PeftModel.from_pretrained(copy.deepcopy(base), pool_entries[0].path, adapter_name=pool_entries[0].name)
+            for e in pool_entries[1:]:
+                peft_model.load_adapter(e.path, adapter_name=e.name)
+            peft_model.eval()
+        generate(pool.model, tok, prompts[:2], 2)  # warm-up
         for bs in args.batch_sizes:
             timings: dict[str, list] = {c: [] for c in args.configs}
             for rep in range(args.repeats):  # configurations interleaved, best of the repeats kept
                 for config in args.configs:
-                    timings[config].append(run_config(config, bs, pool, paths, retriever, tok, prompts, texts, args.max_new_tokens, lengths))
+                    timings[config].append(run_config(config, bs, pool, peft_model, paths, retriever, tok, prompts, texts, args.max_new_tokens, lengths))
             for config in args.configs:
                 gen_s, ret_s, n_tok = min(timings[config], key=lambda t: t[0] + t[1])
                 dt = gen_s + ret_s

@@ -171,7 +171,7 @@ def test_compose_shared_equals_compose_with_identical_rows(tiny_base, equal_lora
                 expected = model(input_ids=ids).logits
             with compose_shared(pool, [0, 1, 2], w, mode) as model:
                 got = model(input_ids=ids).logits
-            base = pool.model(input_ids=ids).logits  # hooks removed on exit: peft's own path is back
+            base = pool.model(input_ids=ids).logits  # hooks removed on exit: the bare base model
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(got, base, atol=1e-3)
 

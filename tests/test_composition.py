@@ -47,40 +47,62 @@ def merged_reference(tiny_base, deltas):
     return model
 
 
+def peft_reference(base, loras, names):
+    """Stock peft with ``names`` loaded the usual way (injected LoRA layers): the reference the pool must match."""
+    from peft import PeftModel
+
+    ref = PeftModel.from_pretrained(base, loras[names[0]], adapter_name=names[0])
+    for n in names[1:]:
+        ref.load_adapter(loras[n], adapter_name=n)
+    return ref.eval()
+
+
 @pytest.fixture(scope="module")
 def pool(tiny_base, tiny_loras):
     return make_pool(tiny_base, tiny_loras, ["alpha", "beta", "gamma"])
 
 
-def test_selection_equals_stock_peft(pool):
+@pytest.fixture(scope="module")
+def ref(tiny_base, tiny_loras):
+    return peft_reference(load_base(tiny_base), tiny_loras, ["alpha", "beta", "gamma"])
+
+
+def test_pool_injects_nothing_and_reads_on_first_use(pool):
+    from peft.tuners.lora import LoraLayer
+
+    assert not any(isinstance(m, LoraLayer) for m in pool.model.modules())
+    assert type(pool.model).__name__ != "PeftModel"
+
+
+def test_selection_equals_stock_peft(pool, ref):
     ids = batch_inputs()
     for name in pool.names:
-        pool.model.set_adapter(name)
+        ref.set_adapter(name)
         with torch.no_grad():
-            expected = pool.model(input_ids=ids).logits
+            expected = ref(input_ids=ids).logits
             idx = pool.indices([[name]] * ids.shape[0])
             with compose(pool, idx, torch.ones(ids.shape[0], 1), "mixture") as m:
                 got = m(input_ids=ids).logits
             with compose(pool, idx, torch.ones(ids.shape[0], 1), "fusion") as m:
                 got_fusion = m(input_ids=ids).logits
-            base = pool.model.get_base_model
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
         torch.testing.assert_close(got_fusion, expected, atol=1e-5, rtol=0)
-        with pool.model.disable_adapter(), torch.no_grad():
-            assert not torch.allclose(pool.model(input_ids=ids).logits, expected, atol=1e-3), f"adapter {name} is a no-op"
+        with ref.disable_adapter(), torch.no_grad():
+            assert not torch.allclose(ref(input_ids=ids).logits, expected, atol=1e-3), f"adapter {name} is a no-op"
 
 
 def test_hooks_removed_after_context(pool):
     ids = batch_inputs()
-    with torch.no_grad(), pool.model.disable_adapter():
+    with torch.no_grad():
         before = pool.model(input_ids=ids).logits
     idx = pool.indices([["alpha", "beta"]] * 3)
     with compose(pool, idx, torch.full((3, 2), 0.5), "mixture"):
-        pass
-    with torch.no_grad(), pool.model.disable_adapter():
+        assert any(m._forward_hooks for m in pool.model.modules())
+    with torch.no_grad():
         after = pool.model(input_ids=ids).logits
     torch.testing.assert_close(before, after)
-    assert all(not layer.module._forward_hooks for layer in pool.layers)
+    assert all(not m._forward_hooks for m in pool.model.modules())
+    assert not pool.pinned(), "the block's pins are released on exit"
 
 
 def test_mixture_equals_peft_cat(tiny_base, tiny_loras, pool):
@@ -100,17 +122,17 @@ def test_mixture_equals_peft_cat(tiny_base, tiny_loras, pool):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-def test_mixture_uses_each_adapters_own_scaling(tiny_base, pool):
+def test_mixture_uses_each_adapters_own_scaling(tiny_base, pool, ref):
     """Adapters of different r and alpha: delta W = sum_j w_j s_j B_j A_j with s_j = alpha_j / r_j."""
     names, w = ["beta", "gamma"], [0.6, 0.4]  # beta: r=2, alpha=16 (s=8); gamma: r=8, alpha=4 (s=0.5)
     deltas, wrong = {}, {}
     last_scaling = None
     for n, wj in zip(names, w):
-        for path, (A, B, s) in lora_weights(pool.model, n).items():
+        for path, (A, B, s) in lora_weights(ref, n).items():
             deltas[path] = deltas.get(path, 0) + wj * s * (B @ A)
             wrong[path] = wrong.get(path, 0) + wj * (B @ A)
             last_scaling = s
-    assert {8.0, 0.5} == {s for n in names for (_, _, s) in lora_weights(pool.model, n).values()}
+    assert {8.0, 0.5} == {s for n in names for (_, _, s) in lora_weights(ref, n).values()}
     ids = batch_inputs()
     with torch.no_grad():
         expected = merged_reference(tiny_base, deltas)(input_ids=ids).logits
@@ -129,7 +151,8 @@ def test_fusion_equals_formula(tiny_base, tiny_loras, tmp_path):
     loras = dict(tiny_loras, delta=extra)
     pool = make_pool(tiny_base, loras, ["alpha", "delta"])
     w = [0.7, 0.3]
-    per = [lora_weights(pool.model, n) for n in ("alpha", "delta")]
+    reference = peft_reference(load_base(tiny_base), loras, ["alpha", "delta"])
+    per = [lora_weights(reference, n) for n in ("alpha", "delta")]
     deltas = {}
     for path in per[0]:
         B_f = sum(wj * p[path][2] * p[path][1] for wj, p in zip(w, per))
@@ -202,16 +225,95 @@ def test_bf16_model_composes_in_bf16_close_to_peft(tiny_base, tiny_loras):
     entries = [PoolEntry(name=n, domain="d", samples=["x"], path=str(tiny_loras[n])) for n in ("alpha", "beta")]
     base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16).eval()
     pool = AdapterPool(base, entries, show_progress=False)
-    assert all(layer.A.dtype == layer.B.dtype == torch.bfloat16 for layer in pool.layers)
+    pool.acquire(["alpha", "beta"])
+    assert all(layer.A.dtype == layer.B.dtype == torch.bfloat16 for layer in pool.stacks(["alpha", "beta"]))
+    pool.release(["alpha", "beta"])
+    reference = peft_reference(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16).eval(), tiny_loras, ["alpha", "beta"])
     ids = batch_inputs()
-    pool.model.set_adapter("beta")
+    reference.set_adapter("beta")
     for inputs in (ids, ids[:, :1]):  # a whole prompt, then one decoding step
         with torch.no_grad():
-            expected = pool.model(input_ids=inputs).logits.float()
+            expected = reference(input_ids=inputs).logits.float()
             with compose(pool, pool.indices([["beta"]] * ids.shape[0]), torch.ones(ids.shape[0], 1)) as m:
                 got = m(input_ids=inputs).logits.float()
-            with pool.model.disable_adapter():
-                plain = pool.model(input_ids=inputs).logits.float()
+            plain = pool.model(input_ids=inputs).logits.float()
         effect = (expected - plain).abs().max()
         assert effect > 0.01  # the adapter changes the logits ...
         assert (got - expected).abs().max() < 0.1 * effect  # ... and bf16 composition reproduces that change
+
+
+@pytest.fixture(scope="module")
+def wild_loras(tiny_base, tiny_loras, tmp_path_factory):
+    """Adapters as peft accepts them in the wild: rank/alpha patterns, rsLoRA, the pickle format, a legacy config."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import make_lora
+
+    d = tmp_path_factory.mktemp("wild_loras")
+
+    def save(name, cfg, seed, safe=True):
+        torch.manual_seed(seed)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), cfg)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.mul_(3.0)
+        model.save_pretrained(d / name, safe_serialization=safe)
+        return d / name
+
+    out = dict(tiny_loras)
+    out["pattern"] = save("pattern", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False,
+                                                rank_pattern={"v_proj": 2, "layers.1.self_attn.q_proj": 6},
+                                                alpha_pattern={"up_proj": 3}, task_type="CAUSAL_LM"), 21)
+    out["rslora"] = make_lora(tiny_base, d / "rslora", r=8, alpha=4, seed=22, use_rslora=True, targets=("k_proj", "o_proj"))
+    out["pickled"] = save("pickled", LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"], init_lora_weights=False,
+                                                task_type="CAUSAL_LM"), 23, safe=False)
+    legacy = make_lora(tiny_base, d / "legacy", r=4, alpha=16, seed=24, targets=("q_proj", "v_proj"))
+    # an old peft's config: few keys, one the current peft no longer knows
+    (legacy / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 16, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": ["q_proj", "v_proj"], "fan_in_fan_out": False, "inference_mode": True, "enable_lora": None,
+        "merge_weights": False, "modules_to_save": None, "base_model_name_or_path": str(tiny_base)}))
+    out["legacy"] = legacy
+    assert (out["pickled"] / "adapter_model.bin").is_file() and not (out["pickled"] / "adapter_model.safetensors").exists()
+    return out
+
+
+WILD = ["alpha", "beta", "gamma", "pattern", "rslora", "pickled", "legacy"]
+
+
+def test_wild_pool_selection_mixture_fusion_equal_peft_and_formulas(tiny_base, wild_loras):
+    """A heterogeneous pool (ranks, alphas, targets, patterns, rsLoRA, .bin, legacy config) against stock peft, fp32, 1e-5."""
+    pool = make_pool(tiny_base, wild_loras, WILD)
+    reference = peft_reference(load_base(tiny_base), wild_loras, WILD)
+    ids = batch_inputs()
+    b = ids.shape[0]
+    per = {n: lora_weights(reference, n) for n in WILD}
+    assert {A.shape[0] for A, _, _ in per["pattern"].values()} == {2, 4, 6}, "rank_pattern must give several ranks"
+    with torch.no_grad():
+        for name in WILD:  # selection = peft with that one adapter
+            reference.set_adapter(name)
+            expected = reference(input_ids=ids).logits
+            with compose(pool, pool.indices([[name]] * b), torch.ones(b, 1)) as m:
+                torch.testing.assert_close(m(input_ids=ids).logits, expected, atol=1e-5, rtol=0, msg=name)
+        w = [0.3, 0.1, 0.2, 0.15, 0.1, 0.05, 0.1]
+        # mixture = peft's "cat" merge of all seven (the rank-concatenated adapter)
+        reference.add_weighted_adapter(WILD, w, adapter_name="cat", combination_type="cat")
+        reference.set_adapter("cat")
+        expected = reference(input_ids=ids).logits
+        with compose(pool, pool.indices([WILD] * b), torch.tensor([w] * b), "mixture") as m:
+            torch.testing.assert_close(m(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+        # fusion = (sum_j w_j s_j B_j)(sum_j w_j A_j), each A_j / B_j zero-padded to the largest rank at the module
+        deltas = {}
+        for path in {p for n in WILD for p in per[n]}:
+            here = [(wj, per[n][path]) for wj, n in zip(w, WILD) if path in per[n]]
+            R = max(A.shape[0] for _, (A, _, _) in here)
+            A_f = sum(wj * torch.nn.functional.pad(A, (0, 0, 0, R - A.shape[0])) for wj, (A, _, _) in here)
+            B_f = sum(wj * s * torch.nn.functional.pad(B, (0, R - B.shape[1])) for wj, (_, B, s) in here)
+            deltas[path] = B_f @ A_f
+        expected = merged_reference(tiny_base, deltas)(input_ids=ids).logits
+        with compose(pool, pool.indices([WILD] * b), torch.tensor([w] * b), "fusion") as m:
+            torch.testing.assert_close(m(input_ids=ids).logits, expected, atol=1e-5, rtol=0)

@@ -52,9 +52,12 @@ def test_stacked_weights_live_with_their_layers(tiny_base, tiny_loras):
     entries = [PoolEntry(n, "d", ["x"], str(p)) for n, p in tiny_loras.items()]
     mapped = AdapterPool(AutoModelForCausalLM.from_pretrained(tiny_base, device_map="auto"), entries, show_progress=False)
     plain = AdapterPool(AutoModelForCausalLM.from_pretrained(tiny_base), entries, show_progress=False)
-    for layer in mapped.layers:
-        dev = layer.module.get_base_layer().weight.device
+    names = list(tiny_loras)
+    mapped.acquire(names)
+    for layer in mapped.stacks(names):
+        dev = layer.module.weight.device
         assert layer.A.device == dev and layer.B.device == dev
+    mapped.release(names)
     ids = torch.randint(2, 300, (2, 6))
     idx, w = mapped.indices([["alpha", "beta"], ["gamma", "alpha"]]), torch.full((2, 2), 0.5)
     with torch.no_grad():

@@ -63,14 +63,20 @@ def test_selection_matches_peft_on_smollm2(real_loras):
     from utils.data import PoolEntry
     from utils.model_loading import load_base_model, load_tokenizer
 
+    from peft import PeftModel
+
     tok = load_tokenizer("embedded:smollm2-135m-instruct")
     pool = AdapterPool(load_base_model("embedded:smollm2-135m-instruct"),
                        [PoolEntry(n, "d", ["x"], str(p)) for n, p in real_loras.items()], show_progress=False)
+    names = list(real_loras)
+    ref = PeftModel.from_pretrained(load_base_model("embedded:smollm2-135m-instruct"), str(real_loras[names[0]]), adapter_name=names[0])
+    for n in names[1:]:
+        ref.load_adapter(str(real_loras[n]), adapter_name=n)
     enc = tok(["Is this sarcastic?", "The genre of Queen is"], return_tensors="pt", padding=True)
     for name in real_loras:
-        pool.model.set_adapter(name)
+        ref.set_adapter(name)
         with torch.no_grad():
-            expected = pool.model(**enc).logits
+            expected = ref(**enc).logits
             with compose(pool, pool.indices([[name]] * 2), torch.ones(2, 1)) as m:
                 got = m(**enc).logits
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

@@ -198,9 +198,8 @@ def test_server_decoding_matches_generate(app, engine, tiny_base, tiny_loras):
         expected = engine.tokenizer.decode(new, skip_special_tokens=True)
         got = post(app, dict(body, prompt="question: who is the cat?", max_tokens=8)).json()["choices"][0]["text"]
         assert got == expected
-    with pool.model.disable_adapter():
-        out = pool.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
-                                  do_sample=False, pad_token_id=engine.tokenizer.pad_token_id, eos_token_id=None)
+    out = pool.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
+                              do_sample=False, pad_token_id=engine.tokenizer.pad_token_id, eos_token_id=None)
     new = out[0, len(prompt_ids):].tolist()
     if any(t in eos for t in new):
         new = new[: min(new.index(t) for t in eos if t in new)]

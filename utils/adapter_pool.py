@@ -1,23 +1,44 @@
-"""Stage: the adapter pool. Every LoRA of the pool is loaded once per run with stock ``peft``.
+"""Stage: the adapter pool. Adapters are read with stock ``peft``'s own readers, on first use, into three tiers.
 
-After loading, the weights of each LoRA layer are stacked once into two tensors, so that a batch
-only chooses indices and weights (the punica / vLLM layout):
+An adapter is a standard PEFT LoRA directory (or hub id). Nothing is injected into the base model: the pool reads
+the adapter's config with ``PeftConfig.from_pretrained`` and its weights with ``peft.utils.load_peft_weights``, and
+keeps, for every base-model module the adapter targets (keyed by the base model's own module names):
 
-    A[m]: [N, R_m, d_in]    lora_A weights of the N pool adapters at module m, zero-padded to the
-                            largest rank R_m used at m (zero rows contribute nothing)
-    B[m]: [N, d_out, R_m]   lora_B weights, each multiplied by its own adapter's scaling s_j
-                            (lora_alpha / r, or lora_alpha / sqrt(r) for rsLoRA, as peft computed it)
+    A_j[m]: [r_jm, d_in]     lora_A weight
+    B_j[m]: [d_out, r_jm]    lora_B weight multiplied by the adapter's own scaling at m,
+                             s_jm = alpha_jm / r_jm (alpha_jm / sqrt(r_jm) with rsLoRA), where r_jm and alpha_jm
+                             follow ``rank_pattern`` / ``alpha_pattern`` with peft's own key matching
 
-An adapter that does not target module m has zeros there. The stacks live on the device of the
-module's base weight, so composition also works when ``device_map`` spreads the model over devices, and
-in its dtype (bfloat16 for a bf16 model), so the delta is one fused op in the model's precision, as in the
-paper's code and the multi-LoRA servers (peft itself keeps adapter weights in float32 by default and casts
-every LoRA input to float32). A quantised base weight (not floating point) keeps the adapters' dtype.
+in the base weight's dtype (its adapters' dtype when the base weight is quantised). A batch asks for the stacks of the
+adapters it uses (:meth:`AdapterPool.stacks`), the punica / vLLM layout over those adapters only:
+
+    A[m]: [n, R_m, d_in]    B[m]: [n, d_out, R_m]    (R_m the largest rank at m among the n; zero rows and the
+                                                      zero block of an adapter that does not target m add nothing)
+
+Memory tiers, as vLLM's ``--max-loras`` / ``--max-cpu-loras``:
+
+- device: at most ``max_loras`` adapters with their weights on the compute device(s); a running row pins its
+  adapters here (:meth:`acquire` / :meth:`release`) and a pinned adapter is never evicted;
+- host: at most ``max_cpu_loras`` adapters in host memory (the device tier is a subset; on a CPU model the two are
+  the same tensors);
+- disk: every other adapter, read again when retrieval next picks it.
+
+Eviction is least-recently-used among unpinned adapters. :meth:`prefetch` reads adapters into the host tier on a
+background thread, so that a request's adapters are read while the current decoding step runs.
+
+Start-up reads only the pool config (and the cards, in the retriever); ``eager=True`` reads every adapter once at
+start-up to check it, keeping what the host tier holds.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
+import re
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -27,86 +48,436 @@ from utils.data import InputError, PoolEntry
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_MAX_LORAS = 64
+DEFAULT_MAX_CPU_LORAS = 128
+# peft's saved keys: "<prefix>.<module>.lora_A.weight" (older files may name the adapter: ".lora_A.default.weight").
+_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.[^.]+)?\.weight$")
+_PREFIX = "base_model.model."
+
+
+class PoolFull(RuntimeError):
+    """More distinct adapters are in use than ``max_loras`` allows; the caller forms a smaller batch."""
+
+
+@dataclass
+class LoraWeights:
+    """One adapter's factors per base-model module (shapes in the module docstring), on one device each."""
+
+    name: str
+    path: str
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (A [r, d_in], B [d_out, r] * s)
+    nbytes: int = 0
+    rank: int = 0  # the largest rank over its modules
+
+    def to_devices(self, devices: dict[str, torch.device]) -> "LoraWeights":
+        """A copy whose factors at module m live on ``devices[m]`` (the same tensors where they already do)."""
+        moved = {m: (a.to(devices[m], non_blocking=True), b.to(devices[m], non_blocking=True)) for m, (a, b) in self.modules.items()}
+        return LoraWeights(self.name, self.path, moved, self.nbytes, self.rank)
+
 
 @dataclass
 class StackedLayer:
-    """Stacked LoRA weights of one peft LoRA layer (shapes in the module docstring)."""
+    """The stacks of one base-model module over the adapters of one batch (shapes in the module docstring)."""
 
     name: str
     module: torch.nn.Module
-    A: torch.Tensor  # [N, R, d_in]
-    B: torch.Tensor  # [N, d_out, R], pre-scaled
+    A: torch.Tensor  # [n, R, d_in]
+    B: torch.Tensor  # [n, d_out, R], pre-scaled
+
+
+@dataclass
+class PoolStats:
+    loads: int = 0  # adapters read from disk
+    load_seconds: float = 0.0
+    evictions_device: int = 0
+    evictions_host: int = 0
+    failures: int = 0
+
+
+def targetable_modules(model) -> dict[str, torch.nn.Module]:
+    """The base model's modules a LoRA can target here: ``nn.Linear`` (quantised ones included) and GPT-2's ``Conv1D``."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
+            out[name] = module
+    return out
+
+
+def module_shape(module) -> tuple[int, int]:
+    """(d_in, d_out) of a Linear or Conv1D module."""
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return int(module.in_features), int(module.out_features)
+    w = module.weight  # Conv1D: weight [d_in, d_out]
+    return int(w.shape[0]), int(w.shape[1])
+
+
+def _lora_config(name: str, path: str):
+    from peft import PeftConfig
+
+    try:
+        cfg = PeftConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise InputError(f"Adapter {name!r}: cannot read the adapter config at {path} ({str(err).splitlines()[0][:200]}); "
+                         "give a PEFT LoRA directory with adapter_config.json.") from err
+    peft_type = getattr(cfg.peft_type, "value", cfg.peft_type)
+    if str(peft_type).upper() != "LORA":
+        raise InputError(f"Adapter {name!r} at {path} is a {peft_type} adapter, not a LoRA; only LoRA adapters compose here.")
+    for attr, what in (("use_dora", "DoRA"), ("lora_bias", "a LoRA bias"), ("use_qalora", "QALoRA")):
+        if getattr(cfg, attr, False):
+            raise InputError(f"Adapter {name!r} at {path} uses {what}; only plain LoRA composes here.")
+    if getattr(cfg, "bias", "none") not in (None, "none"):
+        raise InputError(f"Adapter {name!r} at {path} trains biases (bias={cfg.bias!r}), which change the base model; "
+                         "only plain LoRA (bias 'none') composes here.")
+    if getattr(cfg, "modules_to_save", None):
+        raise InputError(f"Adapter {name!r} at {path} saves whole modules ({cfg.modules_to_save}), which replace the base "
+                         "model's; only LoRA factors compose here.")
+    if getattr(cfg, "use_rslora", False) and (cfg.rank_pattern or cfg.alpha_pattern):
+        raise InputError(f"Adapter {name!r} at {path} combines use_rslora with rank_pattern/alpha_pattern, which peft refuses.")
+    return cfg
+
+
+def read_adapter(name: str, path: str, targets: dict[str, torch.nn.Module]) -> LoraWeights:
+    """One adapter's factors from its directory or hub id, checked against the base model's ``targets``.
+
+    The factors are on the host (CPU), in the dtype each target's base weight has (float32 for a quantised one).
+    Raises :class:`InputError` naming the adapter and the fix when it is not a plain LoRA for this base model.
+    """
+    from peft.utils import load_peft_weights
+    from peft.utils.other import get_pattern_key
+
+    cfg = _lora_config(name, path)
+    try:
+        state = load_peft_weights(path, device="cpu")
+    except Exception as err:  # a file from the wild: OSError, safetensors' and pickle's own errors alike
+        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise InputError(f"Adapter {name!r}: cannot read the weights at {path} ({type(err).__name__}: {first}); "
+                         "give adapter_model.safetensors or adapter_model.bin as peft saves them.") from err
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise InputError(f"Adapter {name!r} at {path} holds {key!r}, which is not a LoRA factor of a linear layer "
+                             "(embedding LoRA, DoRA magnitudes and saved modules do not compose here).")
+        module = m.group("module")
+        module = module[len(_PREFIX):] if module.startswith(_PREFIX) else module
+        parts.setdefault(module, {})[m.group("ab")] = tensor
+    if not parts:
+        raise InputError(f"Adapter {name!r} at {path} holds no LoRA weights.")
+    modules, nbytes, rank = {}, 0, 0
+    for module_name, ab in parts.items():
+        base = targets.get(module_name)
+        if base is None:
+            raise InputError(f"Adapter {name!r} at {path} targets {module_name!r}, which is not a linear layer of the base model; "
+                             "use an adapter trained for this base model or change --base_model.")
+        if set(ab) != {"A", "B"}:
+            raise InputError(f"Adapter {name!r} at {path} has lora_{'A' if 'A' not in ab else 'B'} missing at {module_name}.")
+        A, B = ab["A"], ab["B"]
+        d_in, d_out = module_shape(base)
+        r = int(cfg.rank_pattern.get(get_pattern_key(cfg.rank_pattern.keys(), module_name), cfg.r))
+        alpha = float(cfg.alpha_pattern.get(get_pattern_key(cfg.alpha_pattern.keys(), module_name), cfg.lora_alpha))
+        if A.dim() != 2 or B.dim() != 2 or tuple(A.shape) != (r, d_in) or tuple(B.shape) != (d_out, r):
+            raise InputError(f"Adapter {name!r} at {path} does not fit the base model at {module_name}: lora_A {tuple(A.shape)} and "
+                             f"lora_B {tuple(B.shape)}, expected ({r}, {d_in}) and ({d_out}, {r}); use an adapter trained "
+                             "for this base model or change --base_model.")
+        scaling = alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
+        weight = base.weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        a = A.to(dtype=dtype)
+        b = (B.float() * scaling).to(dtype=dtype)
+        modules[module_name] = (a, b)
+        nbytes += a.numel() * a.element_size() + b.numel() * b.element_size()
+        rank = max(rank, r)
+    return LoraWeights(name, str(path), modules, nbytes, rank)
 
 
 class AdapterPool:
-    """The pool's adapters inside one ``PeftModel``, plus their stacked weights.
+    """The pool's adapters by name, read on first use and kept in the device / host tiers (module docstring).
 
-    ``names[i]`` is the adapter at stack index i; ``index[name]`` the reverse.
+    ``names`` lists the adapters in pool order; ``index[name]`` is an adapter's id, which stays the same while it is
+    in the pool (ids are never reused, so a row that still holds the id of an unloaded adapter cannot meet another).
+
+    Args:
+        base_model: the base causal LM (left as it is: composition adds hooks only inside its context managers).
+        entries: the pool config's entries.
+        max_loras: adapters resident on the compute device at most (None: the default, 64).
+        max_cpu_loras: adapters in host memory at most (None: the larger of 128 and ``max_loras``).
+        eager: read every adapter at start-up (checks the whole pool; keeps what the host tier holds).
     """
 
-    def __init__(self, base_model, entries: list[PoolEntry], show_progress: bool = True):
-        from peft import PeftModel
-
+    def __init__(self, base_model, entries: list[PoolEntry], show_progress: bool = True, max_loras: int | None = None,
+                 max_cpu_loras: int | None = None, eager: bool = False):
         if not entries:
             raise InputError("The adapter pool is empty; the pool config must list at least one LoRA.")
-        self.entries = entries
-        self.names = [e.name for e in entries]
-        self.index = {name: i for i, name in enumerate(self.names)}
-        model = None
-        for entry in tqdm(entries, desc="Loading adapters", disable=not show_progress):
-            try:
-                if model is None:
-                    model = PeftModel.from_pretrained(base_model, entry.path, adapter_name=entry.name, is_trainable=False)
-                else:
-                    model.load_adapter(entry.path, adapter_name=entry.name, is_trainable=False)
-            except (RuntimeError, ValueError, KeyError) as err:
-                lines = [l.strip() for l in str(err).splitlines() if l.strip()] or [type(err).__name__]
-                msg = next((l for l in lines if "size mismatch" in l), lines[0])[:300]
-                raise InputError(
-                    f"Adapter {entry.name!r} at {entry.path} does not fit the base model ({msg}); "
-                    f"use an adapter trained for this base model or change --base_model."
-                ) from err
-            except OSError as err:
-                raise InputError(f"Adapter {entry.name!r}: cannot read {entry.path} ({err}); fix its 'path' in the pool config.") from err
-        self.model = model
-        self.model.eval()
-        self.layers = self._stack()
-        logger.info("Loaded %d adapters; %d LoRA layers stacked", len(self.names), len(self.layers))
+        self.max_loras = DEFAULT_MAX_LORAS if max_loras is None else int(max_loras)
+        self.max_cpu_loras = max(DEFAULT_MAX_CPU_LORAS, self.max_loras) if max_cpu_loras is None else int(max_cpu_loras)
+        if self.max_loras < 1:
+            raise InputError(f"--max_loras must be at least 1 (got {self.max_loras}).")
+        if self.max_cpu_loras < self.max_loras:
+            raise InputError(f"--max_cpu_loras {self.max_cpu_loras} is below --max_loras {self.max_loras}; the host tier holds "
+                             "the device tier, so raise --max_cpu_loras or lower --max_loras.")
+        self.model = base_model
+        self.targets = targetable_modules(base_model)
+        self._devices = {n: m.weight.device for n, m in self.targets.items()}
+        self._on_cpu = all(d.type == "cpu" for d in self._devices.values())
+        self._lock = threading.RLock()
+        self.entries: dict[str, PoolEntry] = {}
+        self.index: dict[str, int] = {}
+        self._next_id = 0
+        self._name_of: dict[int, str] = {}
+        self._host: collections.OrderedDict[str, LoraWeights] = collections.OrderedDict()
+        self._device: collections.OrderedDict[str, LoraWeights] = collections.OrderedDict()
+        self._pins: collections.Counter[str] = collections.Counter()
+        self._reading: dict[str, Future] = {}
+        self._removed: dict[str, PoolEntry] = {}  # unloaded, but still pinned or held by a request
+        self._holds: collections.Counter[str] = collections.Counter()
+        self._executor: ThreadPoolExecutor | None = None
+        self.stats = PoolStats()
+        for entry in entries:
+            self.add(entry)
+        if eager:
+            for name in tqdm(list(self.entries), desc="Reading adapters", disable=not show_progress):
+                self._host_weights(name)
+        logger.info("Pool of %d adapters (device tier %d, host tier %d%s)", len(self.entries), self.max_loras, self.max_cpu_loras,
+                    ", all read once" if eager else ", read on first use")
 
-    def _stack(self) -> list[StackedLayer]:
-        from peft.tuners.lora import LoraLayer
+    # -- membership ----------------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self.entries)
 
-        layers = []
-        for mod_name, module in self.model.named_modules():
-            if not isinstance(module, LoraLayer):
-                continue
-            present = [n for n in self.names if n in module.lora_A]
-            if not present:
-                continue
-            for n in present:
-                if n in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(n, False):
-                    raise InputError(f"Adapter {n!r} uses a LoRA variant (e.g. DoRA) at {mod_name}; only plain LoRA composes here.")
-                if not isinstance(module.lora_A[n], torch.nn.Linear):
-                    raise InputError(f"Adapter {n!r} has a non-linear LoRA layer at {mod_name} ({type(module).__name__}); only nn.Linear targets compose here.")
-            base_weight = module.get_base_layer().weight
-            d_out, d_in = base_weight.shape[0], base_weight.shape[1]
-            rank = max(module.lora_A[n].weight.shape[0] for n in present)
-            device = base_weight.device
-            dtype = base_weight.dtype if base_weight.dtype.is_floating_point else module.lora_A[present[0]].weight.dtype
-            A = torch.zeros(len(self.names), rank, d_in, device=device, dtype=dtype)
-            B = torch.zeros(len(self.names), d_out, rank, device=device, dtype=dtype)
-            with torch.no_grad():
-                for n in present:
-                    j = self.index[n]
-                    a, b = module.lora_A[n].weight, module.lora_B[n].weight
-                    A[j, : a.shape[0]] = a.to(device=device, dtype=dtype)
-                    B[j, :, : b.shape[1]] = (b.float() * float(module.scaling[n])).to(device=device, dtype=dtype)
-            layers.append(StackedLayer(mod_name, module, A, B))
-        return layers
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def add(self, entry: PoolEntry, weights: LoraWeights | None = None) -> int:
+        """Register ``entry`` (its weights are read on first use unless given, already read); returns its id."""
+        with self._lock:
+            if entry.name in self.entries:
+                raise InputError(f"Adapter name {entry.name!r} is already in the pool; choose another name or unload it first.")
+            if entry.name in self._removed:
+                raise InputError(f"Adapter name {entry.name!r} was unloaded and requests routed to it are still running; "
+                                 "retry when they finish, or choose another name.")
+            self.entries[entry.name] = entry
+            self.index[entry.name] = self._next_id
+            self._name_of[self._next_id] = entry.name
+            self._next_id += 1
+            if weights is not None:
+                self._put_host(entry.name, weights)
+            return self.index[entry.name]
+
+    def remove(self, name: str) -> PoolEntry:
+        """Unregister ``name``; rows running with it keep it (its weights go when the last one releases it)."""
+        with self._lock:
+            if name not in self.entries:
+                raise KeyError(name)
+            entry = self.entries.pop(name)
+            self.index.pop(name)
+            if self._pins[name] > 0 or self._holds[name] > 0:
+                self._removed[name] = entry
+            else:
+                self._drop(name)
+            return entry
+
+    def hold(self, names) -> None:
+        """Keep ``names`` readable for a request that was routed to them, even if they are unloaded before it runs."""
+        with self._lock:
+            for n in dict.fromkeys(names):
+                self._holds[n] += 1
+
+    def unhold(self, names) -> None:
+        with self._lock:
+            for n in dict.fromkeys(names):
+                if self._holds[n] > 0:
+                    self._holds[n] -= 1
+                if self._holds[n] == 0:
+                    self._holds.pop(n, None)
+                    self._forget_if_unused(n)
+
+    def _forget_if_unused(self, name: str) -> None:
+        if name in self._removed and self._pins[name] == 0 and self._holds[name] == 0:
+            self._drop(name)
+
+    def name_of(self, adapter_id: int) -> str:
+        return self._name_of[adapter_id]
 
     def indices(self, names: list[list[str]]) -> torch.Tensor:
-        """Stack indices [b, k] of per-sample adapter names."""
+        """Adapter ids [b, k] of per-sample adapter names."""
         try:
             return torch.tensor([[self.index[n] for n in row] for row in names], dtype=torch.long)
         except KeyError as err:
             raise InputError(f"Adapter {err.args[0]!r} is not in the pool; known adapters: {', '.join(self.names)}.") from err
+
+    def read(self, name: str, path: str) -> LoraWeights:
+        """Read and check an adapter that is not (yet) in the pool (a runtime load); does not register it."""
+        return read_adapter(name, path, self.targets)
+
+    # -- tiers ---------------------------------------------------------------------------------------------
+    def _drop(self, name: str) -> None:
+        self._host.pop(name, None)
+        self._device.pop(name, None)
+        self._pins.pop(name, None)
+        self._removed.pop(name, None)
+
+    def _put_host(self, name: str, weights: LoraWeights) -> None:
+        self._host[name] = weights
+        self._host.move_to_end(name)
+        while len(self._host) > self.max_cpu_loras:
+            victim = next((n for n in self._host if self._pins[n] == 0 and n != name), None)
+            if victim is None:
+                break
+            self._host.pop(victim)
+            self._device.pop(victim, None)
+            self.stats.evictions_host += 1
+
+    def _read_from_disk(self, name: str, path: str) -> LoraWeights:
+        t0 = time.perf_counter()
+        try:
+            weights = read_adapter(name, path, self.targets)
+        except InputError:
+            with self._lock:
+                self.stats.failures += 1
+            raise
+        with self._lock:
+            self.stats.loads += 1
+            self.stats.load_seconds += time.perf_counter() - t0
+        return weights
+
+    def _host_weights(self, name: str) -> LoraWeights:
+        """``name``'s host-tier weights, read from disk (or taken from a prefetch in flight) when absent."""
+        with self._lock:
+            w = self._host.get(name)
+            if w is not None:
+                self._host.move_to_end(name)
+                return w
+            if name not in self.entries and name not in self._removed:
+                raise InputError(f"Adapter {name!r} is not in the pool; known adapters: {', '.join(self.names)}.")
+            pending = self._reading.get(name)
+            path = (self.entries.get(name) or self._removed[name]).path
+        w = pending.result() if pending is not None else self._read_from_disk(name, path)
+        with self._lock:
+            if name in self.entries or name in self._removed:
+                self._put_host(name, w)
+        return w
+
+    def prefetch(self, names) -> None:
+        """Read ``names`` into the host tier on a background thread (those not there or in flight already)."""
+        with self._lock:
+            todo = [n for n in dict.fromkeys(names) if n in self.entries and n not in self._host and n not in self._reading]
+            if not todo:
+                return
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-prefetch")
+            for n in todo:
+                fut = self._executor.submit(self._read_from_disk, n, self.entries[n].path)
+                self._reading[n] = fut
+                fut.add_done_callback(lambda f, n=n: self._prefetched(n, f))
+
+    def _prefetched(self, name: str, fut: Future) -> None:
+        with self._lock:
+            self._reading.pop(name, None)
+            if fut.exception() is None and name in self.entries and name not in self._host:
+                self._put_host(name, fut.result())
+
+    def load(self, names) -> None:
+        """Read ``names`` into the host tier now (a request's adapters before it joins the batch); raises
+        :class:`InputError` naming an adapter that cannot be read."""
+        for n in dict.fromkeys(names):
+            self._host_weights(n)
+
+    def pinned(self) -> set[str]:
+        with self._lock:
+            return {n for n, c in self._pins.items() if c > 0}
+
+    def fits(self, names) -> bool:
+        """Whether pinning ``names`` as well keeps the device tier within ``max_loras``."""
+        with self._lock:
+            return len(self.pinned() | set(names)) <= self.max_loras
+
+    def acquire(self, names) -> None:
+        """Pin ``names`` on the device tier (reading them as needed); raises :class:`PoolFull` when they do not fit.
+
+        Pins are counted: each :meth:`acquire` is matched by one :meth:`release` of the same names.
+        """
+        names = list(dict.fromkeys(names))
+        if not names:
+            return
+        with self._lock:
+            in_use = self.pinned()
+            new = [n for n in names if n not in in_use]
+            if len(in_use) + len(new) > self.max_loras:
+                raise PoolFull(f"{len(in_use) + len(new)} distinct adapters would be in use, over --max_loras {self.max_loras}.")
+        loaded = {n: self._host_weights(n) for n in names}  # outside the lock: disk reads
+        with self._lock:
+            for n in names:
+                if n not in self.entries and n not in self._removed:
+                    raise InputError(f"Adapter {n!r} was unloaded from the pool.")
+            for n in names:
+                self._pins[n] += 1
+                if n not in self._device:
+                    self._device[n] = loaded[n] if self._on_cpu else loaded[n].to_devices(self._devices)
+                self._device.move_to_end(n)
+                if n not in self._host:
+                    self._put_host(n, loaded[n])
+            while len(self._device) > self.max_loras:
+                victim = next((n for n in self._device if self._pins[n] == 0), None)
+                if victim is None:
+                    break
+                self._device.pop(victim)
+                self.stats.evictions_device += 1
+
+    def release(self, names) -> None:
+        with self._lock:
+            for n in dict.fromkeys(names):
+                if self._pins[n] > 0:
+                    self._pins[n] -= 1
+                if self._pins[n] == 0:
+                    self._pins.pop(n, None)
+                    self._forget_if_unused(n)
+
+    def stacks(self, names: list[str]) -> list[StackedLayer]:
+        """Stacks [n, R, d_in] / [n, d_out, R] of every module any of ``names`` targets, row j for ``names[j]``.
+
+        The adapters must be pinned (:meth:`acquire`). Modules come in the base model's order.
+        """
+        with self._lock:
+            weights = []
+            for n in names:
+                w = self._device.get(n)
+                if w is None or self._pins[n] == 0:
+                    raise RuntimeError(f"Adapter {n!r} is not pinned on the device tier; acquire it before composing.")
+                weights.append(w)
+        modules = {m for w in weights for m in w.modules}
+        layers = []
+        for m in (m for m in self.targets if m in modules):
+            present = [(j, w.modules[m]) for j, w in enumerate(weights) if m in w.modules]
+            a0 = present[0][1][0]
+            rank = max(a.shape[0] for _, (a, _) in present)
+            d_in, d_out = module_shape(self.targets[m])
+            A = torch.zeros(len(names), rank, d_in, device=a0.device, dtype=a0.dtype)
+            B = torch.zeros(len(names), d_out, rank, device=a0.device, dtype=a0.dtype)
+            for j, (a, b) in present:
+                A[j, : a.shape[0]] = a
+                B[j, :, : b.shape[1]] = b
+            layers.append(StackedLayer(m, self.targets[m], A, B))
+        return layers
+
+    def tier_counts(self) -> dict[str, int]:
+        """Adapters per tier: ``device``, ``host`` (which includes the device tier), ``disk`` (registered, not in memory)."""
+        with self._lock:
+            return {"device": len(self._device), "host": len(self._host), "disk": len(set(self.entries) - set(self._host)),
+                    "pinned": len(self.pinned())}
+
+    def describe(self) -> dict:
+        """Tier counts, limits and load figures (what ``/health`` and ``/metrics`` report)."""
+        with self._lock:
+            s = self.stats
+            return {"adapters": len(self.entries), **self.tier_counts(), "max_loras": self.max_loras,
+                    "max_cpu_loras": self.max_cpu_loras, "loads": s.loads, "load_seconds": round(s.load_seconds, 4),
+                    "evictions_device": s.evictions_device, "evictions_host": s.evictions_host, "load_failures": s.failures}
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)

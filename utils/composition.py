@@ -17,8 +17,9 @@ and at every forward of a LoRA layer, for x of shape [b, t, d_in]:
 
     h = base(x) + (x @ A_b^T) @ B_b^T        [b, t, d_out]
 
-The context manager switches peft's own LoRA path off (``PeftModel.disable_adapter``) and adds the
-composed delta through forward hooks on the stock peft LoRA layers; leaving it removes the hooks.
+The base model carries no LoRA layers (the pool reads adapters, :mod:`utils.adapter_pool`): the context managers
+add the composed delta through forward hooks on the base model's own target modules (its ``nn.Linear`` layers),
+only on the modules the batch's adapters target, and leaving them removes the hooks.
 """
 
 from __future__ import annotations
@@ -98,13 +99,30 @@ def _make_hook(At: torch.Tensor, Bt: torch.Tensor):
     return hook
 
 
+def _batch_ids(indices: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """(the distinct adapter ids of ``indices`` [b, k] in first-seen order, ``indices`` mapped to positions in that list)."""
+    flat = [int(i) for i in indices.reshape(-1).tolist()]
+    distinct = list(dict.fromkeys(flat))
+    pos = {a: j for j, a in enumerate(distinct)}
+    return distinct, torch.tensor([pos[a] for a in flat], dtype=torch.long).reshape(indices.shape)
+
+
+@contextmanager
+def _pinned(pool: AdapterPool, names: list[str]):
+    pool.acquire(names)
+    try:
+        yield
+    finally:
+        pool.release(names)
+
+
 @contextmanager
 def compose(pool: AdapterPool, indices: torch.Tensor, weights: torch.Tensor, mode: str = "mixture"):
     """Apply per-sample compositions of pool adapters to ``pool.model`` inside the ``with`` block.
 
     Args:
-        pool: the loaded :class:`AdapterPool`.
-        indices: [b, k] long tensor of stack indices, row b using adapters ``indices[b]``.
+        pool: the :class:`AdapterPool`; the batch's adapters are pinned on its device tier for the block.
+        indices: [b, k] long tensor of adapter ids (``pool.indices``), row b using adapters ``indices[b]``.
         weights: [b, k] weights w_bj (uniform 1/k in the paper).
         mode: "mixture" or "fusion" (identical when k = 1).
     """
@@ -112,16 +130,19 @@ def compose(pool: AdapterPool, indices: torch.Tensor, weights: torch.Tensor, mod
         raise ValueError(f"Unknown composition mode {mode!r}; use one of {MODES}.")
     if indices.shape != weights.shape or indices.dim() != 2:
         raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must both be [batch, k].")
-    on_device = {}  # indices and weights copied once per device (once in all unless device_map spreads the model)
-    with torch.no_grad():
-        factors = []
-        for layer in pool.layers:
-            dev = layer.A.device
-            if dev not in on_device:
-                on_device[dev] = (indices.to(dev), weights.to(device=dev, dtype=torch.float32))
-            factors.append(build_composed(layer.A, layer.B, *on_device[dev], mode))
-    with _hooked(pool, [_make_hook(At, Bt) for At, Bt in factors]) as model:
-        yield model
+    distinct, local = _batch_ids(indices)
+    names = [pool.name_of(a) for a in distinct]
+    with _pinned(pool, names):
+        on_device = {}  # indices and weights copied once per device (once in all unless device_map spreads the model)
+        with torch.no_grad():
+            hooks = []
+            for layer in pool.stacks(names):
+                dev = layer.A.device
+                if dev not in on_device:
+                    on_device[dev] = (local.to(dev), weights.to(device=dev, dtype=torch.float32))
+                hooks.append((layer.module, _make_hook(*build_composed(layer.A, layer.B, *on_device[dev], mode))))
+        with _hooked(pool.model, hooks) as model:
+            yield model
 
 
 @contextmanager
@@ -135,7 +156,7 @@ def compose_shared(pool: AdapterPool, indices: list[int], weights, mode: str = "
         At: [d_in, R']    Bt: [R', d_out]    h = base(x) + (x @ At) @ Bt    for x of shape [..., d_in]
 
     Args:
-        pool: the loaded :class:`AdapterPool`.  indices: k stack indices.  weights: k weights w_j.
+        pool: the :class:`AdapterPool`.  indices: k adapter ids.  weights: k weights w_j.
         mode: "mixture" or "fusion".
     """
     if mode not in MODES:
@@ -144,8 +165,8 @@ def compose_shared(pool: AdapterPool, indices: list[int], weights, mode: str = "
     idx = torch.as_tensor(indices, dtype=torch.long).reshape(1, -1)
     if idx.shape != w.shape:
         raise ValueError(f"{idx.shape[1]} adapter indices but {w.shape[1]} weights.")
-    with torch.no_grad():
-        factors = [tuple(f[0] for f in build_composed(layer.A, layer.B, idx, w, mode)) for layer in pool.layers]
+    distinct, local = _batch_ids(idx)
+    names = [pool.name_of(a) for a in distinct]
 
     def make(At: torch.Tensor, Bt: torch.Tensor):
         def hook(module, args, kwargs, output):
@@ -153,22 +174,27 @@ def compose_shared(pool: AdapterPool, indices: list[int], weights, mode: str = "
             return output + ((x.to(At.dtype) @ At) @ Bt).to(output.dtype)
         return hook
 
-    with _hooked(pool, [make(At, Bt) for At, Bt in factors]) as model:
-        yield model
+    with _pinned(pool, names):
+        with torch.no_grad():
+            hooks = []
+            for layer in pool.stacks(names):
+                At, Bt = (f[0] for f in build_composed(layer.A, layer.B, local, w, mode))
+                hooks.append((layer.module, make(At, Bt)))
+        with _hooked(pool.model, hooks) as model:
+            yield model
 
 
 @contextmanager
-def _hooked(pool: AdapterPool, hooks: list):
-    """``pool.model`` with peft's own LoRA path off and ``hooks[i]`` on ``pool.layers[i]`` until exit."""
+def _hooked(model, hooks: list):
+    """``model`` with each ``(module, hook)`` of ``hooks`` registered as a forward hook until exit."""
     handles = []
-    with pool.model.disable_adapter():
-        try:
-            for layer, hook in zip(pool.layers, hooks):
-                handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
-            yield pool.model
-        finally:
-            for h in handles:
-                h.remove()
+    try:
+        for module, hook in hooks:
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def build_mixed(A: torch.Tensor, B: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, fusion_rows: torch.Tensor):
@@ -199,13 +225,14 @@ class LiveComposition:
     :func:`compose` fixes one batch's rows for the length of a ``with`` block. A server's batch instead gains
     and loses rows between decoding steps. Here:
 
-    - each row's factors (At_r [d_in, R'_r], Bt_r [R'_r, d_out] per layer, :func:`build_mixed`) are built once,
-      when the row is first set, in one batched call for all new rows, and kept until :meth:`forget`;
-    - :meth:`set_rows` only stacks the kept factors of the current rows (zero-padding R' to the widest row), once
-      per change of the batch, not per step;
-    - inside :meth:`active` (entered once for a server's lifetime) peft's own LoRA path is off and one hook per
-      LoRA layer adds ``(x At) Bt`` with the stacked factors; :meth:`set_base` makes the hooks add nothing, for
-      a forward of base rows only.
+    - each row's factors (At_r [d_in, R'_r], Bt_r [R'_r, d_out] per module its adapters target, :func:`build_mixed`)
+      are built once, when the row is first set, in one batched call for all new rows, and kept until :meth:`forget`;
+      the row's adapters stay pinned on the pool's device tier meanwhile (:meth:`AdapterPool.acquire`);
+    - :meth:`set_rows` only stacks the kept factors of the current rows (zero-padding R' to the widest row, and zeros
+      for a row whose adapters do not target a module), once per change of the batch, not per step;
+    - inside :meth:`active` (entered once for a server's lifetime) one hook per target module adds ``(x At) Bt`` with
+      the stacked factors; hooks are added as adapters with new target modules arrive; :meth:`set_base` makes the
+      hooks add nothing, for a forward of base rows only.
 
     Each row has its own adapters, weights and mode; a base row inside a composed batch has weights 0 and gets
     exactly the base output. Same math as :func:`compose` (module docstring).
@@ -213,13 +240,15 @@ class LiveComposition:
 
     def __init__(self, pool: AdapterPool):
         self.pool = pool
-        self._rows: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # serial -> per-layer (At_r, Bt_r)
-        self._factors: list[tuple[torch.Tensor, torch.Tensor, object]] | None = None
+        self._rows: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # serial -> module -> (At_r, Bt_r)
+        self._pins: dict[int, list[str]] = {}  # serial -> adapter names it pins
+        self._factors: dict[str, tuple[torch.Tensor, torch.Tensor, object]] | None = None
+        self._handles: dict[str, object] = {}
         self.rows_key = None
         self.is_active = False
 
     def set_rows(self, rows: list[tuple[int, list[int], list[float], bool]]) -> None:
-        """Factors for a batch of rows ``(serial, stack indices, weights, fusion)``, in batch order.
+        """Factors for a batch of rows ``(serial, adapter ids, weights, fusion)``, in batch order.
 
         ``serial`` identifies a row across calls: a row seen before reuses its factors.
         """
@@ -228,59 +257,106 @@ class LiveComposition:
             return
         new = [r for r in rows if r[0] not in self._rows]
         if new:
-            k = max(max(len(r[1]) for r in new), 1)
-            idx = torch.zeros(len(new), k, dtype=torch.long)
-            w = torch.zeros(len(new), k, dtype=torch.float32)
-            for i, (_, ids, ws, _) in enumerate(new):
-                if len(ids) != len(ws):
-                    raise ValueError(f"Row {i}: {len(ids)} adapter indices but {len(ws)} weights.")
-                if ids:
-                    idx[i, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-                    w[i, :len(ws)] = torch.as_tensor(ws, dtype=torch.float32)
-            fusion = torch.tensor([r[3] for r in new], dtype=torch.bool)
-            per_layer, on_device = [], {}
-            with torch.no_grad():
-                for layer in self.pool.layers:
-                    dev = layer.A.device
-                    if dev not in on_device:
-                        on_device[dev] = (idx.to(dev), w.to(dev), fusion.to(dev))
-                    per_layer.append(build_mixed(layer.A, layer.B, *on_device[dev]))
-            for i, r in enumerate(new):
-                self._rows[r[0]] = [(At[i], Bt[i]) for At, Bt in per_layer]
-        factors = []
+            self._build(new)
+        modules = set()
+        for s in key:
+            modules.update(self._rows[s])
+        factors = {}
         with torch.no_grad():
-            for li in range(len(self.pool.layers)):
-                parts = [self._rows[s][li] for s in key]
-                width = max(a.shape[1] for a, _ in parts)
-                At = torch.stack([a if a.shape[1] == width else torch.nn.functional.pad(a, (0, width - a.shape[1])) for a, _ in parts])
-                Bt = torch.stack([b if b.shape[0] == width else torch.nn.functional.pad(b, (0, 0, 0, width - b.shape[0])) for _, b in parts])
-                factors.append((At, Bt, _decode_factors(At, Bt)))
+            for m in (m for m in self.pool.targets if m in modules):
+                parts = [self._rows[s].get(m) for s in key]
+                width = max(p[0].shape[1] for p in parts if p is not None)
+                ref = next(p for p in parts if p is not None)
+                d_in, d_out = ref[0].shape[0], ref[1].shape[1]
+                At = torch.stack([torch.zeros(d_in, width, dtype=ref[0].dtype, device=ref[0].device) if p is None else
+                                  p[0] if p[0].shape[1] == width else torch.nn.functional.pad(p[0], (0, width - p[0].shape[1]))
+                                  for p in parts])
+                Bt = torch.stack([torch.zeros(width, d_out, dtype=ref[1].dtype, device=ref[1].device) if p is None else
+                                  p[1] if p[1].shape[0] == width else torch.nn.functional.pad(p[1], (0, 0, 0, width - p[1].shape[0]))
+                                  for p in parts])
+                factors[m] = (At, Bt, _decode_factors(At, Bt))
+        self._install(factors)
         self._factors, self.rows_key = factors, key
+
+    def _build(self, new: list[tuple[int, list[int], list[float], bool]]) -> None:
+        k = max(max(len(r[1]) for r in new), 1)
+        idx = torch.zeros(len(new), k, dtype=torch.long)
+        w = torch.zeros(len(new), k, dtype=torch.float32)
+        for i, (_, ids, ws, _) in enumerate(new):
+            if len(ids) != len(ws):
+                raise ValueError(f"Row {i}: {len(ids)} adapter indices but {len(ws)} weights.")
+            if ids:
+                idx[i, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+                w[i, :len(ws)] = torch.as_tensor(ws, dtype=torch.float32)
+        distinct, local = _batch_ids(torch.tensor([a for r in new for a in r[1]], dtype=torch.long))
+        pos = {a: j for j, a in enumerate(distinct)}
+        local_idx = torch.tensor([[pos[int(a)] if j < len(r[1]) else 0 for j, a in enumerate(idx[i].tolist())]
+                                  for i, r in enumerate(new)], dtype=torch.long)
+        names = [self.pool.name_of(a) for a in distinct]
+        row_names = [list(dict.fromkeys(self.pool.name_of(a) for a in r[1])) for r in new]
+        acquired = []
+        try:
+            for rn in row_names:
+                self.pool.acquire(rn)
+                acquired.append(rn)
+            per_row: list[dict] = [{} for _ in new]
+            if names:
+                fusion = torch.tensor([r[3] for r in new], dtype=torch.bool)
+                on_device = {}
+                with torch.no_grad():
+                    for layer in self.pool.stacks(names):
+                        dev = layer.A.device
+                        if dev not in on_device:
+                            on_device[dev] = (local_idx.to(dev), w.to(dev), fusion.to(dev))
+                        At, Bt = build_mixed(layer.A, layer.B, *on_device[dev])
+                        for i in range(len(new)):
+                            per_row[i][layer.name] = (At[i], Bt[i])
+        except BaseException:
+            for rn in acquired:
+                self.pool.release(rn)
+            raise
+        for i, r in enumerate(new):
+            self._rows[r[0]] = per_row[i]
+            self._pins[r[0]] = row_names[i]
+
+    def _install(self, factors: dict) -> None:
+        if not self.is_active:
+            return
+        for m in factors:
+            if m not in self._handles:
+                self._handles[m] = self.pool.targets[m].register_forward_hook(self._hook(m), with_kwargs=True)
+
+    def _hook(self, m: str):
+        def hook(module, args, kwargs, output):
+            f = self._factors.get(m) if self._factors is not None else None
+            if f is None:
+                return output
+            At, Bt, dec = f
+            return _add_delta(args[0] if args else kwargs["x"], output, At, Bt, dec)
+        return hook
 
     def set_base(self) -> None:
         """The next forwards add nothing (every row is a base row)."""
         self._factors, self.rows_key = None, None
 
     def forget(self, serials) -> None:
-        """Drop the kept factors of rows that have left the batch."""
+        """Drop the kept factors of rows that have left the batch, and unpin their adapters."""
         for s in serials:
             self._rows.pop(s, None)
+            names = self._pins.pop(s, None)
+            if names:
+                self.pool.release(names)
 
     @contextmanager
     def active(self):
-        """The pool's model with peft's own LoRA path off and the live per-row deltas on (until exit)."""
-
-        def make(i):
-            def hook(module, args, kwargs, output):
-                if self._factors is None:
-                    return output
-                At, Bt, dec = self._factors[i]
-                return _add_delta(args[0] if args else kwargs["x"], output, At, Bt, dec)
-            return hook
-
-        with _hooked(self.pool, [make(i) for i in range(len(self.pool.layers))]) as model:
-            self.is_active = True
-            try:
-                yield model
-            finally:
-                self.is_active = False
+        """The base model with the live per-row deltas on (until exit)."""
+        self.is_active = True
+        try:
+            if self._factors:
+                self._install(self._factors)
+            yield self.pool.model
+        finally:
+            self.is_active = False
+            for h in self._handles.values():
+                h.remove()
+            self._handles = {}

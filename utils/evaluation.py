@@ -19,6 +19,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from utils.data import InputError
+from utils.retrieval import embedding_cache_dir
+
 EVAL_TYPES = ("mixture", "fusion", "base", "soup", "arrow", "lorahub")
 # Flags of one evaluation type only; the results of other types do not record them.
 OWN_FLAGS = {
@@ -70,6 +73,7 @@ def resolved_settings(args: argparse.Namespace) -> dict:
     """The settings that decide the predictions (written into the results file and checkpoint)."""
     s = {k: v for k, v in vars(args).items()
          if k not in ("log_level", "no_resume", "settings", "batch_size", "device", "device_map", "embedding_cache",
+                      "max_loras", "max_cpu_loras", "eager_load",
                       "runs", "res_dir", "force")}
     for eval_type, keys in OWN_FLAGS.items():
         if args.eval_type != eval_type:
@@ -82,14 +86,6 @@ def resolved_settings(args: argparse.Namespace) -> dict:
     if args.eval_type != "base":
         s["pool_sha256"] = file_sha256(args.config_path)
     return s
-
-
-def embedding_cache_dir(value: str | None):
-    from utils.model_loading import cache_dir
-
-    if value is None:
-        return cache_dir() / "embeddings"
-    return None if value.lower() == "none" else Path(value)
 
 
 def file_sha256(path: str) -> str:
@@ -242,6 +238,23 @@ def route(plan: Plan, session, adapter_pool, tokenizer, device: str):
     return routing
 
 
+def fitting_batches(batch: list[int], adapters: list[list[str]], max_loras: int) -> list[list[int]]:
+    """``batch`` cut, in order, into batches whose rows use at most ``max_loras`` distinct adapters together."""
+    out, current, used = [], [], set()
+    for i in batch:
+        need = set(adapters[i])
+        if len(need) > max_loras:
+            raise InputError(f"Row {i} uses {len(need)} adapters, over --max_loras {max_loras}; raise --max_loras to at least {len(need)}.")
+        if current and len(used | need) > max_loras:
+            out.append(current)
+            current, used = [], set()
+        current.append(i)
+        used |= need
+    if current:
+        out.append(current)
+    return out
+
+
 def padded(names: list[list[str]], weights: list[list[float]]):
     """Rows of different lengths as [b, k] names and weights: missing places repeat a row's first adapter with weight 0."""
     k = max(len(n) for n in names)
@@ -279,7 +292,8 @@ def execute(plan: Plan, session) -> Path:
         logger.info("Process %d of %d on %s", dist.rank, dist.world_size, device)
     dtype = args.dtype or default_dtype(device)
     tokenizer, model = session.base(args.base_model, dtype, device, args.device_map)
-    adapter_pool = session.adapter_pool(pool) if args.eval_type not in ("base", "arrow") else None
+    adapter_pool = (session.adapter_pool(pool, args.max_loras, args.max_cpu_loras, args.eager_load)
+                    if args.eval_type not in ("base", "arrow") else None)
 
     # Routing for every row, batched (Arrow routes each token inside the model instead).
     t0 = time.time()
@@ -299,6 +313,8 @@ def execute(plan: Plan, session) -> Path:
     batches = []
     for g, members in groups.items():
         batches += [[members[j] for j in b] for b in length_sorted_batches([lengths[i] for i in members], args.batch_size)]
+    if adapter_pool is not None and routing is not None:
+        batches = [sub for b in batches for sub in fitting_batches(b, routing.adapters, adapter_pool.max_loras)]
     batches = my_batches(batches, dist)
     batches = [b for b in ([i for i in batch if i not in done] for batch in batches) if b]
     checkpoint.start(done)

@@ -35,10 +35,17 @@ def add_model_flags(p: argparse.ArgumentParser, device_default: str | None = Non
 
 
 def add_pool_flags(p: argparse.ArgumentParser) -> None:
-    """--config_path, --adapter_pattern."""
+    """--config_path, --adapter_pattern, --max_loras, --max_cpu_loras, --eager_load."""
     p.add_argument("--config_path", default=DEFAULT_POOL, help="LoRA pool config: JSON list of {model_name, domain, sample, path?}")
     p.add_argument("--adapter_pattern", default=None,
                    help="adapter location for pool entries without 'path', e.g. loras/{name} or a hub pattern owner/prefix-{name}")
+    p.add_argument("--max_loras", type=int, default=64,
+                   help="adapters resident on the compute device at most (a batch is formed to use at most this many; as vLLM's --max-loras)")
+    p.add_argument("--max_cpu_loras", type=int, default=None,
+                   help="adapters kept in host memory at most, least recently used evicted first (default: the larger of 128 "
+                        "and --max_loras; as vLLM's --max-cpu-loras); the rest are read from disk when retrieved")
+    p.add_argument("--eager_load", action="store_true",
+                   help="read every adapter at start-up to check the whole pool (default: each one when it is first retrieved)")
 
 
 def add_retrieval_flags(p: argparse.ArgumentParser) -> None:
@@ -163,6 +170,19 @@ def _checked_scalar(action: argparse.Action, value, where: str):
     return value
 
 
+def check_pool_tiers(args) -> None:
+    """--max_loras / --max_cpu_loras against each other and against --lora_num."""
+    if args.max_loras < 1:
+        raise InputError(f"--max_loras must be at least 1 (got {args.max_loras}).")
+    if args.max_cpu_loras is not None and args.max_cpu_loras < args.max_loras:
+        raise InputError(f"--max_cpu_loras {args.max_cpu_loras} is below --max_loras {args.max_loras}; the host tier holds the "
+                         "device tier, so raise --max_cpu_loras or lower --max_loras.")
+    k = getattr(args, "lora_num", 1)
+    if k > args.max_loras:
+        raise InputError(f"--max_loras {args.max_loras} is below --lora_num {k}: one input's adapters must fit on the device "
+                         f"together; raise --max_loras to at least {k}.")
+
+
 def check_shared(args: argparse.Namespace) -> None:
     """Range checks of the composition and prompt flags every entry point shares (before any model loads)."""
     if args.lora_num < 1:
@@ -172,6 +192,8 @@ def check_shared(args: argparse.Namespace) -> None:
     if args.temperature <= 0:
         raise InputError(f"--temperature must be above 0 (got {args.temperature}); a negative temperature would invert the ranking "
                          "(the least similar adapter would weigh most).")
+    if hasattr(args, "max_loras"):
+        check_pool_tiers(args)
 
 
 def default_dtype(device: str) -> str:

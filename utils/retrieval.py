@@ -38,6 +38,15 @@ POOLING_CHOICES = {"auto": None, "yes": True, "no": False}
 ADAPTER_VECTORS = ("normalized_mean", "mean")
 
 
+def embedding_cache_dir(value: str | None):
+    """The ``--embedding_cache`` flag as a folder: <cache>/embeddings by default, None for 'none'."""
+    from utils.model_loading import cache_dir
+
+    if value is None:
+        return cache_dir() / "embeddings"
+    return None if value.lower() == "none" else Path(value)
+
+
 def exclude_prompt_choice(value: str) -> bool | None:
     """The ``--exclude_prompt_from_pooling`` flag (auto / yes / no) as :class:`Embedder` takes it."""
     if value not in POOLING_CHOICES:
@@ -112,6 +121,40 @@ class Embedder:
             os.replace(tmp, cache)
         return emb
 
+    def card_means(self, cards: list[list[str]]) -> np.ndarray:
+        """The plain mean embedding [len(cards), d] of each card (an adapter's sample inputs), float32.
+
+        With a ``cache_dir``, each card's mean is stored on its own under ``cards/`` (a hash of the model's identity,
+        the instruction, the pooling mode and the card's texts), so that a pool that gains or loses adapters, or a
+        restart, embeds only the cards it has not seen; the missing cards are embedded together in one call.
+        """
+        means: list[np.ndarray | None] = [None] * len(cards)
+        paths = [None] * len(cards)
+        if self.cache_dir is not None:
+            folder = self.cache_dir / "cards"
+            for i, card in enumerate(cards):
+                h = hashlib.sha256(json.dumps([self._identity, self.instruction, self.exclude_prompt_from_pooling, list(card)]).encode())
+                paths[i] = folder / f"{h.hexdigest()[:32]}.npy"
+                if paths[i].is_file():
+                    means[i] = np.load(paths[i])
+        missing = [i for i, m in enumerate(means) if m is None]
+        if missing:
+            if len(missing) > 100:
+                logger.info("Embedding the cards of %d adapters (cached for the next start)", len(missing))
+            flat = [s for i in missing for s in cards[i]]
+            emb = self._encode(flat, show_progress=len(missing) > 100)
+            start = 0
+            for i in missing:
+                means[i] = emb[start:start + len(cards[i])].mean(0).astype(np.float32)
+                start += len(cards[i])
+                if paths[i] is not None:
+                    paths[i].parent.mkdir(parents=True, exist_ok=True)
+                    tmp = paths[i].with_name(f"{paths[i].stem}.{os.getpid()}.tmp.npy")
+                    np.save(tmp, means[i])
+                    os.replace(tmp, paths[i])
+        d = means[0].shape[0] if means else 0
+        return np.stack(means).astype(np.float32) if means else np.zeros((0, d), dtype=np.float32)
+
     def _encode(self, texts: list[str], show_progress: bool) -> np.ndarray:
         with torch.inference_mode():
             emb = self.model.encode(list(texts), prompt=self.instruction or None, batch_size=self.batch_size,
@@ -167,16 +210,43 @@ class LoraRetriever:
             raise ValueError(f"Unknown adapter vector {adapter_vector!r}; use one of {', '.join(ADAPTER_VECTORS)}.")
         self.adapter_vector = adapter_vector
         self.embedder = embedder
+        self.index_kind = index_kind
         self.names = list(names)
-        flat = [s for group in samples for s in group]
-        emb = embedder.encode(flat)  # [sum_j n_j, d]
-        vectors, start = [], 0
-        for group in samples:
-            mean = emb[start:start + len(group)].mean(0)
-            vectors.append(mean / max(np.linalg.norm(mean), 1e-12) if adapter_vector == "normalized_mean" else mean)
-            start += len(group)
-        self.vectors = np.stack(vectors).astype(np.float32)  # [N, d]
+        self.vectors = self._vectors(samples)  # [N, d]
         self.index = build_index(self.vectors, index_kind)
+
+    def _vectors(self, samples: list[list[str]]) -> np.ndarray:
+        """Adapter vectors [len(samples), d] of cards (module docstring)."""
+        if any(not group for group in samples):
+            raise ValueError("Every adapter needs at least one sample input to be retrieved.")
+        if hasattr(self.embedder, "card_means"):
+            means = self.embedder.card_means(samples)
+        else:  # an embedder with encode() only
+            flat = [s for group in samples for s in group]
+            emb, start, rows = self.embedder.encode(flat), 0, []
+            for group in samples:
+                rows.append(emb[start:start + len(group)].mean(0))
+                start += len(group)
+            means = np.stack(rows)
+        if self.adapter_vector == "normalized_mean":
+            means = np.stack([m / max(np.linalg.norm(m), 1e-12) for m in means])
+        return np.ascontiguousarray(means, dtype=np.float32)
+
+    def add(self, name: str, samples: list[str]) -> None:
+        """Add adapter ``name`` represented by ``samples`` (its card); the index is rebuilt."""
+        if name in self.names:
+            raise ValueError(f"Adapter {name!r} is already retrievable.")
+        vector = self._vectors([list(samples)])
+        self.vectors = np.concatenate([self.vectors, vector]) if len(self.names) else vector
+        self.names = self.names + [name]  # a new list: a copy of this retriever (copy.copy) keeps its own
+        self.index = build_index(self.vectors, self.index_kind)
+
+    def remove(self, name: str) -> None:
+        """Stop retrieving adapter ``name``; the index is rebuilt."""
+        j = self.names.index(name)
+        self.names = self.names[:j] + self.names[j + 1:]
+        self.vectors = np.delete(self.vectors, j, axis=0)
+        self.index = build_index(self.vectors, self.index_kind)
 
     def search_embeddings(self, queries: np.ndarray, k: int, exclude: list | None = None):
         """Top-k names and scores for query embeddings [n, d].

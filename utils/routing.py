@@ -90,6 +90,32 @@ class Router:
         self.domains = list(domains) if domains is not None else [""] * len(self.names)
         self.retriever = retriever
 
+    @property
+    def domain_of(self) -> dict[str, str]:
+        return dict(zip(self.names, self.domains))
+
+    def add(self, name: str, domain: str = "", samples: list[str] | None = None) -> None:
+        """A new adapter: retrievable when it has ``samples`` (its card), else usable by name only."""
+        if name in self.names:
+            raise ValueError(f"Adapter {name!r} is already routed.")
+        if samples:
+            if self.retriever is None:
+                raise ValueError("This router has no retriever; an adapter with samples cannot join retrieval.")
+            self.retriever.add(name, samples)
+        self.names = self.names + [name]
+        self.domains = self.domains + [domain]
+
+    def remove(self, name: str) -> None:
+        """``name`` is no longer routed: not retrieved, not nameable."""
+        j = self.names.index(name)
+        self.names = self.names[:j] + self.names[j + 1:]
+        self.domains = self.domains[:j] + self.domains[j + 1:]
+        if self.retriever is not None and name in self.retriever.names:
+            self.retriever.remove(name)
+
+    def retrievable(self, name: str) -> bool:
+        return self.retriever is not None and name in self.retriever.names
+
     def route(self, queries: list[str], routes: list[Route]) -> Routing:
         """Adapters, weights, similarities and mode for each ``queries[i]`` as ``routes[i]`` asks."""
         if len(queries) != len(routes):
@@ -151,7 +177,9 @@ class Router:
         members = [i for i, r in enumerate(routes) if r.method == "soup"]
         if not members:
             return
-        chosen, domains, sims = nearest_domain(self.retriever, emb[[row_of[i] for i in members]], self.domains,
+        domain_of = self.domain_of
+        chosen, domains, sims = nearest_domain(self.retriever, emb[[row_of[i] for i in members]],
+                                               [domain_of.get(n, "") for n in self.retriever.names],
                                                [routes[i].exclude for i in members])
         for j, i in enumerate(members):
             out.adapters[i] = chosen[j]

@@ -3,8 +3,8 @@
 A sweep (``main.py --run ... --run ...``) evaluates several configurations in one process. Each object
 is built on first use and kept while the next run asks for the same settings, so a sweep loads the base
 model and the pool's adapters once instead of once per run. A run that asks for other settings gets a
-fresh object. Because peft injects the pool's LoRA layers into the base model in place, a different pool
-also means a freshly loaded base model.
+fresh object. The pool reads adapters without injecting anything into the base model, so a different pool
+keeps the loaded base model.
 """
 
 from __future__ import annotations
@@ -43,36 +43,32 @@ class Session:
             logger.info("Base model %s loaded in %.1f s", name, time.time() - t0)
         return self.tokenizer, self.model
 
-    def adapter_pool(self, entries):
+    def adapter_pool(self, entries, max_loras: int | None = None, max_cpu_loras: int | None = None, eager: bool = False):
         """The :class:`AdapterPool` of ``entries`` on the current base model (call :meth:`base` first)."""
         from utils.adapter_pool import AdapterPool
 
         if self.model is None:
             raise RuntimeError("Session.base() must load the base model before the adapter pool.")
-        key = tuple((e.name, str(e.path)) for e in entries)
-        if self.pool is not None and key != self._pool_key:
-            logger.info("Another adapter pool: reloading the base model without the previous pool's LoRA layers")
-            self._reload_base()
-        if self.pool is None:
+        key = (tuple((e.name, str(e.path)) for e in entries), max_loras, max_cpu_loras, eager)
+        if self.pool is None or key != self._pool_key:
+            if self.pool is not None:
+                self.pool.close()
             t0 = time.time()
-            self.pool = AdapterPool(self.model, entries)
+            self.pool = AdapterPool(self.model, entries, max_loras=max_loras, max_cpu_loras=max_cpu_loras, eager=eager)
             self._pool_key = key
-            logger.info("%d adapters loaded in %.1f s", len(entries), time.time() - t0)
+            logger.info("Pool of %d adapters ready in %.2f s", len(entries), time.time() - t0)
         return self.pool
 
     @contextmanager
     def arrow(self, entries, top_k: int, temperature: float, general_paths=None, seed: int = 0):
         """PEFT's Arrow model over ``entries`` on the base model, removed again on exit (see :mod:`utils.baselines.arrow`).
 
-        Arrow injects its own LoRA layers, so a base model that carries the pool's layers is reloaded first.
+        Arrow injects its own LoRA layers into the base model and removes them again on exit.
         """
         from utils.baselines.arrow import build_arrow_model
 
         if self.model is None:
             raise RuntimeError("Session.base() must load the base model before Arrow.")
-        if self.pool is not None:
-            logger.info("Arrow loads its own copy of the adapters: reloading the base model without the pool's LoRA layers")
-            self._reload_base()
         t0 = time.time()
         model = build_arrow_model(self.model, entries, top_k, temperature, general_paths, seed)
         logger.info("Arrow over %d adapters built in %.1f s", len(entries), time.time() - t0)
@@ -82,8 +78,9 @@ class Session:
             model.unload()  # the base model's own layers back in place
 
     def without_adapters(self):
-        """Context in which the base model runs without the pool's LoRA layers (for ``--eval_type base``)."""
-        return self.pool.model.disable_adapter() if self.pool is not None else nullcontext()
+        """Context in which the base model runs without adapters (for ``--eval_type base``): the pool injects nothing,
+        so this is the base model as loaded."""
+        return nullcontext()
 
     def retriever(self, entries, retriever: str, instruction: str, exclude_prompt: bool | None, device: str, cache_dir,
                   adapter_vector: str = "normalized_mean"):
@@ -103,13 +100,9 @@ class Session:
             self._retriever_key = rkey
         return self._retriever
 
-    def _reload_base(self):
-        """The same base model, freshly loaded (peft's injected LoRA layers gone)."""
-        base_key = self._base_key
-        self._drop_models()
-        self.base(*base_key)
-
     def _drop_models(self):
+        if self.pool is not None:
+            self.pool.close()
         self.tokenizer = self.model = self.pool = None
         self._base_key = self._pool_key = None
         gc.collect()

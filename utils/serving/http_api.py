@@ -1,7 +1,8 @@
 """Stage: the server's HTTP API, OpenAI-compatible (FastAPI). Requests become scheduler jobs; answers stream back.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``,
-``GET /metrics`` (Prometheus) and ``GET /`` (the web page, ``web/index.html``).
+``GET /metrics`` (Prometheus), ``GET /`` (the web page, ``web/index.html``), and the runtime pool routes
+``POST /v1/load_lora_adapter`` / ``POST /v1/unload_lora_adapter`` (:mod:`utils.serving.pool_admin`).
 
 ``model`` is ``auto`` (retrieve the top-k adapters for the input and compose them), ``base`` (no adapter) or
 an adapter's name (that adapter alone). Extra body fields, sent by the ``openai`` client with ``extra_body``:
@@ -215,8 +216,16 @@ class API:
         elif model in names:
             adapters, target = {model: 1.0}, "mix"
         lora_num = d.lora_num if req.lora_num is None else req.lora_num
+        cap = eng.pool.max_loras if eng.pool is not None else None
+        if cap is not None and adapters is not None and len(adapters) > cap:
+            raise APIError(400, f"'adapters' names {len(adapters)} adapters, over the {cap} one batch may use (the server's --max_loras); "
+                                "send fewer.", param="adapters", code="invalid_value")
+        if cap is not None and target == "auto" and lora_num > cap:
+            raise APIError(400, f"'lora_num' {lora_num} is over the {cap} adapters one batch may use (the server's --max_loras); "
+                                "ask for fewer.", param="lora_num", code="invalid_value")
         if target == "auto":
-            available = len(names) - len(set(exclude))
+            available = len(self.engine.router.retriever.names) if self.engine.router.retriever is not None else 0
+            available -= len(set(exclude) & set(self.engine.router.retriever.names if self.engine.router.retriever else []))
             if not 1 <= lora_num <= available:
                 raise APIError(400, f"'lora_num' must be between 1 and {available} (the pool's adapters"
                                     + (" left after 'exclude'" if exclude else "") + f"); got {lora_num}.", param="lora_num", code="invalid_value")
@@ -253,8 +262,14 @@ class API:
         return job, queue
 
 
-def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
-    """The FastAPI application over ``engine``; its lifespan starts and stops the scheduler thread."""
+def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1 << 20, admin=None, bind_host: str = "127.0.0.1") -> FastAPI:
+    """The FastAPI application over ``engine``; its lifespan starts and stops the scheduler thread.
+
+    ``admin``: a :class:`utils.serving.pool_admin.PoolAdmin` for the runtime pool routes (built over ``engine`` when None).
+    ``bind_host``: the address the server binds (pool changes without an API key answer only on a loopback one).
+    """
+    from utils.serving.pool_admin import PoolAdmin, add_pool_routes
+
     from contextlib import asynccontextmanager
 
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -271,6 +286,14 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1 << 20
 
     app = FastAPI(title="LoraRetriever server", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.api = api
+    if engine.pool is not None:
+        metrics.watch_pool(engine.pool)
+    if admin is None:
+        from utils.serving.pool_admin import default_roots
+
+        admin = PoolAdmin(engine, default_roots(engine.entries))
+    app.state.admin = admin
+    add_pool_routes(app, api, admin, bind_host)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):

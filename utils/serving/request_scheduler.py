@@ -16,8 +16,15 @@ One background thread owns the model. Its loop:
 
    When nothing runs, the first request waits up to ``max_wait_ms`` for others to arrive, so that requests
    sent together are prefilled together.
+   A batch never uses more distinct adapters than the pool's device tier holds (``--max_loras``): a request whose
+   adapters would not fit waits, and after one has waited, later requests join only with adapters already in use,
+   so the waiting one is next when rows finish. Adapters of routed requests still waiting are read ahead into the
+   host tier on a background thread (:meth:`AdapterPool.prefetch`) while the step runs.
 3. One decoding step for every row; new text is handed to each request's ``emit`` callback; finished and
    cancelled rows leave the batch.
+4. Changes of the pool (:meth:`Scheduler.call`: runtime loads and unloads) run on this thread between steps, so
+   routing, composition and the pool never see a change half-made. A request keeps the adapters it was routed to
+   (:meth:`AdapterPool.hold`) until it leaves, even if one of them is unloaded meanwhile.
 
 A failure while prefilling fails the requests being prefilled; a failure in a decoding step fails the rows
 of that step. Either way the error goes to those requests (status 500) and the loop goes on serving.
@@ -28,8 +35,9 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from contextlib import nullcontext
 import time
+from concurrent.futures import Future
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -68,6 +76,8 @@ class Job:
     cancelled: bool = False
     # set by the scheduler
     seq: Sequence | None = None
+    adapter_names: tuple[str, ...] = ()  # the adapters it was routed to (held in the pool until it leaves)
+    held: bool = False
     applied: list[dict] | None = None
     label: str = ""
     retrieval_s: float = 0.0
@@ -114,7 +124,6 @@ class Scheduler:
         self.decoder = decoder
         self.pool = pool
         self.router = router or Router([])
-        self.domains = dict(zip(self.router.names, self.router.domains))
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
@@ -122,6 +131,7 @@ class Scheduler:
         self.policy = policy
         self.prefill_padding = prefill_padding
         self.waiting: collections.deque[Job] = collections.deque()
+        self._control: collections.deque[tuple[Callable, Future]] = collections.deque()
         self.running: list[Job] = []
         self.cond = threading.Condition()
         self._stop = False
@@ -157,6 +167,34 @@ class Scheduler:
             self._gauge()
             self.cond.notify_all()
 
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run ``fn()`` on the scheduler thread between two steps; the future gets its result or exception.
+
+        A scheduler whose thread is not running runs ``fn`` at once on the caller's thread.
+        """
+        fut: Future = Future()
+        with self.cond:
+            if self.alive and not self._stop:
+                self._control.append((fn, fut))
+                self.cond.notify_all()
+                return fut
+        try:
+            fut.set_result(fn())
+        except Exception as err:  # handed to the caller through the future
+            fut.set_exception(err)
+        return fut
+
+    def _run_control(self) -> None:
+        while True:
+            with self.cond:
+                if not self._control:
+                    return
+                fn, fut = self._control.popleft()
+            try:
+                fut.set_result(fn())
+            except Exception as err:  # handed to the caller through the future
+                fut.set_exception(err)
+
     def cancel(self, job: Job) -> None:
         """Mark ``job`` cancelled (its client went away); it leaves the queue or batch at the next step."""
         job.cancelled = True
@@ -177,16 +215,22 @@ class Scheduler:
         try:
             while True:
                 with self.cond:
-                    while not self.waiting and not self.running and not self._stop:
+                    while not self.waiting and not self.running and not self._stop and not self._control:
                         self.cond.wait()
-                    if self._stop and not self.waiting and not self.running:
+                    if self._stop and not self.waiting and not self.running and not self._control:
                         return
-                    if not self.running and self.waiting and len(self.waiting) < self.max_batch_size and not self._stop:
+                    if (not self.running and self.waiting and len(self.waiting) < self.max_batch_size and not self._stop
+                            and not self._control):
                         deadline = self.waiting[0].t_arrival + self.max_wait_s
-                        while len(self.waiting) < self.max_batch_size and time.perf_counter() < deadline and not self._stop:
+                        while (len(self.waiting) < self.max_batch_size and time.perf_counter() < deadline and not self._stop
+                               and not self._control):
                             self.cond.wait(max(deadline - time.perf_counter(), 0.0))
-                    for job in [j for j in self.waiting if j.cancelled]:
+                    gone = [j for j in self.waiting if j.cancelled]
+                    for job in gone:
                         self.waiting.remove(job)
+                for job in gone:
+                    self._unhold(job)
+                self._run_control()
                 self._drop([j for j in self.running if j.cancelled])
                 self._admit()
                 if self.running:
@@ -201,6 +245,11 @@ class Scheduler:
                 self._stop = True
             for job in jobs:
                 self._fail(job, 500, "The scheduler failed; see the server log.")
+            with self.cond:
+                control = list(self._control)
+                self._control.clear()
+            for _, fut in control:
+                fut.set_exception(RuntimeError("The scheduler failed; see the server log."))
 
     def _admit(self) -> None:
         with self.cond:
@@ -216,11 +265,14 @@ class Scheduler:
             if self.policy == "same_adapters":
                 key = self.running[0].batch_key() if self.running else (candidates[0].batch_key() if candidates else None)
                 candidates = [j for j in candidates if j.batch_key() == key]
-            admitted = candidates[:room]
+            admitted = self._fitting(candidates, room)
             for job in admitted:
                 self.waiting.remove(job)
+        if self.pool is not None:  # read ahead the adapters of those still waiting, while this step runs
+            self.pool.prefetch([n for j in candidates if j not in admitted for n in j.adapter_names])
         if not admitted:
             return
+        admitted = self._loaded(admitted)
         now = time.perf_counter()
         for job in admitted:
             job.t_admitted = now
@@ -241,6 +293,39 @@ class Scheduler:
                 continue
             self.running.extend(group)
             self._emit_progress(group)
+
+    def _fitting(self, candidates: list[Job], room: int) -> list[Job]:
+        """The candidates, in order, that join the batch: at most ``room``, with the adapters of the running rows and
+        of those admitted within ``max_loras``. After one has to wait, only requests needing no new adapter join."""
+        if self.pool is None:
+            return candidates[:room]
+        in_use = self.pool.pinned()
+        admitted, blocked = [], False
+        for job in candidates:
+            if len(admitted) >= room:
+                break
+            need = set(job.adapter_names) - in_use
+            if need and (blocked or len(in_use) + len(need) > self.pool.max_loras):
+                blocked = True
+                continue
+            admitted.append(job)
+            in_use |= need
+        return admitted
+
+    def _loaded(self, jobs: list[Job]) -> list[Job]:
+        """``jobs`` whose adapters are read into the host tier; one that cannot be read fails alone (500)."""
+        if self.pool is None:
+            return jobs
+        ok = []
+        for job in jobs:
+            try:
+                self.pool.load(job.adapter_names)
+            except Exception as err:
+                logger.error("Request failed: %s", err)
+                self._fail(job, 500, f"An adapter of this request cannot be read: {err}")
+                continue
+            ok.append(job)
+        return ok
 
     def _step(self) -> None:
         n = len(self.running)
@@ -290,6 +375,13 @@ class Scheduler:
         self.decoder.drop([j.seq for j in jobs])
         gone = {id(j) for j in jobs}
         self.running = [j for j in self.running if id(j) not in gone]
+        for job in jobs:
+            self._unhold(job)
+
+    def _unhold(self, job: Job) -> None:
+        if job.held and self.pool is not None:
+            self.pool.unhold(job.adapter_names)
+        job.held = False
 
     @staticmethod
     def _timings(job: Job, now: float) -> dict:
@@ -302,6 +394,7 @@ class Scheduler:
                 "tokens_per_s": round((n - 1) / decode_s, 2) if n > 1 and decode_s > 0 else None}
 
     def _fail(self, job: Job, status: int, message: str) -> None:
+        self._unhold(job)
         job.emit("error", {"status": status, "message": message})
 
     def _fail_batch(self, jobs: list[Job], err: Exception, with_running: bool = False) -> None:
@@ -327,14 +420,24 @@ class Scheduler:
                 self._remove_waiting(job)
                 self._fail(job, 500, f"Retrieval failed: {type(err).__name__}: {err}")
             return
+        domains = self.router.domain_of
         retrieval_s = routing.meta.get("retrieval_s")
         if retrieval_s is not None and self.metrics is not None:
             self.metrics.retrieval.observe(time.perf_counter() - t0)
         for i, job in enumerate(jobs):
             if job.route.method == "auto":
                 job.retrieval_s = retrieval_s or 0.0
-            job.applied = routing.applied(i, self.domains)
+            missing = [n for n in routing.adapters[i] if self.pool is None or n not in self.pool.index]
+            if missing:
+                self._remove_waiting(job)
+                self._fail(job, 404, f"Adapter {missing[0]!r} is no longer in the pool (it was unloaded); GET /v1/models lists the adapters.")
+                continue
+            job.applied = routing.applied(i, domains)
             job.label = routing.label(i)
+            job.adapter_names = tuple(dict.fromkeys(routing.adapters[i]))
+            if self.pool is not None and job.adapter_names:
+                self.pool.hold(job.adapter_names)
+                job.held = True
             job.seq = Sequence(
                 prompt_ids=job.prompt_ids, max_new_tokens=job.max_new_tokens, sampling=job.sampling, stop=job.stop,
                 adapter_idx=[self.pool.index[n] for n in routing.adapters[i]], adapter_w=list(routing.weights[i]),
@@ -348,5 +451,8 @@ class Scheduler:
                 self.waiting.remove(job)
 
     def stats(self) -> dict:
-        return {"waiting": len(self.waiting), "running": len(self.running), "max_batch_seen": self.max_rows_seen,
-                "steps": self.steps, "policy": self.policy}
+        out = {"waiting": len(self.waiting), "running": len(self.running), "max_batch_seen": self.max_rows_seen,
+               "steps": self.steps, "policy": self.policy}
+        if self.pool is not None:
+            out["pool"] = self.pool.describe()
+        return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 
@@ -30,3 +31,27 @@ class ServerMetrics:
                                     buckets=LATENCY_BUCKETS)
         self.retrieval = Histogram("lora_retriever_retrieval_seconds", "Batched retrieval of adapters, per call", registry=r,
                                    buckets=LATENCY_BUCKETS)
+
+    def watch_pool(self, pool) -> None:
+        """Report the adapter pool's tiers, loads and evictions at every scrape (read from ``pool.describe()``)."""
+        self.registry.register(_PoolCollector(pool))
+
+
+class _PoolCollector:
+    def __init__(self, pool):
+        self.pool = pool
+
+    def collect(self):
+        d = self.pool.describe()
+        tiers = GaugeMetricFamily("lora_retriever_adapters_resident", "Adapters per memory tier (host includes device)", labels=["tier"])
+        for tier in ("device", "host", "disk"):
+            tiers.add_metric([tier], d[tier])
+        yield tiers
+        yield GaugeMetricFamily("lora_retriever_adapters_pinned", "Adapters used by running rows", value=d["pinned"])
+        yield GaugeMetricFamily("lora_retriever_adapters", "Adapters in the pool", value=d["adapters"])
+        yield CounterMetricFamily("lora_retriever_adapter_loads", "Adapters read from disk", value=d["loads"])
+        yield CounterMetricFamily("lora_retriever_adapter_load_seconds", "Time spent reading adapters from disk", value=d["load_seconds"])
+        ev = CounterMetricFamily("lora_retriever_adapter_evictions", "Adapters evicted, by tier", labels=["tier"])
+        ev.add_metric(["device"], d["evictions_device"])
+        ev.add_metric(["host"], d["evictions_host"])
+        yield ev

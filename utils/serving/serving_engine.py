@@ -7,6 +7,7 @@ chat conversation or a completion prompt into prompt tokens and a retrieval quer
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -47,6 +48,7 @@ class Engine:
     prompter: object
     scheduler: object
     metrics: object
+    router: object  # the Router over the pool (changes with runtime loads and unloads)
     context_length: int
     defaults: Defaults
     model_name: str
@@ -122,11 +124,12 @@ def load_engine(args, session=None) -> Engine:
 
     ``args`` carries the server's flags (``serve.py --help``); every input file is checked before any model loads.
     """
+    from utils.adapter_pool import AdapterPool
     from utils.composition import LiveComposition
     from utils.data import load_pool_config
     from utils.serving.batch_decoding import BatchDecoder
     from utils.prompter import Prompter
-    from utils.retrieval import exclude_prompt_choice
+    from utils.retrieval import embedding_cache_dir, exclude_prompt_choice
     from utils.routing import Router
     from utils.serving.request_scheduler import Scheduler
     from utils.serving.server_metrics import ServerMetrics
@@ -139,18 +142,19 @@ def load_engine(args, session=None) -> Engine:
     session = session or Session()
     t0 = time.time()
     tokenizer, model = session.base(args.base_model, args.dtype, args.device, None)
-    pool = session.adapter_pool(entries) if entries else None
+    # The served pool and retriever change at run time (utils/serving/pool_admin.py): this engine's own objects, not the
+    # session's (the retriever a shallow copy: its add/remove rebind its lists, never mutate them).
+    pool = AdapterPool(model, entries, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, eager=args.eager_load) if entries else None
     retriever = None
     if entries:
-        retriever = session.retriever(entries, args.retriever, args.instruction, exclude_prompt_choice(args.exclude_prompt_from_pooling),
-                                      args.device, None, args.adapter_vector)
+        retriever = copy.copy(session.retriever(entries, args.retriever, args.instruction, exclude_prompt_choice(args.exclude_prompt_from_pooling),
+                                                args.device, embedding_cache_dir(args.embedding_cache), args.adapter_vector))
     if args.chat_format == "chat_template" and not getattr(tokenizer, "chat_template", None):
         raise InputError(f"--chat_format chat_template: the tokenizer of {args.base_model} has no chat template; use --chat_format template.")
     lock = threading.Lock()
     metrics = ServerMetrics()
-    serving_model = pool.model if pool is not None else model
     ctx = context_length_of(model, tokenizer)
-    decoder = BatchDecoder(serving_model, tokenizer, LiveComposition(pool) if pool is not None else None,
+    decoder = BatchDecoder(model, tokenizer, LiveComposition(pool) if pool is not None else None,
                            eos_ids=eos_ids(tokenizer, model), context_length=ctx, tokenizer_lock=lock)
     with decoder.composition.active() if decoder.composition is not None else nullcontext():
         decoder.check_model()
@@ -161,6 +165,6 @@ def load_engine(args, session=None) -> Engine:
                         max_tokens=args.max_new_tokens, max_tokens_cap=args.max_tokens_cap,
                         chat_format=args.chat_format, prompt_format=args.prompt_format)
     logger.info("Loaded %s with %d adapters in %.1f s (context %d tokens)", args.base_model, len(entries), time.time() - t0, ctx)
-    return Engine(tokenizer=tokenizer, model=model, pool=pool, entries=entries, retriever=retriever, prompter=prompter,
-                  scheduler=scheduler, metrics=metrics, context_length=ctx, defaults=defaults, model_name=args.base_model,
+    return Engine(tokenizer=tokenizer, model=model, pool=pool, entries=list(entries), retriever=retriever, prompter=prompter,
+                  scheduler=scheduler, metrics=metrics, router=router, context_length=ctx, defaults=defaults, model_name=args.base_model,
                   tokenizer_lock=lock)
