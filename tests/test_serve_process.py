@@ -166,3 +166,37 @@ def test_openai_client_against_embedded_default(smollm_loras, tmp_path):
             client.completions.create(model="no-such-adapter", prompt="x", max_tokens=2)
     finally:
         assert server.stop() == 0
+
+
+def test_pool_state_brings_back_the_same_pool_after_a_restart(tiny_base, tiny_loras, tiny_pool, tmp_path):
+    """Runtime loads and unloads recorded in --pool_state: a restarted server lists the same models and retrieves the
+    loaded adapter from its card; the state file is never left half-written."""
+    import shutil
+
+    root = tmp_path / "adapters"
+    shutil.copytree(tiny_loras["alpha"], root / "newcomer")
+    state = tmp_path / "state" / "pool_state.json"
+    args = ["--base_model", str(tiny_base), "--config_path", str(tiny_pool), "--adapter_root", str(root), "--pool_state", str(state)]
+    server = ServerProcess(args, tmp_path / "first.log")
+    try:
+        server.wait_ready()
+        r = httpx.post(server.url + "/v1/load_lora_adapter", timeout=60,
+                       json={"lora_name": "newcomer", "lora_path": str(root / "newcomer"), "domain": "cooking",
+                             "samples": ["bake a chocolate cake", "a recipe for pancakes", "boil the pasta"]})
+        assert r.status_code == 200, r.text
+        assert httpx.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "beta"}, timeout=60).status_code == 200
+        before = httpx.get(server.url + "/v1/models", timeout=10).json()["data"]
+    finally:
+        assert server.stop() == 0
+    assert json.loads(state.read_text())["unloaded"] == ["beta"]
+    assert [p.name for p in state.parent.iterdir()] == ["pool_state.json"], "no temporary file is left behind"
+    again = ServerProcess(args, tmp_path / "second.log")
+    try:
+        again.wait_ready()
+        after = httpx.get(again.url + "/v1/models", timeout=10).json()["data"]
+        assert [(m["id"], m["domain"]) for m in after] == [(m["id"], m["domain"]) for m in before]
+        assert "beta" not in [m["id"] for m in after] and "newcomer" in [m["id"] for m in after]
+        r = httpx.post(again.url + "/v1/completions", timeout=60, json={"prompt": "a recipe to bake a cake", "lora_num": 1, "max_tokens": 2})
+        assert r.json()["adapters"][0]["name"] == "newcomer"
+    finally:
+        assert again.stop() == 0

@@ -49,7 +49,6 @@ from utils.data import InputError, PoolEntry
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_LORAS = 64
-DEFAULT_MAX_CPU_LORAS = 128
 # peft's saved keys: "<prefix>.<module>.lora_A.weight" (older files may name the adapter: ".lora_A.default.weight").
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.[^.]+)?\.weight$")
 _PREFIX = "base_model.model."
@@ -200,7 +199,7 @@ class AdapterPool:
         base_model: the base causal LM (left as it is: composition adds hooks only inside its context managers).
         entries: the pool config's entries.
         max_loras: adapters resident on the compute device at most (None: the default, 64).
-        max_cpu_loras: adapters in host memory at most (None: the larger of 128 and ``max_loras``).
+        max_cpu_loras: adapters in host memory at most (None: ``max_loras``, as vLLM's default).
         eager: read every adapter at start-up (checks the whole pool; keeps what the host tier holds).
     """
 
@@ -209,7 +208,7 @@ class AdapterPool:
         if not entries:
             raise InputError("The adapter pool is empty; the pool config must list at least one LoRA.")
         self.max_loras = DEFAULT_MAX_LORAS if max_loras is None else int(max_loras)
-        self.max_cpu_loras = max(DEFAULT_MAX_CPU_LORAS, self.max_loras) if max_cpu_loras is None else int(max_cpu_loras)
+        self.max_cpu_loras = self.max_loras if max_cpu_loras is None else int(max_cpu_loras)
         if self.max_loras < 1:
             raise InputError(f"--max_loras must be at least 1 (got {self.max_loras}).")
         if self.max_cpu_loras < self.max_loras:
@@ -463,6 +462,46 @@ class AdapterPool:
                 B[j, :, : b.shape[1]] = b
             layers.append(StackedLayer(m, self.targets[m], A, B))
         return layers
+
+    def gather(self, rows: list[list[str]], k: int) -> list[tuple[str, torch.nn.Module, torch.Tensor, torch.Tensor]]:
+        """Per module any adapter of ``rows`` targets: (name, module, A_sel [b, k, R, d_in], B_sel [b, k, d_out, R]).
+
+        Slot j of row b holds the factors of adapter ``rows[b][j]``, zero-padded to the largest rank R at the module
+        among the batch's adapters; a slot past the row's adapters, or of an adapter that does not target the module,
+        holds zeros. The adapters must be pinned (:meth:`acquire`). Modules come in the base model's order.
+        """
+        with self._lock:
+            weights = {}
+            for n in {n for row in rows for n in row}:
+                w = self._device.get(n)
+                if w is None or self._pins[n] == 0:
+                    raise RuntimeError(f"Adapter {n!r} is not pinned on the device tier; acquire it before composing.")
+                weights[n] = w
+        modules = {m for w in weights.values() for m in w.modules}
+        out = []
+        for m in (m for m in self.targets if m in modules):
+            present = [w.modules[m] for w in weights.values() if m in w.modules]
+            a0 = present[0][0]
+            rank = max(a.shape[0] for a, _ in present)
+            d_in, d_out = module_shape(self.targets[m])
+            zero_a = torch.zeros(rank, d_in, device=a0.device, dtype=a0.dtype)
+            zero_b = torch.zeros(d_out, rank, device=a0.device, dtype=a0.dtype)
+
+            def slot(row, j):
+                f = weights[row[j]].modules.get(m) if j < len(row) else None
+                if f is None:
+                    return zero_a, zero_b
+                a, b = f
+                if a.shape[0] < rank:
+                    a = torch.nn.functional.pad(a, (0, 0, 0, rank - a.shape[0]))
+                    b = torch.nn.functional.pad(b, (0, rank - b.shape[1]))
+                return a, b
+
+            slots = [slot(row, j) for row in rows for j in range(k)]
+            A_sel = torch.stack([a for a, _ in slots]).reshape(len(rows), k, rank, d_in)
+            B_sel = torch.stack([b for _, b in slots]).reshape(len(rows), k, d_out, rank)
+            out.append((m, self.targets[m], A_sel, B_sel))
+        return out
 
     def tier_counts(self) -> dict[str, int]:
         """Adapters per tier: ``device``, ``host`` (which includes the device tier), ``disk`` (registered, not in memory)."""

@@ -45,19 +45,26 @@ def build_composed(A: torch.Tensor, B: torch.Tensor, indices: torch.Tensor, weig
         mixture and R for fusion, in A's dtype and on A's device.
     """
     idx = indices.to(A.device)
-    w = weights.to(device=A.device, dtype=torch.float32)
-    b, k = idx.shape
-    A_sel = A[idx].float()  # [b, k, R, d_in]
-    B_sel = B[idx].float() * w[:, :, None, None]  # [b, k, d_out, R]
+    return compose_selected(A[idx], B[idx], weights, mode)
+
+
+def compose_selected(A_sel: torch.Tensor, B_sel: torch.Tensor, weights: torch.Tensor, mode: str):
+    """:func:`build_composed` on factors already selected per row: A_sel [b, k, R, d_in], B_sel [b, k, d_out, R]
+    (slot j of row b holds adapter j of that row, zeros for an empty slot). Same returns, in A_sel's dtype."""
+    w = weights.to(device=A_sel.device, dtype=torch.float32)
+    b, k, R, d_in = A_sel.shape
+    d_out = B_sel.shape[2]
+    A32 = A_sel.float()  # [b, k, R, d_in]
+    B32 = B_sel.float() * w[:, :, None, None]  # [b, k, d_out, R]
     if mode == "mixture":
-        A_b = A_sel.reshape(b, k * A.shape[1], A.shape[2])  # [b, k*R, d_in]
-        B_b = B_sel.permute(0, 2, 1, 3).reshape(b, B.shape[1], k * B.shape[2])  # [b, d_out, k*R]
+        A_b = A32.reshape(b, k * R, d_in)  # [b, k*R, d_in]
+        B_b = B32.permute(0, 2, 1, 3).reshape(b, d_out, k * R)  # [b, d_out, k*R]
     elif mode == "fusion":
-        A_b = (A_sel * w[:, :, None, None]).sum(1)  # [b, R, d_in]
-        B_b = B_sel.sum(1)  # [b, d_out, R]
+        A_b = (A32 * w[:, :, None, None]).sum(1)  # [b, R, d_in]
+        B_b = B32.sum(1)  # [b, d_out, R]
     else:
         raise ValueError(f"Unknown composition mode {mode!r}; use one of {MODES}.")
-    return A_b.transpose(1, 2).contiguous().to(A.dtype), B_b.transpose(1, 2).contiguous().to(A.dtype)
+    return A_b.transpose(1, 2).contiguous().to(A_sel.dtype), B_b.transpose(1, 2).contiguous().to(A_sel.dtype)
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -99,14 +106,6 @@ def _make_hook(At: torch.Tensor, Bt: torch.Tensor):
     return hook
 
 
-def _batch_ids(indices: torch.Tensor) -> tuple[list[int], torch.Tensor]:
-    """(the distinct adapter ids of ``indices`` [b, k] in first-seen order, ``indices`` mapped to positions in that list)."""
-    flat = [int(i) for i in indices.reshape(-1).tolist()]
-    distinct = list(dict.fromkeys(flat))
-    pos = {a: j for j, a in enumerate(distinct)}
-    return distinct, torch.tensor([pos[a] for a in flat], dtype=torch.long).reshape(indices.shape)
-
-
 @contextmanager
 def _pinned(pool: AdapterPool, names: list[str]):
     pool.acquire(names)
@@ -130,17 +129,12 @@ def compose(pool: AdapterPool, indices: torch.Tensor, weights: torch.Tensor, mod
         raise ValueError(f"Unknown composition mode {mode!r}; use one of {MODES}.")
     if indices.shape != weights.shape or indices.dim() != 2:
         raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must both be [batch, k].")
-    distinct, local = _batch_ids(indices)
-    names = [pool.name_of(a) for a in distinct]
+    rows = [[pool.name_of(int(a)) for a in row] for row in indices.tolist()]
+    names = list(dict.fromkeys(n for row in rows for n in row))
     with _pinned(pool, names):
-        on_device = {}  # indices and weights copied once per device (once in all unless device_map spreads the model)
         with torch.no_grad():
-            hooks = []
-            for layer in pool.stacks(names):
-                dev = layer.A.device
-                if dev not in on_device:
-                    on_device[dev] = (local.to(dev), weights.to(device=dev, dtype=torch.float32))
-                hooks.append((layer.module, _make_hook(*build_composed(layer.A, layer.B, *on_device[dev], mode))))
+            hooks = [(module, _make_hook(*compose_selected(A_sel, B_sel, weights.to(A_sel.device), mode)))
+                     for _, module, A_sel, B_sel in pool.gather(rows, indices.shape[1])]
         with _hooked(pool.model, hooks) as model:
             yield model
 
@@ -165,8 +159,7 @@ def compose_shared(pool: AdapterPool, indices: list[int], weights, mode: str = "
     idx = torch.as_tensor(indices, dtype=torch.long).reshape(1, -1)
     if idx.shape != w.shape:
         raise ValueError(f"{idx.shape[1]} adapter indices but {w.shape[1]} weights.")
-    distinct, local = _batch_ids(idx)
-    names = [pool.name_of(a) for a in distinct]
+    rows = [[pool.name_of(int(a)) for a in idx[0].tolist()]]
 
     def make(At: torch.Tensor, Bt: torch.Tensor):
         def hook(module, args, kwargs, output):
@@ -174,12 +167,12 @@ def compose_shared(pool: AdapterPool, indices: list[int], weights, mode: str = "
             return output + ((x.to(At.dtype) @ At) @ Bt).to(output.dtype)
         return hook
 
-    with _pinned(pool, names):
+    with _pinned(pool, list(dict.fromkeys(rows[0]))):
         with torch.no_grad():
             hooks = []
-            for layer in pool.stacks(names):
-                At, Bt = (f[0] for f in build_composed(layer.A, layer.B, local, w, mode))
-                hooks.append((layer.module, make(At, Bt)))
+            for _, module, A_sel, B_sel in pool.gather(rows, idx.shape[1]):
+                At, Bt = (f[0] for f in compose_selected(A_sel, B_sel, w, mode))
+                hooks.append((module, make(At, Bt)))
         with _hooked(pool.model, hooks) as model:
             yield model
 
@@ -208,9 +201,15 @@ def build_mixed(A: torch.Tensor, B: torch.Tensor, indices: torch.Tensor, weights
         the rest are zeros, which add nothing: (x At) Bt is unchanged by zero-padding the rank. A row whose
         weights are all 0 (the base model, or padding of k) gets zero factors and hence exactly the base output.
     """
-    At, Bt = build_composed(A, B, indices, weights, "mixture")
+    idx = indices.to(A.device)
+    return mixed_selected(A[idx], B[idx], weights, fusion_rows)
+
+
+def mixed_selected(A_sel: torch.Tensor, B_sel: torch.Tensor, weights: torch.Tensor, fusion_rows: torch.Tensor):
+    """:func:`build_mixed` on factors already selected per row (shapes as in :func:`compose_selected`)."""
+    At, Bt = compose_selected(A_sel, B_sel, weights, "mixture")
     if bool(fusion_rows.any()):
-        Af, Bf = build_composed(A, B, indices, weights, "fusion")  # [b, d_in, R], [b, R, d_out]
+        Af, Bf = compose_selected(A_sel, B_sel, weights, "fusion")  # [b, d_in, R], [b, R, d_out]
         r = Af.shape[2]
         Af = torch.nn.functional.pad(Af, (0, At.shape[2] - r))
         Bf = torch.nn.functional.pad(Bf, (0, 0, 0, Bt.shape[1] - r))
@@ -280,37 +279,28 @@ class LiveComposition:
 
     def _build(self, new: list[tuple[int, list[int], list[float], bool]]) -> None:
         k = max(max(len(r[1]) for r in new), 1)
-        idx = torch.zeros(len(new), k, dtype=torch.long)
         w = torch.zeros(len(new), k, dtype=torch.float32)
         for i, (_, ids, ws, _) in enumerate(new):
             if len(ids) != len(ws):
                 raise ValueError(f"Row {i}: {len(ids)} adapter indices but {len(ws)} weights.")
             if ids:
-                idx[i, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
                 w[i, :len(ws)] = torch.as_tensor(ws, dtype=torch.float32)
-        distinct, local = _batch_ids(torch.tensor([a for r in new for a in r[1]], dtype=torch.long))
-        pos = {a: j for j, a in enumerate(distinct)}
-        local_idx = torch.tensor([[pos[int(a)] if j < len(r[1]) else 0 for j, a in enumerate(idx[i].tolist())]
-                                  for i, r in enumerate(new)], dtype=torch.long)
-        names = [self.pool.name_of(a) for a in distinct]
-        row_names = [list(dict.fromkeys(self.pool.name_of(a) for a in r[1])) for r in new]
+        rows = [[self.pool.name_of(a) for a in r[1]] for r in new]
+        row_names = [list(dict.fromkeys(row)) for row in rows]
         acquired = []
         try:
             for rn in row_names:
                 self.pool.acquire(rn)
                 acquired.append(rn)
             per_row: list[dict] = [{} for _ in new]
-            if names:
+            if any(rows):
                 fusion = torch.tensor([r[3] for r in new], dtype=torch.bool)
-                on_device = {}
                 with torch.no_grad():
-                    for layer in self.pool.stacks(names):
-                        dev = layer.A.device
-                        if dev not in on_device:
-                            on_device[dev] = (local_idx.to(dev), w.to(dev), fusion.to(dev))
-                        At, Bt = build_mixed(layer.A, layer.B, *on_device[dev])
+                    for m, _, A_sel, B_sel in self.pool.gather(rows, k):
+                        dev = A_sel.device
+                        At, Bt = mixed_selected(A_sel, B_sel, w.to(dev), fusion.to(dev))
                         for i in range(len(new)):
-                            per_row[i][layer.name] = (At[i], Bt[i])
+                            per_row[i][m] = (At[i], Bt[i])
         except BaseException:
             for rn in acquired:
                 self.pool.release(rn)

@@ -42,8 +42,8 @@ def add_pool_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max_loras", type=int, default=64,
                    help="adapters resident on the compute device at most (a batch is formed to use at most this many; as vLLM's --max-loras)")
     p.add_argument("--max_cpu_loras", type=int, default=None,
-                   help="adapters kept in host memory at most, least recently used evicted first (default: the larger of 128 "
-                        "and --max_loras; as vLLM's --max-cpu-loras); the rest are read from disk when retrieved")
+                   help="adapters kept in host memory at most, least recently used evicted first (default: --max_loras, as vLLM's "
+                        "--max-cpu-loras); the rest are read from disk when retrieved again")
     p.add_argument("--eager_load", action="store_true",
                    help="read every adapter at start-up to check the whole pool (default: each one when it is first retrieved)")
 

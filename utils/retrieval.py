@@ -126,7 +126,8 @@ class Embedder:
 
         With a ``cache_dir``, each card's mean is stored on its own under ``cards/`` (a hash of the model's identity,
         the instruction, the pooling mode and the card's texts), so that a pool that gains or loses adapters, or a
-        restart, embeds only the cards it has not seen; the missing cards are embedded together in one call.
+        restart, embeds only the cards it has not seen; the missing cards are embedded together in one call, each
+        distinct text once.
         """
         means: list[np.ndarray | None] = [None] * len(cards)
         paths = [None] * len(cards)
@@ -142,7 +143,11 @@ class Embedder:
             if len(missing) > 100:
                 logger.info("Embedding the cards of %d adapters (cached for the next start)", len(missing))
             flat = [s for i in missing for s in cards[i]]
-            emb = self._encode(flat, show_progress=len(missing) > 100)
+            unique = list(dict.fromkeys(flat))  # a text shared by several cards is embedded once
+            emb = self._encode(unique, show_progress=len(missing) > 100)
+            if len(unique) < len(flat):
+                row = {t: j for j, t in enumerate(unique)}
+                emb = emb[[row[t] for t in flat]]
             start = 0
             for i in missing:
                 means[i] = emb[start:start + len(cards[i])].mean(0).astype(np.float32)

@@ -16,7 +16,7 @@ row keeps its own LoRA composition. :class:`BatchDecoder` holds that batch:
 - :meth:`BatchDecoder.drop` removes rows and trims the columns that have become padding in every row.
 
 Per-row composition: before each forward, :class:`utils.composition.LiveComposition` gets the adapter
-indices, weights and mode of the rows of that forward (each row's factors are built once; they are restacked
+ids, weights and mode of the rows of that forward (each row's factors are built once; they are restacked
 only when the rows change). The decoder runs inside ``composition.active()``, entered once by its owner. Under greedy
 decoding a row therefore gets the same tokens alone or inside any batch, up to float rounding of the
 batched matmuls.
@@ -47,7 +47,7 @@ class Sampling:
 class Sequence:
     """One request's row: its prompt, limits, composition, and what has been generated so far.
 
-    ``adapter_idx``/``adapter_w`` are pool stack indices and weights (empty for the base model); ``fusion``
+    ``adapter_idx``/``adapter_w`` are pool adapter ids and weights (empty for the base model); ``fusion``
     selects fusion instead of mixture for this row.
     """
 
@@ -90,7 +90,7 @@ class BatchDecoder:
     """The running batch of a server (module docstring). Not thread-safe: one thread drives it.
 
     Args:
-        model: the causal LM (the pool's ``PeftModel`` when there is a pool).
+        model: the base causal LM (the pool's composition hooks its modules; nothing is injected).
         tokenizer: its tokenizer (decoding only; callers tokenize prompts). ``tokenizer_lock`` guards it when
             other threads use the same tokenizer.
         composition: a :class:`LiveComposition` over the pool, or None for a model without adapters.

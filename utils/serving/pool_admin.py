@@ -27,6 +27,9 @@ import re
 import threading
 from pathlib import Path
 
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
 from utils.data import InputError, PoolEntry, looks_like_hub_id
 
 logger = logging.getLogger(__name__)
@@ -257,9 +260,6 @@ class PoolAdmin:
 
 def add_pool_routes(app, api, admin: PoolAdmin, bind_host: str) -> None:
     """``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter`` on ``app`` (module docstring)."""
-    from fastapi import Request
-    from fastapi.responses import JSONResponse
-
     from utils.serving.http_api import APIError
 
     def allowed(request: Request) -> None:
