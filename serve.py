@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--api_key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (default: $LORA_RETRIEVER_API_KEY, else none)")
     a("--max_body_bytes", type=int, default=1 << 20, help="largest request body accepted")
     a("--max_tokens_cap", type=int, default=1024, help="largest max_tokens a request may ask for")
+    a("--max_logprobs", type=int, default=20, help="most top alternatives a request may ask for per token (logprobs, top_logprobs)")
     # The pool at run time.
     a("--adapter_root", action="append", default=None,
       help="folder that POST /v1/load_lora_adapter may read adapters from (repeatable; default: the folders of the pool "
@@ -73,7 +74,8 @@ def validate(args) -> None:
 
     check_shared(args)
     checks = [("--max_batch_size", args.max_batch_size, 1),
-              ("--max_queue", args.max_queue, 1), ("--max_body_bytes", args.max_body_bytes, 256), ("--max_tokens_cap", args.max_tokens_cap, 1)]
+              ("--max_queue", args.max_queue, 1), ("--max_body_bytes", args.max_body_bytes, 256), ("--max_tokens_cap", args.max_tokens_cap, 1),
+              ("--max_logprobs", args.max_logprobs, 0)]
     for flag, value, low in checks:
         if value < low:
             raise InputError(f"{flag} must be at least {low} (got {value}).")

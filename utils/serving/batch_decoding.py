@@ -21,6 +21,11 @@ only when the rows change). The decoder runs inside ``composition.active()``, en
 decoding a row therefore gets the same tokens alone or inside any batch, up to float rounding of the
 batched matmuls.
 
+Logprobs are the model's own (``log_softmax`` of the composed model's logits, before temperature and top-p, as
+vLLM's default ``raw_logprobs``): a row with ``logprobs`` records them for each generated token, a row with
+``prompt_logprobs`` for each prompt token from the logits of the same prefill (the first token has none). Such a
+prefill keeps the logits of every position ([b, T, vocab]); callers keep those batches small.
+
 Only full-attention KV caches (transformers' ``DynamicLayer``) can be padded and merged this way; a model with
 sliding-window or recurrent layers is refused by :meth:`BatchDecoder.check_model`.
 """
@@ -59,8 +64,14 @@ class Sequence:
     adapter_w: list[float] = field(default_factory=list)
     fusion: bool = False
     ignore_eos: bool = False  # generate max_new_tokens whatever the model says (benchmarks)
+    logprobs: int | None = None  # record each generated token's logprob and this many top alternatives (None: none)
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens, from the prefill's logits (None: none)
     # state, written by the decoder
     generated: list[int] = field(default_factory=list)
+    token_logprobs: list[float] = field(default_factory=list)  # of each generated token (with ``logprobs``)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # its top alternatives, best first
+    prompt_token_logprobs: list[float | None] = field(default_factory=list)  # of each prompt token; the first is None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
     generator: torch.Generator | None = None
@@ -127,10 +138,12 @@ class BatchDecoder:
         else:  # a forward of base rows only: no hooks' work at all
             self.composition.set_base()
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache):
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache, all_logits: bool = False):
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                         logits_to_keep=1)
+                         logits_to_keep=0 if all_logits else 1)
+        if all_logits:
+            return out.logits[:, -1, :].float(), out.past_key_values, out.logits
         return out.logits[:, -1, :].float(), out.past_key_values
 
     # -- public API ----------------------------------------------------------------------------------------
@@ -152,11 +165,19 @@ class BatchDecoder:
             mask[i, length - len(s.prompt_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         self._set_composition(seqs)
-        logits, cache = self._forward(ids, mask, None)
+        if any(s.prompt_logprobs is not None for s in seqs):
+            logits, cache, every = self._forward(ids, mask, None, all_logits=True)
+            self._prompt_logprobs(seqs, every, length)
+            del every
+        else:
+            logits, cache = self._forward(ids, mask, None)
         self._check_cache(cache)
         tokens = self._pick(logits, seqs)
+        for s in seqs:
+            if s.max_new_tokens == 0:  # scoring only (echo with max_tokens 0): nothing is generated
+                s.finish_reason = "length"
         self._merge(seqs, cache, mask, tokens)
-        self._record(seqs, tokens)
+        self._record(seqs, tokens, logits)
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -168,7 +189,7 @@ class BatchDecoder:
         logits, self.cache = self._forward(self.last[:, None], self.mask, self.cache)
         tokens = self._pick(logits, self.rows)
         self.last = tokens.to(self.device)
-        self._record(self.rows, tokens)
+        self._record(self.rows, tokens, logits)
 
     def drop(self, seqs) -> None:
         """Remove ``seqs`` from the batch (finished, cancelled or failed) and trim all-padding columns."""
@@ -248,14 +269,41 @@ class BatchDecoder:
             tokens[i] = torch.multinomial(probs, 1, generator=s.generator)[0]
         return tokens
 
-    def _record(self, seqs: list[Sequence], tokens: torch.Tensor) -> None:
-        for s, t in zip(seqs, tokens.tolist()):
+    @staticmethod
+    def _top(lp: torch.Tensor, n: int) -> list[tuple[int, float]]:
+        if n <= 0:
+            return []
+        values, ids = torch.topk(lp, n)
+        return list(zip(ids.tolist(), values.tolist()))
+
+    def _prompt_logprobs(self, seqs: list[Sequence], every: torch.Tensor, length: int) -> None:
+        """Prompt-token logprobs of the rows that ask for them, from the prefill's logits [b, T, V] (left-padded)."""
+        for i, s in enumerate(seqs):
+            if s.prompt_logprobs is None:
+                continue
+            n = len(s.prompt_ids)
+            lp = torch.log_softmax(every[i, length - n:length - 1].float(), dim=-1)  # position c predicts token c + 1
+            targets = torch.as_tensor(s.prompt_ids[1:], dtype=torch.long, device=lp.device)
+            chosen = lp.gather(1, targets[:, None])[:, 0].tolist() if n > 1 else []
+            s.prompt_token_logprobs = [None] + chosen
+            s.prompt_top_logprobs = [None] + [self._top(lp[c], s.prompt_logprobs) for c in range(n - 1)]
+
+    def _record(self, seqs: list[Sequence], tokens: torch.Tensor, logits: torch.Tensor | None = None) -> None:
+        for i, (s, t) in enumerate(zip(seqs, tokens.tolist())):
             if s.finished:
                 continue
             if t in self.eos_ids and not s.ignore_eos:
                 s.finish_reason = "stop"
-                continue
+                if s.logprobs is None:
+                    continue
+                # with logprobs the end-of-sequence token is an output token too, as vLLM returns it (its text is "")
+            if s.logprobs is not None and logits is not None:
+                lp = torch.log_softmax(logits[i].float(), dim=-1)  # the raw distribution, before temperature / top-p
+                s.token_logprobs.append(float(lp[t]))
+                s.top_logprobs.append(self._top(lp, s.logprobs))
             s.generated.append(t)
+            if s.finished:
+                continue
             with self.lock:
                 s.text = self.tokenizer.decode(s.generated, skip_special_tokens=True)
             cut = min((s.text.find(x) for x in s.stop if x and x in s.text), default=-1)

@@ -29,15 +29,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from dataclasses import dataclass
+
 from utils.routing import Route
 from utils.serving.batch_decoding import Sampling
+from utils.serving.openai_format import TokenText, chat_logprobs, completion_logprobs, merge_completion_logprobs
 from utils.serving.request_scheduler import Job, QueueFull
 
 logger = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parents[2] / "web"
-UNSUPPORTED = {"n": 1, "best_of": 1, "logprobs": None, "top_logprobs": None, "echo": False, "suffix": None,
-               "tools": None, "functions": None, "logit_bias": None}
+UNSUPPORTED = {"suffix": None, "tools": None, "functions": None, "logit_bias": None, "tool_choice": None}
+MAX_CHOICES = 64  # prompts x n in one request (lm-evaluation-harness batches its loglikelihood requests)
 
 
 class APIError(Exception):
@@ -57,6 +60,7 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False
 
 
 class _Common(BaseModel):
@@ -78,11 +82,16 @@ class _Common(BaseModel):
     weighting: Literal["uniform", "softmax"] | None = None
     exclude: list[str] | None = None
     ignore_eos: bool = False
+    n: int = 1
+    best_of: int | None = None
+    prompt_logprobs: int | None = None  # vLLM's extra field: logprobs of the prompt's tokens (and this many alternatives)
 
 
 class CompletionRequest(_Common):
-    prompt: Union[str, list[str]]
+    prompt: Union[str, list[str], list[int], list[list[int]]]
     prompt_format: Literal["template", "raw"] | None = None
+    logprobs: int | None = None
+    echo: bool = False
 
 
 class TextPart(BaseModel):
@@ -100,6 +109,8 @@ class Message(BaseModel):
 class ChatRequest(_Common):
     messages: list[Message]
     chat_format: Literal["template", "chat_template"] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
 
 
 def _validation_message(err: ValidationError) -> tuple[str, str]:
@@ -108,6 +119,20 @@ def _validation_message(err: ValidationError) -> tuple[str, str]:
     if first["type"] == "missing":
         return f"The request lacks the required field '{loc}'.", loc
     return f"Invalid value for '{loc}': {first['msg']} (got {json.dumps(first.get('input'), default=str)[:80]}).", loc
+
+
+@dataclass
+class Reply:
+    """What the answer to one request needs: its id, its jobs (one per choice, in choice order) and their prompts."""
+
+    rid: str
+    created: int
+    model: str
+    chat: bool
+    endpoint: str
+    jobs: list
+    echo_texts: list | None
+    prompt_tokens: int
 
 
 class API:
@@ -157,8 +182,37 @@ class API:
             message, param = _validation_message(err)
             raise APIError(400, message, param=param, code="invalid_value") from err
 
-    def build_job(self, req, prompt_ids: list[int], query: str, emit) -> Job:
-        """A scheduler :class:`Job` from a parsed request; every field checked against the pool and limits."""
+    def logprob_settings(self, req) -> tuple[int | None, int | None]:
+        """(top alternatives recorded per generated token, per prompt token), None where not asked; checked against
+        ``--max_logprobs``."""
+        cap = self.engine.defaults.max_logprobs
+        chat = isinstance(req, ChatRequest)
+
+        def checked(value, name):
+            if value is None:
+                return None
+            if not 0 <= value <= cap:
+                raise APIError(400, f"'{name}' must be between 0 and {cap} (the server's --max_logprobs); got {value}.", param=name,
+                               code="invalid_value")
+            return value
+
+        if chat:
+            top = checked(req.top_logprobs, "top_logprobs")
+            if top is not None and not req.logprobs:
+                raise APIError(400, "'top_logprobs' needs 'logprobs': true.", param="top_logprobs", code="invalid_value")
+            gen = (top or 0) if req.logprobs else None
+            prompt = checked(req.prompt_logprobs, "prompt_logprobs")
+        else:
+            gen = checked(req.logprobs, "logprobs")
+            prompt = checked(req.prompt_logprobs, "prompt_logprobs")
+            if req.echo and gen is not None and prompt is None:
+                prompt = gen  # echo with logprobs: the prompt's tokens get them too
+        return gen, prompt
+
+    def build_job(self, req, prompt_ids: list[int], query: str, emit, seed: int | None = None) -> Job:
+        """A scheduler :class:`Job` from a parsed request; every field checked against the pool and limits.
+
+        ``seed`` overrides the request's (each of ``n`` choices gets its own)."""
         eng, d = self.engine, self.engine.defaults
         for name, neutral in UNSUPPORTED.items():
             value = (req.model_extra or {}).get(name, neutral)
@@ -174,8 +228,10 @@ class API:
         max_tokens = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
         if max_tokens is None:
             max_tokens = d.max_tokens
-        if max_tokens < 1 or max_tokens > d.max_tokens_cap:
-            raise APIError(400, f"'max_tokens' must be between 1 and {d.max_tokens_cap} (the server's --max_tokens_cap); got {max_tokens}.",
+        low = 0 if getattr(req, "echo", False) else 1  # echo with max_tokens 0 scores the prompt only
+        if max_tokens < low or max_tokens > d.max_tokens_cap:
+            raise APIError(400, f"'max_tokens' must be between {low} and {d.max_tokens_cap} (the server's --max_tokens_cap)"
+                                + ("" if low == 0 else "; 0 is allowed with echo") + f"; got {max_tokens}.",
                            param="max_tokens", code="invalid_value")
         if not prompt_ids:
             raise APIError(400, "The prompt is empty after tokenisation; send some text.", param="prompt", code="invalid_value")
@@ -237,29 +293,35 @@ class API:
             route = Route("mix", mix=tuple(adapters.items()), mode=composition)
         else:
             route = Route("base")
+        logprobs, prompt_logprobs = self.logprob_settings(req)
         return Job(prompt_ids=prompt_ids, query=query, max_new_tokens=max_tokens, emit=emit,
-                   sampling=Sampling(temperature=temperature, top_p=top_p, seed=req.seed), stop=stop, route=route,
-                   ignore_eos=req.ignore_eos)
+                   sampling=Sampling(temperature=temperature, top_p=top_p, seed=req.seed if seed is None else seed), stop=stop,
+                   route=route, ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
-    # -- running a job -------------------------------------------------------------------------------------
-    def submit(self, make_job):
-        """Create the job with an emit that feeds an asyncio queue, and queue it; returns (job, queue)."""
+    # -- running jobs ------------------------------------------------------------------------------------
+    def submit_all(self, queue: asyncio.Queue, makers: list) -> list[Job]:
+        """Build a job per maker (``maker(emit)``; choice i's events reach ``queue`` as ``(i, kind, payload)``) and queue
+        them all, or none: a full queue cancels those already queued and answers 429."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
 
-        def emit(kind, payload):
+        def emitter(i):
+            def emit(kind, payload):
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, (i, kind, payload))
+                except RuntimeError:  # the event loop has closed: nobody is listening any more
+                    pass
+            return emit
+
+        jobs = [make(emitter(i)) for i, make in enumerate(makers)]
+        for n, job in enumerate(jobs):
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
-            except RuntimeError:  # the event loop has closed: nobody is listening any more
-                pass
-
-        job = make_job(emit)
-        try:
-            self.engine.scheduler.submit(job)
-        except QueueFull as err:
-            raise APIError(429, f"The server is busy ({err}); retry after {self.retry_after_s} s.", code="queue_full",
-                           type_="rate_limit_error", headers={"Retry-After": str(self.retry_after_s)}) from err
-        return job, queue
+                self.engine.scheduler.submit(job)
+            except QueueFull as err:
+                for queued in jobs[:n]:
+                    self.engine.scheduler.cancel(queued)
+                raise APIError(429, f"The server is busy ({err}); retry after {self.retry_after_s} s.", code="queue_full",
+                               type_="rate_limit_error", headers={"Retry-After": str(self.retry_after_s)}) from err
+        return jobs
 
 
 def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1 << 20, admin=None, bind_host: str = "127.0.0.1") -> FastAPI:
@@ -276,6 +338,7 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1 << 20
 
     api = API(engine, api_key=api_key, max_body_bytes=max_body_bytes)
     metrics = engine.metrics
+    token_text = TokenText(engine.tokenizer, engine.tokenizer_lock)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -348,6 +411,32 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1 << 20
                              "weighting": engine.defaults.weighting, "max_tokens": engine.defaults.max_tokens,
                              "max_tokens_cap": engine.defaults.max_tokens_cap}}
 
+    def completion_prompts(req) -> list[tuple[list[int], str, str]]:
+        """(prompt ids, retrieval query, echo text) of each prompt of a completion request: a string, a list of strings,
+        a list of token ids, or a list of token-id lists. A token-id prompt is sent as it is, its query is its text."""
+        prompt = req.prompt
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)):
+            prompt = [prompt]
+        if not isinstance(prompt, list) or not prompt:
+            raise APIError(400, "'prompt' is empty; send a string, a list of strings, a list of token ids or a list of such lists.",
+                           param="prompt", code="invalid_value")
+        fmt = req.prompt_format or engine.defaults.prompt_format
+        vocab = len(engine.tokenizer)
+        out = []
+        for i, p in enumerate(prompt):
+            if isinstance(p, str):
+                if not p.strip():
+                    raise APIError(400, f"'prompt'[{i}] is empty; send some text.", param="prompt", code="invalid_value")
+                ids, query = engine.completion_prompt(p, fmt)
+                out.append((ids, query, p if fmt == "raw" else engine.decode(ids)))
+            else:
+                if not p or any(not isinstance(t, int) or not 0 <= t < vocab for t in p):
+                    raise APIError(400, f"'prompt'[{i}] must be a non-empty list of token ids between 0 and {vocab - 1}.",
+                                   param="prompt", code="invalid_value")
+                text = engine.decode(p)
+                out.append((list(p), text, text))
+        return out
+
     async def handle(request: Request, chat: bool):
         endpoint = "chat" if chat else "completions"
         try:
@@ -367,111 +456,231 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1 << 20
                     raise APIError(400, "This model's tokenizer has no chat template; use chat_format 'template'.", param="chat_format",
                                    code="invalid_value")
                 prompt_ids, query = await asyncio.to_thread(engine.chat_prompt, messages, fmt)
+                prompts = [(prompt_ids, query, None)]
             else:
-                prompt = req.prompt
-                if isinstance(prompt, list):
-                    if len(prompt) != 1:
-                        raise APIError(400, f"'prompt' lists {len(prompt)} prompts; send one prompt per request (requests are batched "
-                                            "by the server).", param="prompt", code="invalid_value")
-                    prompt = prompt[0]
-                if not prompt.strip():
-                    raise APIError(400, "'prompt' is empty; send some text.", param="prompt", code="invalid_value")
-                prompt_ids, query = await asyncio.to_thread(engine.completion_prompt, prompt, req.prompt_format or engine.defaults.prompt_format)
-            job, queue = api.submit(lambda emit: api.build_job(req, prompt_ids, query, emit))
+                prompts = await asyncio.to_thread(completion_prompts, req)
+            n = req.n
+            if not 1 <= n <= MAX_CHOICES:
+                raise APIError(400, f"'n' must be between 1 and {MAX_CHOICES}; got {n}.", param="n", code="invalid_value")
+            if req.best_of is not None and req.best_of != n:
+                raise APIError(400, "'best_of' is not supported (it would generate choices and return only some); leave it out.",
+                               param="best_of", code="unsupported")
+            if n > 1 and not (req.temperature or 0) > 0:
+                raise APIError(400, "'n' > 1 with greedy decoding (temperature 0) would return n identical choices; set a temperature "
+                                    "above 0 to sample them, or send n = 1.", param="n", code="invalid_value")
+            if len(prompts) * n > MAX_CHOICES:
+                raise APIError(400, f"{len(prompts)} prompts x n = {n} is {len(prompts) * n} choices; send at most {MAX_CHOICES} per request.",
+                               param="prompt", code="invalid_value")
+            queue: asyncio.Queue = asyncio.Queue()
+            jobs = api.submit_all(queue, [(lambda emit, p=p, j=j: api.build_job(req, p[0], p[1], emit,
+                                                                                 seed=None if req.seed is None else req.seed + j))
+                                          for p in prompts for j in range(n)])
         except APIError as err:
             metrics.requests.labels(endpoint, str(err.status)).inc()
             metrics.errors.labels(err.code or err.type).inc()
             return error_response(err)
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         created = int(time.time())
+        echo_texts = [p[2] for p in prompts for _ in range(n)] if not chat and req.echo else None
+        prompt_tokens = sum(len(p[0]) for p in prompts)
+        ctx = Reply(rid, created, req.model, chat, endpoint, jobs, echo_texts, prompt_tokens)
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream(job, queue, rid, created, req.model, chat, include_usage, endpoint),
+            opts = req.stream_options
+            return StreamingResponse(stream(ctx, queue, bool(opts and opts.include_usage), bool(opts and opts.continuous_usage_stats)),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await collect(request, job, queue, rid, created, req.model, chat, endpoint)
+        return await collect(request, ctx, queue)
 
-    async def collect(request, job, queue, rid, created, model, chat, endpoint):
-        text, meta = [], {}
+    def logprobs_of(ctx, i: int, seq, text_start: int = 0):
+        """The ``logprobs`` of choice i: prompt tokens first with echo (or ``prompt_logprobs``), then the generated ones."""
+        gen = seq.logprobs is not None
+        if ctx.chat:
+            return chat_logprobs(token_text, seq.generated, seq.token_logprobs, seq.top_logprobs) if gen else None
+        prompt = None
+        if ctx.echo_texts is not None and seq.prompt_logprobs is not None:
+            prompt = completion_logprobs(token_text, seq.prompt_ids, seq.prompt_token_logprobs, seq.prompt_top_logprobs)
+        if not gen:
+            return prompt
+        start = text_start + (sum(len(t) for t in prompt["tokens"]) if prompt is not None else 0)
+        return merge_completion_logprobs(prompt, completion_logprobs(token_text, seq.generated, seq.token_logprobs, seq.top_logprobs, start))
+
+    def prompt_logprobs_of(seq):
+        """vLLM's ``prompt_logprobs`` field: per prompt token {token id: {logprob, decoded_token}} (None for the first)."""
+        if seq.prompt_logprobs is None:
+            return None
+        out = []
+        for t, lp, top in zip(seq.prompt_ids, seq.prompt_token_logprobs, seq.prompt_top_logprobs):
+            if lp is None:
+                out.append(None)
+                continue
+            entry = {str(i): {"logprob": v, "rank": r + 1, "decoded_token": token_text(i)} for r, (i, v) in enumerate(top)}
+            entry.setdefault(str(t), {"logprob": lp, "rank": None, "decoded_token": token_text(t)})
+            out.append(entry)
+        return out
+
+    async def collect(request, ctx, queue):
+        k = len(ctx.jobs)
+        texts, metas, dones = [[] for _ in range(k)], [{} for _ in range(k)], [None] * k
         try:
-            while True:
+            while any(d is None for d in dones):
                 try:
-                    kind, payload = await asyncio.wait_for(queue.get(), timeout=1.0)
+                    i, kind, payload = await asyncio.wait_for(queue.get(), timeout=1.0)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
-                        engine.scheduler.cancel(job)
+                        for job in ctx.jobs:
+                            engine.scheduler.cancel(job)
                         return Response(status_code=499)
                     continue
                 if kind == "meta":
-                    meta = payload
+                    metas[i] = payload
                 elif kind == "delta":
-                    text.append(payload["text"])
+                    texts[i].append(payload["text"])
                 elif kind == "error":
+                    for job in ctx.jobs:
+                        engine.scheduler.cancel(job)
                     err = APIError(payload["status"], payload["message"], code="generation_failed", type_="server_error")
-                    metrics.requests.labels(endpoint, str(err.status)).inc()
+                    metrics.requests.labels(ctx.endpoint, str(err.status)).inc()
                     metrics.errors.labels(err.code).inc()
                     return error_response(err)
                 elif kind == "done":
-                    break
+                    dones[i] = payload
         except asyncio.CancelledError:
-            engine.scheduler.cancel(job)
+            for job in ctx.jobs:
+                engine.scheduler.cancel(job)
             raise
-        metrics.requests.labels(endpoint, "200").inc()
-        content = "".join(text)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None, "finish_reason": payload["finish_reason"]}
-                  if chat else {"index": 0, "text": content, "logprobs": None, "finish_reason": payload["finish_reason"]})
-        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created, "model": model,
-                "choices": [choice], "usage": payload["usage"], "adapters": meta.get("adapters", []),
-                "composition": meta.get("composition"), "timings": payload["timings"]}
+        metrics.requests.labels(ctx.endpoint, "200").inc()
+        choices = []
+        for i in range(k):
+            content, seq = "".join(texts[i]), dones[i]["seq"]
+            if ctx.chat:
+                choice = {"index": i, "message": {"role": "assistant", "content": content}, "logprobs": logprobs_of(ctx, i, seq),
+                          "finish_reason": dones[i]["finish_reason"]}
+            else:
+                echo = ctx.echo_texts[i] if ctx.echo_texts is not None else ""
+                choice = {"index": i, "text": echo + content, "logprobs": logprobs_of(ctx, i, seq), "finish_reason": dones[i]["finish_reason"]}
+                if seq.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = prompt_logprobs_of(seq)
+            if k > 1:
+                choice.update(adapters=metas[i].get("adapters", []), composition=metas[i].get("composition"))
+            choices.append(choice)
+        completion = sum(d["usage"]["completion_tokens"] for d in dones)
+        usage = {"prompt_tokens": ctx.prompt_tokens, "completion_tokens": completion, "total_tokens": ctx.prompt_tokens + completion}
+        return {"id": ctx.rid, "object": "chat.completion" if ctx.chat else "text_completion", "created": ctx.created, "model": ctx.model,
+                "choices": choices, "usage": usage, "adapters": metas[0].get("adapters", []),
+                "composition": metas[0].get("composition"), "timings": dones[0]["timings"]}
 
-    async def stream(job, queue, rid, created, model, chat, include_usage, endpoint):
+    async def stream(ctx, queue, include_usage: bool, continuous_usage: bool):
+        chat = ctx.chat
         obj = "chat.completion.chunk" if chat else "text_completion"
-        meta, finished = {}, False
+        k = len(ctx.jobs)
+        metas, finished = [{} for _ in range(k)], [False] * k
+        generated, offsets = [0] * k, [0] * k
 
-        def chunk(delta_text=None, finish=None, extra=None, role=False):
+        def usage():
+            n = sum(generated)
+            return {"prompt_tokens": ctx.prompt_tokens, "completion_tokens": n, "total_tokens": ctx.prompt_tokens + n}
+
+        def chunk(i, delta_text=None, finish=None, extra=None, role=False, logprobs=None):
             if chat:
                 delta = {}
                 if role:
                     delta["role"] = "assistant"
                 if delta_text is not None:
                     delta["content"] = delta_text
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": finish}
-            body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+                choice = {"index": i, "text": delta_text or "", "logprobs": logprobs, "finish_reason": finish}
+            body = {"id": ctx.rid, "object": obj, "created": ctx.created, "model": ctx.model, "choices": [choice]}
             if extra:
                 body.update(extra)
+            if continuous_usage:
+                body["usage"] = usage()
             return f"data: {json.dumps(body)}\n\n"
 
         try:
-            while True:
-                kind, payload = await queue.get()
+            while not all(finished):
+                i, kind, payload = await queue.get()
                 if kind == "meta":
-                    meta = payload
-                    yield chunk("", extra={"adapters": payload["adapters"], "composition": payload["composition"]}, role=True)
+                    metas[i] = payload
+                    echo = ctx.echo_texts[i] if ctx.echo_texts is not None else ""
+                    offsets[i] = len(echo)
+                    yield chunk(i, echo, extra={"adapters": payload["adapters"], "composition": payload["composition"]}, role=True)
                 elif kind == "delta":
-                    yield chunk(payload["text"])
+                    generated[i] += len(payload["token_ids"])
+                    lp = None
+                    if "token_logprobs" in payload:
+                        ids, lps, tops = payload["token_ids"], payload["token_logprobs"], payload["top_logprobs"]
+                        lp = (chat_logprobs(token_text, ids, lps, tops) if chat
+                              else completion_logprobs(token_text, ids, lps, tops, offsets[i]))
+                        offsets[i] += sum(len(token_text(t)) for t in ids)
+                    yield chunk(i, payload["text"], logprobs=lp)
                 elif kind == "error":
-                    metrics.requests.labels(endpoint, str(payload["status"])).inc()
+                    for job in ctx.jobs:
+                        engine.scheduler.cancel(job)
+                    metrics.requests.labels(ctx.endpoint, str(payload["status"])).inc()
                     metrics.errors.labels("generation_failed").inc()
-                    finished = True
+                    finished = [True] * k
                     err = {"message": payload["message"], "type": "server_error", "param": None, "code": "generation_failed"}
                     yield f"data: {json.dumps({'error': err})}\n\n"
                     yield "data: [DONE]\n\n"
                     return
                 elif kind == "done":
-                    finished = True
-                    metrics.requests.labels(endpoint, "200").inc()
-                    yield chunk(None if chat else "", finish=payload["finish_reason"],
-                                extra={"adapters": meta.get("adapters", []), "composition": meta.get("composition"),
-                                       "timings": payload["timings"]})
-                    if include_usage:
-                        body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": payload["usage"]}
-                        yield f"data: {json.dumps(body)}\n\n"
-                    yield "data: [DONE]\n\n"
-                    return
+                    finished[i] = True
+                    generated[i] = payload["usage"]["completion_tokens"]
+                    extra = {"adapters": metas[i].get("adapters", []), "composition": metas[i].get("composition"), "timings": payload["timings"]}
+                    seq = payload["seq"]
+                    if ctx.echo_texts is not None and seq.prompt_logprobs is not None and seq.logprobs is not None:
+                        extra["prompt_logprobs"] = prompt_logprobs_of(seq)
+                    yield chunk(i, None if chat else "", finish=payload["finish_reason"], extra=extra)
+            metrics.requests.labels(ctx.endpoint, "200").inc()
+            if include_usage:
+                body = {"id": ctx.rid, "object": obj, "created": ctx.created, "model": ctx.model, "choices": [], "usage": usage()}
+                yield f"data: {json.dumps(body)}\n\n"
+            yield "data: [DONE]\n\n"
         finally:
-            if not finished:  # the client went away mid-stream: the row leaves its batch at the next step
-                engine.scheduler.cancel(job)
+            if not all(finished):  # the client went away mid-stream: the rows leave their batch at the next step
+                for job in ctx.jobs:
+                    engine.scheduler.cancel(job)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        api.check_auth(request)
+        body = await api.read_json(request)
+        special = body.get("add_special_tokens")
+        if "messages" in body:
+            messages = body["messages"]
+            if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+                raise APIError(400, "'messages' must be a non-empty list of {role, content} objects.", param="messages", code="invalid_value")
+            if not getattr(engine.tokenizer, "chat_template", None):
+                raise APIError(400, "This model's tokenizer has no chat template; tokenize a 'prompt' instead.", param="messages",
+                               code="invalid_value")
+            with engine.tokenizer_lock:
+                text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=bool(body.get("add_generation_prompt", True)),
+                                                            tokenize=False)
+            ids = engine.encode(text, special_tokens=bool(special) if special is not None else False)
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                raise APIError(400, "Send 'prompt' (a string) or 'messages' to tokenize.", param="prompt", code="invalid_value")
+            ids = engine.encode(prompt, special_tokens=True if special is None else bool(special))
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.context_length}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        api.check_auth(request)
+        body = await api.read_json(request)
+        tokens = body.get("tokens")
+        vocab = len(engine.tokenizer)
+        if not isinstance(tokens, list) or any(not isinstance(t, int) or not 0 <= t < vocab for t in tokens):
+            raise APIError(400, f"'tokens' must be a list of token ids between 0 and {vocab - 1}.", param="tokens", code="invalid_value")
+        return {"prompt": engine.decode(tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request):
+        api.check_auth(request)
+        tok = engine.tokenizer
+        return {"tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token, "bos_token": tok.bos_token, "pad_token": tok.pad_token,
+                "unk_token": getattr(tok, "unk_token", None), "chat_template": getattr(tok, "chat_template", None),
+                "model_max_length": engine.context_length, "vocab_size": len(tok)}
 
     @app.post("/v1/completions")
     async def completions(request: Request):

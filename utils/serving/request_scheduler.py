@@ -72,6 +72,8 @@ class Job:
     stop: list[str] = field(default_factory=list)
     route: Route = field(default_factory=Route)
     ignore_eos: bool = False
+    logprobs: int | None = None  # Sequence.logprobs
+    prompt_logprobs: int | None = None  # Sequence.prompt_logprobs
     t_arrival: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     # set by the scheduler
@@ -83,7 +85,8 @@ class Job:
     retrieval_s: float = 0.0
     t_admitted: float | None = None
     t_first: float | None = None
-    sent: int = 0
+    sent: int = 0  # characters of text emitted
+    tokens_sent: int = 0  # generated tokens emitted
 
     def batch_key(self):
         s = self.seq
@@ -118,7 +121,7 @@ class Scheduler:
 
     def __init__(self, decoder: BatchDecoder, pool=None, router: Router | None = None, metrics=None,
                  max_batch_size: int = 32, max_wait_ms: float = 10.0, max_queue: int = 256, policy: str = "continuous",
-                 prefill_padding: float = 1.25):
+                 prefill_padding: float = 1.25, prompt_logprob_positions: int = 1024):
         if policy not in POLICIES:
             raise ValueError(f"Unknown batching policy {policy!r}; use one of {', '.join(POLICIES)}.")
         self.decoder = decoder
@@ -130,6 +133,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.policy = policy
         self.prefill_padding = prefill_padding
+        self.prompt_logprob_positions = prompt_logprob_positions
         self.waiting: collections.deque[Job] = collections.deque()
         self._control: collections.deque[tuple[Callable, Future]] = collections.deque()
         self.running: list[Job] = []
@@ -281,7 +285,7 @@ class Scheduler:
                 self.metrics.prompt_tokens.inc(len(job.prompt_ids))
         # Prefill in groups of similar length: a left-padded prefill computes every padding position, and a random
         # mix of prompts padded to the longest one costs about twice its real tokens (bench/bench_serve.py rows).
-        for group in length_groups(admitted, self.prefill_padding):
+        for group in self._prefill_groups(admitted):
             try:
                 self.decoder.add([j.seq for j in group])
             except Exception as err:
@@ -293,6 +297,22 @@ class Scheduler:
                 continue
             self.running.extend(group)
             self._emit_progress(group)
+
+    def _prefill_groups(self, jobs: list[Job]) -> list[list[Job]]:
+        """Groups prefilled together: similar lengths (:func:`length_groups`); rows that keep every position's logits
+        (prompt logprobs) in groups of at most ``prompt_logprob_positions`` positions."""
+        scoring = [j for j in jobs if j.prompt_logprobs is not None]
+        groups = length_groups([j for j in jobs if j.prompt_logprobs is None], self.prefill_padding)
+        for g in length_groups(scoring, self.prefill_padding):
+            part: list[Job] = []
+            for job in g:  # sorted by length: the last one is the longest
+                if part and len(job.prompt_ids) * (len(part) + 1) > self.prompt_logprob_positions:
+                    groups.append(part)
+                    part = []
+                part.append(job)
+            if part:
+                groups.append(part)
+        return groups
 
     def _fitting(self, candidates: list[Job], room: int) -> list[Job]:
         """The candidates, in order, that join the batch: at most ``room``, with the adapters of the running rows and
@@ -351,9 +371,14 @@ class Scheduler:
                 if self.metrics is not None:
                     self.metrics.ttft.observe(now - job.t_arrival)
             text = seq.stable_text()
-            if len(text) > job.sent:
-                job.emit("delta", {"text": text[job.sent:]})
-                job.sent = len(text)
+            n = len(seq.generated)
+            if n > job.tokens_sent or len(text) > job.sent:  # one delta per step, so one per generated token
+                delta = {"text": text[job.sent:], "token_ids": seq.generated[job.tokens_sent:n]}
+                if seq.logprobs is not None:
+                    delta["token_logprobs"] = seq.token_logprobs[job.tokens_sent:n]
+                    delta["top_logprobs"] = seq.top_logprobs[job.tokens_sent:n]
+                job.emit("delta", delta)
+                job.sent, job.tokens_sent = len(text), n
             if seq.finished:
                 finished.append(job)
         for job in finished:
@@ -366,6 +391,7 @@ class Scheduler:
                 "usage": {"prompt_tokens": len(job.prompt_ids), "completion_tokens": completion,
                           "total_tokens": len(job.prompt_ids) + completion},
                 "timings": self._timings(job, now),
+                "seq": job.seq,  # its tokens and logprobs (not changed after this)
             })
         self._drop(finished)
 
@@ -441,7 +467,8 @@ class Scheduler:
             job.seq = Sequence(
                 prompt_ids=job.prompt_ids, max_new_tokens=job.max_new_tokens, sampling=job.sampling, stop=job.stop,
                 adapter_idx=[self.pool.index[n] for n in routing.adapters[i]], adapter_w=list(routing.weights[i]),
-                fusion=routing.modes[i] == "fusion" and len(routing.adapters[i]) > 1, ignore_eos=job.ignore_eos)
+                fusion=routing.modes[i] == "fusion" and len(routing.adapters[i]) > 1, ignore_eos=job.ignore_eos,
+                logprobs=job.logprobs, prompt_logprobs=job.prompt_logprobs)
             job.emit("meta", {"adapters": job.applied, "composition": job.label,
                               "retrieval_ms": round(job.retrieval_s * 1000.0, 2)})
 

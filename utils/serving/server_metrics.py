@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
@@ -14,6 +14,9 @@ class ServerMetrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds, ...
+        PlatformCollector(registry=r)  # python_info
+        GCCollector(registry=r)
         self.requests = Counter("lora_retriever_requests", "Completion requests answered, by endpoint and HTTP status",
                                 ["endpoint", "status"], registry=r)
         self.errors = Counter("lora_retriever_errors", "Error responses, by error type", ["type"], registry=r)

@@ -32,6 +32,7 @@ class Defaults:
     softmax_temperature: float = 0.1  # T of weighting "softmax"
     max_tokens: int = 50
     max_tokens_cap: int = 1024
+    max_logprobs: int = 20  # top alternatives a request may ask for per token (as vLLM's --max-logprobs)
     chat_format: str = "template"
     prompt_format: str = "template"
 
@@ -61,6 +62,10 @@ class Engine:
 
     def domains(self) -> dict[str, str]:
         return {e.name: e.domain for e in self.entries}
+
+    def decode(self, ids: list[int]) -> str:
+        with self.tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def encode(self, text: str, special_tokens: bool = True) -> list[int]:
         with self.tokenizer_lock:
@@ -162,7 +167,7 @@ def load_engine(args, session=None) -> Engine:
     scheduler = Scheduler(decoder, pool=pool, router=router, metrics=metrics, max_batch_size=args.max_batch_size,
                           max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, policy=args.batching)
     defaults = Defaults(composition=args.eval_type, lora_num=args.lora_num, weighting=args.weighting, softmax_temperature=args.temperature,
-                        max_tokens=args.max_new_tokens, max_tokens_cap=args.max_tokens_cap,
+                        max_tokens=args.max_new_tokens, max_tokens_cap=args.max_tokens_cap, max_logprobs=args.max_logprobs,
                         chat_format=args.chat_format, prompt_format=args.prompt_format)
     logger.info("Loaded %s with %d adapters in %.1f s (context %d tokens)", args.base_model, len(entries), time.time() - t0, ctx)
     return Engine(tokenizer=tokenizer, model=model, pool=pool, entries=list(entries), retriever=retriever, prompter=prompter,
