@@ -116,3 +116,24 @@ def make_smollm_pool(d: Path, names=("snarks", "winowhy", "qa_wikidata")) -> Pat
     suite = json.loads((Path(__file__).resolve().parent.parent / "config" / "bigbench_pool.json").read_text())
     pool = [dict(e, path=str(d / e["model_name"])) for e in suite if e["model_name"] in names]
     return write_json(d / "pool.json", pool)
+
+
+SERVE_TASKS = {
+    "alpha": ("sentiment", ["the movie was great", "the actors were wonderful", "a great and wonderful film"]),
+    "beta": ("translation", ["translate to french: the cat", "translate to french: the book", "translate to french: the mat"]),
+    "gamma": ("closed_book QA", ["question: who wrote the book? answer:", "question: who sits on the mat?", "question: who is the cat?"]),
+}
+
+
+def tiny_engine(tiny_base, tiny_loras, d: Path, *extra: str):
+    """A server :class:`Engine` over the tiny model and the three tiny LoRAs with carded samples, scheduler not started."""
+    import serve as serve_mod
+    from utils.serving.serving_engine import load_engine
+
+    pool = [{"model_name": n, "domain": dom, "sample": [{"inputs": s, "targets": "x"} for s in ss], "path": str(tiny_loras[n])}
+            for n, (dom, ss) in SERVE_TASKS.items()]
+    args = serve_mod.build_parser().parse_args(
+        ["--base_model", str(tiny_base), "--config_path", str(write_json(d / "pool.json", pool)), "--device", "cpu",
+         "--max_new_tokens", "6", "--max_wait_ms", "30", "--max_tokens_cap", "64", *extra])
+    serve_mod.validate(args)
+    return load_engine(args)

@@ -7,23 +7,14 @@ import json
 import pytest
 import torch
 
-import serve as serve_mod
-from tests.helpers import write_json
-from tests.test_server import TASKS, get, post, post_all, run
+from tests.test_server import get, post, post_all, run
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_base, tiny_loras, tmp_path_factory):
-    from utils.serving.serving_engine import load_engine
+    from tests.helpers import tiny_engine
 
-    d = tmp_path_factory.mktemp("fields_pool")
-    pool = [{"model_name": n, "domain": dom, "sample": [{"inputs": s, "targets": "x"} for s in ss], "path": str(tiny_loras[n])}
-            for n, (dom, ss) in TASKS.items()]
-    args = serve_mod.build_parser().parse_args(
-        ["--base_model", str(tiny_base), "--config_path", str(write_json(d / "pool.json", pool)), "--device", "cpu",
-         "--max_new_tokens", "6", "--max_wait_ms", "30", "--max_tokens_cap", "64"])
-    serve_mod.validate(args)
-    eng = load_engine(args)
+    eng = tiny_engine(tiny_base, tiny_loras, tmp_path_factory.mktemp("fields_pool"))
     eng.scheduler.start()
     yield eng
     eng.scheduler.stop()

@@ -10,27 +10,15 @@ import pytest
 import torch
 
 import serve as serve_mod
+from tests.helpers import SERVE_TASKS as TASKS
 from tests.helpers import write_json
-
-TASKS = {
-    "alpha": ("sentiment", ["the movie was great", "the actors were wonderful", "a great and wonderful film"]),
-    "beta": ("translation", ["translate to french: the cat", "translate to french: the book", "translate to french: the mat"]),
-    "gamma": ("closed_book QA", ["question: who wrote the book? answer:", "question: who sits on the mat?", "question: who is the cat?"]),
-}
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_base, tiny_loras, tmp_path_factory):
-    from utils.serving.serving_engine import load_engine
+    from tests.helpers import tiny_engine
 
-    d = tmp_path_factory.mktemp("serve_pool")
-    pool = [{"model_name": n, "domain": dom, "sample": [{"inputs": s, "targets": "x"} for s in ss], "path": str(tiny_loras[n])}
-            for n, (dom, ss) in TASKS.items()]
-    args = serve_mod.build_parser().parse_args(
-        ["--base_model", str(tiny_base), "--config_path", str(write_json(d / "pool.json", pool)), "--device", "cpu",
-         "--max_new_tokens", "6", "--max_wait_ms", "30", "--max_tokens_cap", "64"])
-    serve_mod.validate(args)
-    eng = load_engine(args)
+    eng = tiny_engine(tiny_base, tiny_loras, tmp_path_factory.mktemp("serve_pool"))
     eng.scheduler.start()
     yield eng
     eng.scheduler.stop()
