@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test install suite pool sweep serve browser retriever clean-results
+.PHONY: demo test install suite pool sweep serve browser clients retriever clean-results
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,18 @@ browser:
 		elif command -v sudo >/dev/null 2>&1; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 		else echo "chromium is missing and cannot be installed here: the web page tests will be skipped (apt-get install chromium)"; fi; }
 
+# guidellm, a benchmark client the server is tested with, in a virtualenv of its own (its pins differ from ours);
+# torch first, so that pip takes the CPU build instead of a CUDA one.
+CLIENTS := .venv-clients
+clients: $(CLIENTS)/.installed
+
+$(CLIENTS)/.installed:
+	$(PYTHON) -m venv $(CLIENTS)
+	$(CLIENTS)/bin/python -m pip install --quiet --upgrade pip
+	$(CLIENTS)/bin/python -m pip install --quiet torch==2.13.0
+	$(CLIENTS)/bin/python -m pip install --quiet guidellm==0.8.1
+	touch $@
+
 # A retriever fine-tuned on the 72 public BIG-bench training tasks (about 4 minutes on 2 CPU cores); optional.
 retriever: install
 	@if [ ! -f models/retriever/model.safetensors ]; then \
@@ -45,5 +57,5 @@ retriever: install
 serve: pool
 	$(PY) serve.py
 
-test: install browser
+test: install browser clients
 	$(PY) -m pytest -q tests

@@ -9,9 +9,7 @@ import httpx
 import pytest
 import torch
 
-import serve as serve_mod
 from tests.helpers import SERVE_TASKS as TASKS
-from tests.helpers import write_json
 
 
 @pytest.fixture(scope="module")
