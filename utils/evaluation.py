@@ -299,6 +299,9 @@ def execute(plan: Plan, session) -> Path:
     t0 = time.time()
     routing = None if arrow else route(plan, session, adapter_pool, tokenizer, device)
     t_retrieval = time.time() - t0
+    if adapter_pool is not None and routing is not None:
+        # The adapters the rows retrieved are read (and checked) before any row is generated; the others never are.
+        adapter_pool.load(dict.fromkeys(n for names in routing.adapters for n in names))
 
     prompts = [plan.prompter.generate_prompt(r["inputs"]) for r in rows]
     # Batches are formed over all rows (not only the unfinished ones), so that a resumed run generates each
