@@ -160,6 +160,19 @@ def test_openai_client_against_embedded_default(smollm_loras, tmp_path):
                                           extra_body={"adapters": {"qa_wikidata": 0.7, "winowhy": 0.3}, "composition": "fusion"})
         assert [(a["name"], a["weight"]) for a in mixed.adapters] == [("qa_wikidata", 0.7), ("winowhy", 0.3)]
         assert mixed.composition == "fusion"
+        # the fields the field's clients send: logprobs with echo, a list of prompts, token ids, n, chat logprobs
+        scored = client.completions.create(model="auto", prompt=[sarcasm, "The capital of France is"], max_tokens=2, logprobs=2, echo=True)
+        assert [c.index for c in scored.choices] == [0, 1] and sarcasm in scored.choices[0].text  # the rendered prompt
+        lp = scored.choices[1].logprobs
+        assert lp.token_logprobs[0] is None and len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
+        assert all(len(t) >= 2 for t in lp.top_logprobs[1:])
+        ids = client.completions.create(model="base", prompt=[[504, 3575, 282, 4649, 314]], max_tokens=3, extra_body={"prompt_format": "raw"})
+        assert ids.choices[0].text and ids.usage.prompt_tokens == 5
+        sampled = client.completions.create(model="snarks", prompt="Is it sarcastic?", n=3, temperature=1.0, seed=3, max_tokens=6)
+        assert sorted(c.index for c in sampled.choices) == [0, 1, 2]
+        chat_lp = client.chat.completions.create(model="winowhy", messages=[{"role": "user", "content": "Why?"}], max_tokens=4,
+                                                 logprobs=True, top_logprobs=2)
+        assert all(len(t.top_logprobs) == 2 for t in chat_lp.choices[0].logprobs.content)
         import openai
 
         with pytest.raises(openai.NotFoundError):
