@@ -330,7 +330,7 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1 << 20
     ``admin``: a :class:`utils.serving.pool_admin.PoolAdmin` for the runtime pool routes (built over ``engine`` when None).
     ``bind_host``: the address the server binds (pool changes without an API key answer only on a loopback one).
     """
-    from utils.serving.pool_admin import PoolAdmin, add_pool_routes
+    from utils.serving.pool_admin import AdminError, PoolAdmin, is_loopback
 
     from contextlib import asynccontextmanager
 
@@ -356,7 +356,26 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1 << 20
 
         admin = PoolAdmin(engine, default_roots(engine.entries))
     app.state.admin = admin
-    add_pool_routes(app, api, admin, bind_host)
+
+    async def change_pool(request: Request, fn):
+        """A runtime pool change (:mod:`utils.serving.pool_admin`): the API key when one is set, else a loopback bind."""
+        api.check_auth(request)
+        if api.api_key is None and not is_loopback(bind_host):
+            raise APIError(403, f"Pool changes need an API key when the server binds {bind_host}: restart it with --api_key, or bind "
+                                "127.0.0.1.", code="forbidden", type_="permission_error")
+        body = await api.read_json(request)
+        try:
+            return JSONResponse(await asyncio.to_thread(fn, body))
+        except AdminError as err:
+            raise APIError(err.status, err.message, param=err.param, code=err.code) from err
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        return await change_pool(request, admin.load)
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        return await change_pool(request, admin.unload)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):

@@ -18,7 +18,6 @@ old one), and a restart with the same file comes back with the same pool.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import json
 import logging
@@ -26,9 +25,6 @@ import os
 import re
 import threading
 from pathlib import Path
-
-from fastapi import Request
-from fastapi.responses import JSONResponse
 
 from utils.data import InputError, PoolEntry, looks_like_hub_id
 
@@ -256,30 +252,3 @@ class PoolAdmin:
             self._add(PoolEntry(name=name, domain=item.get("domain") or "", samples=samples or [], path=str(real)), samples, None)
             self.loaded[name] = {"lora_name": name, "lora_path": str(real), "domain": item.get("domain") or "", "samples": samples}
         logger.info("Pool state %s: %d adapters loaded, %d unloaded at run time", self.state_path, len(self.loaded), len(self.unloaded))
-
-
-def add_pool_routes(app, api, admin: PoolAdmin, bind_host: str) -> None:
-    """``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter`` on ``app`` (module docstring)."""
-    from utils.serving.http_api import APIError
-
-    def allowed(request: Request) -> None:
-        api.check_auth(request)
-        if api.api_key is None and not is_loopback(bind_host):
-            raise APIError(403, f"Pool changes need an API key when the server binds {bind_host}: restart it with --api_key, or bind "
-                                "127.0.0.1.", code="forbidden", type_="permission_error")
-
-    async def run(request: Request, fn):
-        allowed(request)
-        body = await api.read_json(request)
-        try:
-            return JSONResponse(await asyncio.to_thread(fn, body))
-        except AdminError as err:
-            raise APIError(err.status, err.message, param=err.param, code=err.code) from err
-
-    @app.post("/v1/load_lora_adapter")
-    async def load_lora_adapter(request: Request):
-        return await run(request, admin.load)
-
-    @app.post("/v1/unload_lora_adapter")
-    async def unload_lora_adapter(request: Request):
-        return await run(request, admin.unload)
