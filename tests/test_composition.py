@@ -317,3 +317,26 @@ def test_wild_pool_selection_mixture_fusion_equal_peft_and_formulas(tiny_base, w
         expected = merged_reference(tiny_base, deltas)(input_ids=ids).logits
         with compose(pool, pool.indices([WILD] * b), torch.tensor([w] * b), "fusion") as m:
             torch.testing.assert_close(m(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_a_composition_written_as_a_peft_adapter_loads_in_stock_peft_with_the_same_logits(tiny_base, wild_loras, tmp_path):
+    """Mixture and fusion of a heterogeneous pool, materialised as one standard LoRA directory, give in stock peft the
+    logits of the per-sample composition, to 1e-5."""
+    from peft import PeftModel
+
+    from utils.composition import materialize
+
+    pool = make_pool(tiny_base, wild_loras, WILD)
+    ids = batch_inputs()
+    names, w = ["beta", "pattern", "rslora", "legacy"], [0.4, 0.3, -0.2, 0.5]
+    ranks = {}
+    for mode in ("mixture", "fusion"):
+        out, ranks[mode] = materialize(pool, names, w, mode, tmp_path / mode)
+        assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "composition.json"]
+        assert not list(tmp_path.glob(".*tmp")), "no temporary folder is left"
+        with torch.no_grad():
+            with compose(pool, pool.indices([names] * ids.shape[0]), torch.tensor([w] * ids.shape[0]), mode) as m:
+                expected = m(input_ids=ids).logits
+            got = PeftModel.from_pretrained(load_base(tiny_base), str(out)).eval()(input_ids=ids).logits
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0, msg=mode)
+    assert ranks["fusion"] == 8 and ranks["mixture"] > ranks["fusion"]  # the largest rank vs the ranks concatenated

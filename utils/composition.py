@@ -350,3 +350,59 @@ class LiveComposition:
             for h in self._handles.values():
                 h.remove()
             self._handles = {}
+
+
+def materialize(pool: AdapterPool, names: list[str], weights, mode: str, out_dir, base_model_name: str | None = None):
+    """Write ONE composition of pool adapters as a standard PEFT LoRA directory (what a one-adapter server can load).
+
+    Mixture and fusion are each exactly one LoRA (module docstring): at every module m the adapters target,
+
+        mixture:   A = concat_j A_j (rank k*R_m),   B = concat_j w_j s_j B_j
+        fusion:    A = sum_j w_j A_j (rank R_m),    B = sum_j w_j s_j B_j
+
+    The weights and scalings are folded into B, so the adapter's own scaling is 1 (``lora_alpha == r``). Every module
+    is zero-padded to the largest rank r over modules (zero rows add nothing), so the directory needs no
+    ``rank_pattern``. ``composition.json`` beside it records the adapters, weights and mode. Written to a temporary
+    folder next to ``out_dir`` and renamed into place.
+
+    Returns ``out_dir`` (a Path) and the adapter's rank r.
+    """
+    import json
+    import os
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    if mode not in MODES:
+        raise ValueError(f"Unknown composition mode {mode!r}; use one of {MODES}.")
+    if len(names) != len(weights) or not names:
+        raise ValueError(f"{len(names)} adapters but {len(weights)} weights; give one weight per adapter.")
+    w = torch.as_tensor([list(weights)], dtype=torch.float32)
+    unique = list(dict.fromkeys(names))
+    factors = {}
+    with _pinned(pool, unique), torch.no_grad():
+        for m, _, A_sel, B_sel in pool.gather([list(names)], len(names)):
+            At, Bt = compose_selected(A_sel.float(), B_sel.float(), w, mode)  # [1, d_in, R'], [1, R', d_out]
+            factors[m] = (At[0].T.contiguous(), Bt[0].T.contiguous())  # A [R', d_in], B [d_out, R']
+    rank = max(a.shape[0] for a, _ in factors.values())
+    tensors = {}
+    for m, (a, b) in factors.items():
+        pad = rank - a.shape[0]
+        tensors[f"base_model.model.{m}.lora_A.weight"] = torch.nn.functional.pad(a, (0, 0, 0, pad)).contiguous()
+        tensors[f"base_model.model.{m}.lora_B.weight"] = torch.nn.functional.pad(b, (0, pad)).contiguous()
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0, "bias": "none",
+              "target_modules": sorted(factors), "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
+              "inference_mode": True, "base_model_name_or_path": base_model_name}
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "adapter_model.safetensors"))
+    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1))
+    (tmp / "composition.json").write_text(json.dumps({"mode": mode, "adapters": list(names), "weights": [float(x) for x in weights],
+                                                      "sources": [pool.entries[n].path for n in unique if n in pool.entries]}, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out, rank
