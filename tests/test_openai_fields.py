@@ -146,3 +146,12 @@ def test_tokenizer_routes_and_process_metrics(app, engine):
     text = get(app, "/metrics").text
     for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds", "python_info"):
         assert name in text
+
+
+def test_served_queries_leave_no_files_in_the_embedding_cache(app, engine):
+    """Only cards are cached on disk by a server; its queries (lists that never repeat) are not written there."""
+    folder = engine.router.retriever.embedder.cache_dir
+    before = set(folder.glob("*.npy")) if folder is not None and folder.exists() else set()
+    post(app, {"prompt": "a prompt no test has sent before: 7d1e", "max_tokens": 1})
+    after = set(folder.glob("*.npy")) if folder is not None and folder.exists() else set()
+    assert after == before

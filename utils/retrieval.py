@@ -100,15 +100,16 @@ class Embedder:
             self._model = model
         return self._model
 
-    def encode(self, texts: list[str], show_progress: bool = False) -> np.ndarray:
+    def encode(self, texts: list[str], show_progress: bool = False, cache: bool = True) -> np.ndarray:
         """Normalised float32 embeddings [len(texts), d], encoded in batches.
 
         With a ``cache_dir``, the embeddings of a whole list are stored under a hash of the model's identity
         (name, and the file times of a local model directory), the instruction, the pooling mode and the texts,
-        so that the runs of a sweep embed the same pool and queries once.
+        so that the runs of a sweep embed the same pool and queries once. ``cache=False`` skips that (a server's
+        queries, which never repeat as a list).
         """
-        cache = None
-        if self.cache_dir is not None:
+        use_cache, cache = cache, None
+        if self.cache_dir is not None and use_cache:
             h = hashlib.sha256(json.dumps([self._identity, self.instruction, self.exclude_prompt_from_pooling, list(texts)]).encode())
             cache = self.cache_dir / f"{h.hexdigest()[:32]}.npy"
             if cache.is_file():

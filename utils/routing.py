@@ -85,7 +85,8 @@ class Router:
             are refused).
     """
 
-    def __init__(self, names: list[str], domains: list[str] | None = None, retriever=None):
+    def __init__(self, names: list[str], domains: list[str] | None = None, retriever=None, cache_queries: bool = True):
+        self.cache_queries = cache_queries  # False for a server: its query lists never repeat, so none is written to the cache
         self.names = list(names)
         self.domains = list(domains) if domains is not None else [""] * len(self.names)
         self.retriever = retriever
@@ -128,7 +129,9 @@ class Router:
         if embedded:
             if self.retriever is None:
                 raise InputError("Retrieval was asked for, but no retriever is loaded (the pool is empty or named adapters only).")
-            emb = self.retriever.embedder.encode([queries[i] for i in embedded])  # [len(embedded), d]
+            texts = [queries[i] for i in embedded]
+            encode = self.retriever.embedder.encode
+            emb = encode(texts) if self.cache_queries else encode(texts, cache=False)  # [len(embedded), d]
             row_of = {i: j for j, i in enumerate(embedded)}
             self._auto(out, routes, emb, row_of)
             self._soup(out, routes, emb, row_of)

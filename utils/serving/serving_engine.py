@@ -163,7 +163,7 @@ def load_engine(args, session=None) -> Engine:
                            eos_ids=eos_ids(tokenizer, model), context_length=ctx, tokenizer_lock=lock)
     with decoder.composition.active() if decoder.composition is not None else nullcontext():
         decoder.check_model()
-    router = Router([e.name for e in entries], [e.domain for e in entries], retriever)
+    router = Router([e.name for e in entries], [e.domain for e in entries], retriever, cache_queries=False)
     scheduler = Scheduler(decoder, pool=pool, router=router, metrics=metrics, max_batch_size=args.max_batch_size,
                           max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, policy=args.batching)
     defaults = Defaults(composition=args.eval_type, lora_num=args.lora_num, weighting=args.weighting, softmax_temperature=args.temperature,
