@@ -1,6 +1,6 @@
 # Two entry points for a fresh clone; each sets itself up in .venv inside the checkout.
 #   make demo   install, build the BIG-bench suite if missing, train the LoRA pool if missing, run the sweep (the paper's rows and the comparison rows), summarise
-#   make test   install and run the test suite
+#   make test   install (the project into .venv, the guidellm client into .venv-clients) and run the test suite
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
