@@ -226,7 +226,7 @@ def test_bf16_model_composes_in_bf16_close_to_peft(tiny_base, tiny_loras):
     base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16).eval()
     pool = AdapterPool(base, entries, show_progress=False)
     pool.acquire(["alpha", "beta"])
-    assert all(layer.A.dtype == layer.B.dtype == torch.bfloat16 for layer in pool.stacks(["alpha", "beta"]))
+    assert all(A.dtype == B.dtype == torch.bfloat16 for _, _, A, B in pool.gather([["alpha", "beta"]], 2))
     pool.release(["alpha", "beta"])
     reference = peft_reference(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16).eval(), tiny_loras, ["alpha", "beta"])
     ids = batch_inputs()

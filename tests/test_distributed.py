@@ -54,9 +54,9 @@ def test_stacked_weights_live_with_their_layers(tiny_base, tiny_loras):
     plain = AdapterPool(AutoModelForCausalLM.from_pretrained(tiny_base), entries, show_progress=False)
     names = list(tiny_loras)
     mapped.acquire(names)
-    for layer in mapped.stacks(names):
-        dev = layer.module.weight.device
-        assert layer.A.device == dev and layer.B.device == dev
+    for _, module, A, B in mapped.gather([names], len(names)):
+        dev = module.weight.device
+        assert A.device == dev and B.device == dev
     mapped.release(names)
     ids = torch.randint(2, 300, (2, 6))
     idx, w = mapped.indices([["alpha", "beta"], ["gamma", "alpha"]]), torch.full((2, 2), 0.5)

@@ -10,7 +10,7 @@ keeps, for every base-model module the adapter targets (keyed by the base model'
                              follow ``rank_pattern`` / ``alpha_pattern`` with peft's own key matching
 
 in the base weight's dtype (its adapters' dtype when the base weight is quantised). A batch asks for the stacks of the
-adapters it uses (:meth:`AdapterPool.stacks`), the punica / vLLM layout over those adapters only:
+adapters it uses (:meth:`AdapterPool.gather`), the punica / vLLM layout over those adapters only:
 
     A[m]: [n, R_m, d_in]    B[m]: [n, d_out, R_m]    (R_m the largest rank at m among the n; zero rows and the
                                                       zero block of an adapter that does not target m add nothing)
@@ -72,16 +72,6 @@ class LoraWeights:
         """A copy whose factors at module m live on ``devices[m]`` (the same tensors where they already do)."""
         moved = {m: (a.to(devices[m], non_blocking=True), b.to(devices[m], non_blocking=True)) for m, (a, b) in self.modules.items()}
         return LoraWeights(self.name, self.path, moved, self.nbytes, self.rank)
-
-
-@dataclass
-class StackedLayer:
-    """The stacks of one base-model module over the adapters of one batch (shapes in the module docstring)."""
-
-    name: str
-    module: torch.nn.Module
-    A: torch.Tensor  # [n, R, d_in]
-    B: torch.Tensor  # [n, d_out, R], pre-scaled
 
 
 @dataclass
@@ -435,33 +425,6 @@ class AdapterPool:
                 if self._pins[n] == 0:
                     self._pins.pop(n, None)
                     self._forget_if_unused(n)
-
-    def stacks(self, names: list[str]) -> list[StackedLayer]:
-        """Stacks [n, R, d_in] / [n, d_out, R] of every module any of ``names`` targets, row j for ``names[j]``.
-
-        The adapters must be pinned (:meth:`acquire`). Modules come in the base model's order.
-        """
-        with self._lock:
-            weights = []
-            for n in names:
-                w = self._device.get(n)
-                if w is None or self._pins[n] == 0:
-                    raise RuntimeError(f"Adapter {n!r} is not pinned on the device tier; acquire it before composing.")
-                weights.append(w)
-        modules = {m for w in weights for m in w.modules}
-        layers = []
-        for m in (m for m in self.targets if m in modules):
-            present = [(j, w.modules[m]) for j, w in enumerate(weights) if m in w.modules]
-            a0 = present[0][1][0]
-            rank = max(a.shape[0] for _, (a, _) in present)
-            d_in, d_out = module_shape(self.targets[m])
-            A = torch.zeros(len(names), rank, d_in, device=a0.device, dtype=a0.dtype)
-            B = torch.zeros(len(names), d_out, rank, device=a0.device, dtype=a0.dtype)
-            for j, (a, b) in present:
-                A[j, : a.shape[0]] = a
-                B[j, :, : b.shape[1]] = b
-            layers.append(StackedLayer(m, self.targets[m], A, B))
-        return layers
 
     def gather(self, rows: list[list[str]], k: int) -> list[tuple[str, torch.nn.Module, torch.Tensor, torch.Tensor]]:
         """Per module any adapter of ``rows`` targets: (name, module, A_sel [b, k, R, d_in], B_sel [b, k, d_out, R]).
