@@ -9,11 +9,11 @@ keeps, for every base-model module the adapter targets (keyed by the base model'
                              s_jm = alpha_jm / r_jm (alpha_jm / sqrt(r_jm) with rsLoRA), where r_jm and alpha_jm
                              follow ``rank_pattern`` / ``alpha_pattern`` with peft's own key matching
 
-in the base weight's dtype (its adapters' dtype when the base weight is quantised). A batch asks for the stacks of the
-adapters it uses (:meth:`AdapterPool.gather`), the punica / vLLM layout over those adapters only:
+in the base weight's dtype (its adapters' dtype when the base weight is quantised). A batch of b rows with k adapters
+each asks for its rows' factors (:meth:`AdapterPool.gather`), selected per row as punica / vLLM do:
 
-    A[m]: [n, R_m, d_in]    B[m]: [n, d_out, R_m]    (R_m the largest rank at m among the n; zero rows and the
-                                                      zero block of an adapter that does not target m add nothing)
+    A_sel[m]: [b, k, R_m, d_in]    B_sel[m]: [b, k, d_out, R_m]    (R_m the largest rank at m among the batch's
+                                   adapters; zero rows, empty slots and an adapter that does not target m add nothing)
 
 Memory tiers, as vLLM's ``--max-loras`` / ``--max-cpu-loras``:
 
