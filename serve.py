@@ -2,6 +2,7 @@
 
     python serve.py                                    # embedded default, http://127.0.0.1:8000 (page at /)
     python serve.py --settings config/paper_llama2_7b.json --port 8000 --device cuda
+    python serve.py --engine vllm --vllm_url http://127.0.0.1:8100     # vLLM generates (bench/start_vllm.sh starts it)
 
 Requests with different adapters, weights and compositions run in one batch (per-sample composition); new
 requests join the running batch between decoding steps and finished ones leave it (continuous batching).
@@ -38,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     flags.add_composition_flags(p, ("mixture", "fusion"))
     flags.add_prompt_flags(p)
     a("--no_adapters", action="store_true", help="serve the base model alone (no pool, no retrieval)")
+    flags.add_engine_flags(p)
+    a("--vllm_logprobs", action="store_true",
+      help="with --engine vllm: serve prompt logprobs (echo with logprobs, prompt_logprobs) through vLLM; off by default because "
+           "vLLM's CPU build kills its engine on them when LoRA is enabled")
     # HTTP.
     a("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only; 0.0.0.0 to serve a network)")
     a("--port", type=int, default=8000, help="TCP port")
@@ -85,6 +90,8 @@ def validate(args) -> None:
         raise InputError(f"--max_wait_ms must be 0 or more (got {args.max_wait_ms}).")
     if args.max_new_tokens > args.max_tokens_cap:
         raise InputError(f"--max_new_tokens {args.max_new_tokens} (the default max_tokens) exceeds --max_tokens_cap {args.max_tokens_cap}; lower one or raise the other.")
+    if args.engine == "vllm" and args.batching != "continuous":
+        raise InputError(f"--batching {args.batching} applies to --engine local; with --engine vllm, vLLM forms the batches.")
     args.device = resolve_device(args.device)
     args.dtype = args.dtype or default_dtype(args.device)
     if args.api_key is None:

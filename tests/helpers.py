@@ -118,6 +118,39 @@ def make_smollm_pool(d: Path, names=("snarks", "winowhy", "qa_wikidata")) -> Pat
     return write_json(d / "pool.json", pool)
 
 
+# A heterogeneous pool on the embedded SmolLM2: ranks, scalings (rsLoRA too) and target modules differ.
+HETERO_LORAS = {
+    "snarks": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "winowhy": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "qa_wikidata": dict(r=8, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"]),
+    "sports_understanding": dict(r=4, lora_alpha=4, target_modules=["gate_proj", "up_proj", "down_proj"]),
+    "e2e_nlg": dict(r=8, lora_alpha=32, target_modules=["q_proj", "o_proj", "down_proj"]),
+}
+
+
+def make_hetero_smollm_pool(d: Path, scale: float = 0.05) -> Path:
+    """:data:`HETERO_LORAS` on the embedded SmolLM2 (random factors, lora_B scaled by ``scale``), with the suite's
+    cards for those tasks; returns the pool config."""
+    from peft import LoraConfig, get_peft_model
+
+    from utils.model_loading import load_base_model
+
+    for i, (name, cfg) in enumerate(HETERO_LORAS.items()):
+        if (d / name / "adapter_config.json").exists():
+            continue
+        base = load_base_model("embedded:smollm2-135m-instruct")
+        torch.manual_seed(100 + i)
+        model = get_peft_model(base, LoraConfig(init_lora_weights=False, **cfg))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.mul_(scale)
+        model.save_pretrained(d / name)
+    suite = json.loads((Path(__file__).resolve().parent.parent / "config" / "bigbench_pool.json").read_text())
+    pool = [dict(e, path=str(d / e["model_name"])) for e in suite if e["model_name"] in HETERO_LORAS]
+    return write_json(d / "pool.json", pool)
+
+
 SERVE_TASKS = {
     "alpha": ("sentiment", ["the movie was great", "the actors were wonderful", "a great and wonderful film"]),
     "beta": ("translation", ["translate to french: the cat", "translate to french: the book", "translate to french: the mat"]),

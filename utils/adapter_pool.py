@@ -125,6 +125,12 @@ def _lora_config(name: str, path: str):
     return cfg
 
 
+def read_adapter_config_rank(path: str, name: str | None = None) -> int:
+    """An adapter's largest rank, from its config alone (``r`` and its ``rank_pattern``)."""
+    cfg = _lora_config(name or str(path), str(path))
+    return max([int(cfg.r)] + [int(v) for v in (cfg.rank_pattern or {}).values()])
+
+
 def read_adapter(name: str, path: str, targets: dict[str, torch.nn.Module]) -> LoraWeights:
     """One adapter's factors from its directory or hub id, checked against the base model's ``targets``.
 
@@ -206,7 +212,8 @@ class AdapterPool:
                              "the device tier, so raise --max_cpu_loras or lower --max_loras.")
         self.model = base_model
         self.targets = targetable_modules(base_model)
-        self._devices = {n: m.weight.device for n, m in self.targets.items()}
+        # A skeleton model on the meta device (its generation runs elsewhere, e.g. vLLM): factors stay on the host.
+        self._devices = {n: (torch.device("cpu") if m.weight.device.type == "meta" else m.weight.device) for n, m in self.targets.items()}
         self._on_cpu = all(d.type == "cpu" for d in self._devices.values())
         self._lock = threading.RLock()
         self.entries: dict[str, PoolEntry] = {}
@@ -369,6 +376,10 @@ class AdapterPool:
             self._reading.pop(name, None)
             if fut.exception() is None and name in self.entries and name not in self._host:
                 self._put_host(name, fut.result())
+
+    def weights(self, name: str) -> LoraWeights:
+        """``name``'s factors in the host tier (read from disk when absent)."""
+        return self._host_weights(name)
 
     def load(self, names) -> None:
         """Read ``names`` into the host tier now (a request's adapters before it joins the batch); raises

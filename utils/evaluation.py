@@ -65,6 +65,10 @@ def validate(args: argparse.Namespace) -> None:
                 raise InputError(f"--{flag} must be at least {low} (got {getattr(args, flag)}).")
         if args.lorahub_l1 < 0:
             raise InputError(f"--lorahub_l1 must be 0 or more (got {args.lorahub_l1}).")
+    if args.engine == "vllm" and args.eval_type in ("arrow", "lorahub"):
+        raise InputError(f"--eval_type {args.eval_type} needs the model in this process ("
+                         + ("Arrow routes every token inside the model" if args.eval_type == "arrow" else "LoraHub's search evaluates its loss here")
+                         + "); run it with --engine local.")
     if args.best_selection and args.ood:
         raise InputError("--best_selection uses the row's own adapter, which --ood removes; drop one of them.")
 
@@ -73,7 +77,8 @@ def resolved_settings(args: argparse.Namespace) -> dict:
     """The settings that decide the predictions (written into the results file and checkpoint)."""
     s = {k: v for k, v in vars(args).items()
          if k not in ("log_level", "no_resume", "settings", "batch_size", "device", "device_map", "embedding_cache",
-                      "max_loras", "max_cpu_loras", "eager_load",
+                      "max_loras", "max_cpu_loras", "eager_load", "engine", "vllm_url", "vllm_api_key", "vllm_model",
+                      "vllm_max_lora_rank", "vllm_timeout", "composed_dir", "max_composed",
                       "runs", "res_dir", "force")}
     for eval_type, keys in OWN_FLAGS.items():
         if args.eval_type != eval_type:
@@ -291,7 +296,9 @@ def execute(plan: Plan, session) -> Path:
             device = f"cuda:{dist.local_rank}"
         logger.info("Process %d of %d on %s", dist.rank, dist.world_size, device)
     dtype = args.dtype or default_dtype(device)
-    tokenizer, model = session.base(args.base_model, dtype, device, args.device_map)
+    on_vllm = args.engine == "vllm"
+    # With vLLM generating, this process needs the model's architecture only: a skeleton on the meta device.
+    tokenizer, model = session.base(args.base_model, dtype, "meta" if on_vllm else device, None if on_vllm else args.device_map)
     adapter_pool = (session.adapter_pool(pool, args.max_loras, args.max_cpu_loras, args.eager_load)
                     if args.eval_type not in ("base", "arrow") else None)
 
@@ -316,8 +323,9 @@ def execute(plan: Plan, session) -> Path:
     batches = []
     for g, members in groups.items():
         batches += [[members[j] for j in b] for b in length_sorted_batches([lengths[i] for i in members], args.batch_size)]
-    if adapter_pool is not None and routing is not None:
+    if adapter_pool is not None and routing is not None and not on_vllm:
         batches = [sub for b in batches for sub in fitting_batches(b, routing.adapters, adapter_pool.max_loras)]
+    vllm = VllmRun(args, adapter_pool, tokenizer) if on_vllm else None
     batches = my_batches(batches, dist)
     batches = [b for b in ([i for i in batch if i not in done] for batch in batches) if b]
     checkpoint.start(done)
@@ -326,7 +334,10 @@ def execute(plan: Plan, session) -> Path:
         arrow_group, arrow_model = object(), None
         for batch in tqdm(batches, desc=f"Generating ({args.eval_type})", unit="batch"):
             batch_prompts = [prompts[i] for i in batch]
-            if arrow:
+            if vllm is not None:
+                texts, counts = vllm.generate(batch_prompts, [([], [], "mixture") if routing is None else
+                                                              (routing.adapters[i], routing.weights[i], routing.modes[i]) for i in batch])
+            elif arrow:
                 if group_of[batch[0]] != arrow_group:  # a new left-out adapter: PEFT's Arrow over the rest of the pool
                     arrow_stack.close()
                     arrow_group = group_of[batch[0]]
@@ -378,7 +389,8 @@ def execute(plan: Plan, session) -> Path:
     meta["batch_size"] = args.batch_size
     meta["timing_s"] = {"retrieval": round(t_retrieval, 3), "generation": round(t_gen, 3), "total": round(time.time() - plan.t_start, 3)}
     meta["generated_tokens"] = n_tokens
-    meta["device"], meta["dtype"] = device, dtype
+    meta["device"], meta["dtype"] = ("vllm", dtype) if on_vllm else (device, dtype)
+    meta["engine"] = vllm.describe() if vllm is not None else {"engine": "local"}
     if routing is not None:
         meta.update({k: v for k, v in routing.meta.items() if k != "retrieval_s"})
     result = {"format": "lora_retriever.results/1", "settings": settings, "meta": meta,
@@ -391,6 +403,44 @@ def execute(plan: Plan, session) -> Path:
         cleanup()
     logger.info("Wrote %d rows to %s (retrieval %.2f s, generation %.1f s, %d new tokens)", len(rows), args.res_path, t_retrieval, t_gen, n_tokens)
     return Path(args.res_path)
+
+
+class VllmRun:
+    """A run's generation on a vLLM server (``--engine vllm``): each row's composition registered as one LoRA
+    (:mod:`utils.vllm_engine`), the rows of a batch sent together, vLLM batching them."""
+
+    def __init__(self, args, adapter_pool, tokenizer):
+        from utils.vllm_engine import ComposedAdapters, EngineUnavailable, VllmClient, engine_settings
+
+        self.args, self.tokenizer = args, tokenizer
+        self.settings = engine_settings(args)
+        self.client = VllmClient(args.vllm_url, args.vllm_api_key, args.vllm_timeout)
+        try:
+            self.base = args.vllm_model or self.client.base_model()
+        except EngineUnavailable as err:
+            raise InputError(f"--engine vllm: {err.message}") from err
+        self.adapters = (ComposedAdapters(adapter_pool, self.client, self.settings["composed_dir"], args.max_composed,
+                                          args.vllm_max_lora_rank, args.base_model) if adapter_pool is not None else None)
+        logger.info("Generating on vLLM at %s (base model %r)", self.client.url, self.base)
+
+    def generate(self, prompts: list[str], compositions: list[tuple]) -> tuple[list[str], list[int]]:
+        from utils.vllm_engine import EngineRefused, EngineUnavailable, RankTooLarge, generate_rows
+
+        enc = self.tokenizer(prompts, add_special_tokens=True).input_ids
+        if self.args.max_input_tokens is not None:
+            enc = [ids[-self.args.max_input_tokens:] for ids in enc]
+        try:
+            return generate_rows(self.client, self.adapters, self.base, enc, compositions, self.args.max_new_tokens, self.tokenizer,
+                                 concurrency=max(len(prompts), 1))
+        except (EngineUnavailable, RankTooLarge, EngineRefused) as err:
+            raise InputError(f"--engine vllm: {err.message} The rows finished so far are kept; rerun the same command to resume.") from err
+
+    def describe(self) -> dict:
+        out = {k: v for k, v in self.settings.items()}
+        out["vllm_model"] = self.base
+        if self.adapters is not None:
+            out["composed"] = self.adapters.describe()
+        return out
 
 
 def run(args: argparse.Namespace, session=None) -> Path:

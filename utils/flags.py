@@ -19,6 +19,7 @@ DEFAULT_RETRIEVER = "embedded:all-minilm-l6-v2"
 DEFAULT_POOL = "config/bigbench_pool.json"
 PAPER_INSTRUCTION = "Represent the sentence for similar task retrieval: "
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+ENGINES = ("local", "vllm")
 # Settings-file keys that only main.py (an evaluation run) has flags for: a profile such as config/embedded.json
 # may carry them, and generate.py / serve.py read the same profile without them.
 MAIN_ONLY_KEYS = ("batch_size", "data_path", "res_path", "max_input_tokens", "limit", "seed", "device_map", "ood",
@@ -59,6 +60,46 @@ def add_retrieval_flags(p: argparse.ArgumentParser) -> None:
                         "(the paper's code, whose norm favours adapters with tightly clustered samples)")
     p.add_argument("--embedding_cache", default=None,
                    help="folder caching embeddings across runs (default: <cache>/embeddings; 'none' disables)")
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """--engine and the vLLM engine's flags (:mod:`utils.vllm_engine`)."""
+    g = p.add_argument_group("generation engine: this process (local) or a vLLM server (vllm)")
+    a = g.add_argument
+    a("--engine", default="local", choices=ENGINES,
+      help="local: generate in this process; vllm: route and compose here, generate on the vLLM server at --vllm_url")
+    a("--vllm_url", default="http://127.0.0.1:8100", help="the vLLM server (bench/start_vllm.sh starts one for a pool)")
+    a("--vllm_api_key", default=None, help="vLLM's --api-key, if it has one (default: $VLLM_API_KEY)")
+    a("--vllm_model", default=None, help="the name vLLM serves the base model under (default: the first base model it lists)")
+    a("--vllm_max_lora_rank", type=int, default=32,
+      help="vLLM's --max-lora-rank: compositions of higher rank are refused (a mixture's rank is the sum of its adapters' ranks; "
+           "3 adapters of rank 8 need 32)")
+    a("--vllm_timeout", type=float, default=300.0, help="seconds a request waits for vLLM's next output before it fails (503)")
+    a("--composed_dir", default=None,
+      help="where compositions are written as PEFT adapters for vLLM (default: <cache>/composed/<base model>)")
+    a("--max_composed", type=int, default=256,
+      help="compositions kept registered with vLLM at most; past it the least recently used one not in use is unloaded")
+
+
+def check_engine(args) -> None:
+    """Ranges of the engine flags (before any model loads)."""
+    if getattr(args, "engine", "local") != "vllm":
+        return
+    from utils.vllm_engine import VLLM_RANKS
+
+    if args.vllm_max_lora_rank not in VLLM_RANKS:
+        raise InputError(f"--vllm_max_lora_rank {args.vllm_max_lora_rank} is not a rank vLLM accepts ({', '.join(map(str, VLLM_RANKS))}); "
+                         "give the --max-lora-rank the vLLM server was started with.")
+    if args.max_composed < 1:
+        raise InputError(f"--max_composed must be at least 1 (got {args.max_composed}).")
+    if args.vllm_timeout <= 0:
+        raise InputError(f"--vllm_timeout must be above 0 (got {args.vllm_timeout}).")
+    if not str(args.vllm_url).startswith(("http://", "https://")):
+        raise InputError(f"--vllm_url {args.vllm_url!r} must start with http:// or https://, e.g. http://127.0.0.1:8100.")
+    if args.vllm_api_key is None:
+        import os
+
+        args.vllm_api_key = os.environ.get("VLLM_API_KEY") or None
 
 
 def add_composition_flags(p: argparse.ArgumentParser, eval_types: tuple[str, ...]) -> None:
@@ -194,6 +235,7 @@ def check_shared(args: argparse.Namespace) -> None:
                          "(the least similar adapter would weigh most).")
     if hasattr(args, "max_loras"):
         check_pool_tiers(args)
+    check_engine(args)
 
 
 def default_dtype(device: str) -> str:

@@ -144,11 +144,21 @@ def load_base_model(name_or_path: str, dtype: str = "float32", device: str = "cp
     """Load a causal LM in eval mode.
 
     ``device_map`` (e.g. ``"auto"``) spreads a large model over the visible devices through accelerate;
-    otherwise the whole model goes to ``device``.
+    otherwise the whole model goes to ``device``. ``device="meta"`` builds the architecture alone, without weights.
     """
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
+    if device == "meta":  # the architecture only (module names and shapes), no weights: generation runs elsewhere (vLLM)
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except OSError as err:
+            raise ValueError(f"Could not read the config of base model {name_or_path!r}: {err}.") from err
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype))
+        return model.eval()
     kwargs = {"dtype": resolve_dtype(dtype)}
     if device_map:
         kwargs["device_map"] = device_map

@@ -294,6 +294,9 @@ class API:
         else:
             route = Route("base")
         logprobs, prompt_logprobs = self.logprob_settings(req)
+        if prompt_logprobs is not None and d.prompt_logprobs_refusal:
+            raise APIError(400, d.prompt_logprobs_refusal, param="echo" if getattr(req, "echo", False) else "prompt_logprobs",
+                           code="unsupported")
         return Job(prompt_ids=prompt_ids, query=query, max_new_tokens=max_tokens, emit=emit,
                    sampling=Sampling(temperature=temperature, top_p=top_p, seed=req.seed if seed is None else seed), stop=stop,
                    route=route, ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
@@ -556,7 +559,8 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1 << 20
                 elif kind == "error":
                     for job in ctx.jobs:
                         engine.scheduler.cancel(job)
-                    err = APIError(payload["status"], payload["message"], code="generation_failed", type_="server_error")
+                    err = APIError(payload["status"], payload["message"], code=payload.get("code", "generation_failed"),
+                                   type_=payload.get("type", "server_error"))
                     metrics.requests.labels(ctx.endpoint, str(err.status)).inc()
                     metrics.errors.labels(err.code).inc()
                     return error_response(err)
@@ -636,9 +640,10 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1 << 20
                     for job in ctx.jobs:
                         engine.scheduler.cancel(job)
                     metrics.requests.labels(ctx.endpoint, str(payload["status"])).inc()
-                    metrics.errors.labels("generation_failed").inc()
+                    code = payload.get("code", "generation_failed")
+                    metrics.errors.labels(code).inc()
                     finished = [True] * k
-                    err = {"message": payload["message"], "type": "server_error", "param": None, "code": "generation_failed"}
+                    err = {"message": payload["message"], "type": payload.get("type", "server_error"), "param": None, "code": code}
                     yield f"data: {json.dumps({'error': err})}\n\n"
                     yield "data: [DONE]\n\n"
                     return

@@ -33,6 +33,7 @@ class Defaults:
     max_tokens: int = 50
     max_tokens_cap: int = 1024
     max_logprobs: int = 20  # top alternatives a request may ask for per token (as vLLM's --max-logprobs)
+    prompt_logprobs_refusal: str | None = None  # why requests needing prompt logprobs are refused (None: they are served)
     chat_format: str = "template"
     prompt_format: str = "template"
 
@@ -146,7 +147,10 @@ def load_engine(args, session=None) -> Engine:
         raise InputError(f"--lora_num {args.lora_num} is larger than the {len(entries)} adapters of {args.config_path}; lower --lora_num.")
     session = session or Session()
     t0 = time.time()
-    tokenizer, model = session.base(args.base_model, args.dtype, args.device, None)
+    on_vllm = getattr(args, "engine", "local") == "vllm"
+    # With vLLM generating, this process needs the model's architecture only (the pool checks adapters against its
+    # module shapes and composes on the host): a skeleton on the meta device, no weights.
+    tokenizer, model = session.base(args.base_model, args.dtype, "meta" if on_vllm else args.device, None)
     # The served pool and retriever change at run time (utils/serving/pool_admin.py): this engine's own objects, not the
     # session's (the retriever a shallow copy: its add/remove rebind its lists, never mutate them).
     pool = AdapterPool(model, entries, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, eager=args.eager_load) if entries else None
@@ -159,17 +163,44 @@ def load_engine(args, session=None) -> Engine:
     lock = threading.Lock()
     metrics = ServerMetrics()
     ctx = context_length_of(model, tokenizer)
-    decoder = BatchDecoder(model, tokenizer, LiveComposition(pool) if pool is not None else None,
-                           eos_ids=eos_ids(tokenizer, model), context_length=ctx, tokenizer_lock=lock)
-    with decoder.composition.active() if decoder.composition is not None else nullcontext():
-        decoder.check_model()
     router = Router([e.name for e in entries], [e.domain for e in entries], retriever, cache_queries=False)
-    scheduler = Scheduler(decoder, pool=pool, router=router, metrics=metrics, max_batch_size=args.max_batch_size,
-                          max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, policy=args.batching)
+    refusal = None
+    if on_vllm:
+        scheduler = vllm_scheduler(args, pool, router, metrics, eos_ids(tokenizer, model))
+        if not args.vllm_logprobs:
+            refusal = ("Prompt logprobs (echo with logprobs, prompt_logprobs) are not served with --engine vllm: vLLM's CPU build "
+                       "kills its engine on such requests when LoRA is enabled. On a vLLM build that serves them, restart this "
+                       "server with --vllm_logprobs.")
+    else:
+        decoder = BatchDecoder(model, tokenizer, LiveComposition(pool) if pool is not None else None,
+                               eos_ids=eos_ids(tokenizer, model), context_length=ctx, tokenizer_lock=lock)
+        with decoder.composition.active() if decoder.composition is not None else nullcontext():
+            decoder.check_model()
+        scheduler = Scheduler(decoder, pool=pool, router=router, metrics=metrics, max_batch_size=args.max_batch_size,
+                              max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, policy=args.batching)
     defaults = Defaults(composition=args.eval_type, lora_num=args.lora_num, weighting=args.weighting, softmax_temperature=args.temperature,
                         max_tokens=args.max_new_tokens, max_tokens_cap=args.max_tokens_cap, max_logprobs=args.max_logprobs,
-                        chat_format=args.chat_format, prompt_format=args.prompt_format)
+                        prompt_logprobs_refusal=refusal, chat_format=args.chat_format, prompt_format=args.prompt_format)
     logger.info("Loaded %s with %d adapters in %.1f s (context %d tokens)", args.base_model, len(entries), time.time() - t0, ctx)
     return Engine(tokenizer=tokenizer, model=model, pool=pool, entries=list(entries), retriever=retriever, prompter=prompter,
                   scheduler=scheduler, metrics=metrics, router=router, context_length=ctx, defaults=defaults, model_name=args.base_model,
                   tokenizer_lock=lock)
+
+
+def vllm_scheduler(args, pool, router, metrics, eos):
+    """The scheduler of ``--engine vllm``: routing here, generation on the vLLM server at ``--vllm_url``."""
+    from utils.serving.vllm_scheduler import VllmScheduler
+    from utils.vllm_engine import ComposedAdapters, EngineUnavailable, VllmClient, engine_settings
+
+    client = VllmClient(args.vllm_url, args.vllm_api_key, args.vllm_timeout, connections=args.max_batch_size + 8)
+    composed = engine_settings(args)["composed_dir"]
+    adapters = (ComposedAdapters(pool, client, composed, args.max_composed, args.vllm_max_lora_rank, args.base_model)
+                if pool is not None else None)
+    base = args.vllm_model
+    try:
+        base = base or client.base_model()
+        logger.info("Generation on vLLM at %s (base model served as %r; compositions under %s)", client.url, base, composed)
+    except EngineUnavailable as err:  # it may still be starting: requests get 503 until it answers
+        logger.warning("%s Requests get 503 until it answers.", err.message)
+    return VllmScheduler(client, adapters, base, eos_ids=eos, pool=pool, router=router, metrics=metrics,
+                         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)

@@ -1,0 +1,240 @@
+"""Stage: the server's scheduler when vLLM generates (``serve.py --engine vllm``).
+
+The same queue, routing and events as :class:`utils.serving.request_scheduler.Scheduler`, and no model: one thread
+routes the waiting requests together (one embedding call, one FAISS search) and hands each to a worker, which
+gets its composition registered with vLLM (:class:`utils.vllm_engine.ComposedAdapters`) and streams its tokens
+from vLLM's ``/v1/completions`` back as ``delta`` events. vLLM batches the requests in flight (up to
+``--max_batch_size`` of them; vLLM's own ``--max-num-seqs`` and ``--max-loras`` bound its batch).
+
+The prompt goes to vLLM as token ids (tokenised here, as for the local engine), so both engines see the same tokens.
+A vLLM that is down, stalls or fails answers the request with a 503; a composition over vLLM's ``--max-lora-rank``
+with a 400.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from utils.serving.request_scheduler import Job, Scheduler
+from utils.vllm_engine import ComposedAdapters, EngineRefused, EngineUnavailable, RankTooLarge, VllmClient
+
+logger = logging.getLogger(__name__)
+
+
+def _token_id(token: str) -> int:
+    """vLLM's ``return_tokens_as_token_ids`` form ``token_id:123`` as 123."""
+    return int(token.rsplit(":", 1)[1])
+
+
+class VllmScheduler(Scheduler):
+    """Runs :class:`Job` objects on a vLLM server (module docstring).
+
+    Args:
+        client: the :class:`VllmClient`.  adapters: the :class:`ComposedAdapters` (None without a pool).
+        base_name: the name vLLM serves its base model under (None: asked from vLLM's /v1/models when first needed).
+        eos_ids: token ids that end generation (vLLM returns the EOS token; without logprobs it is not reported, as
+            the local engine does not).
+        pool, router, metrics, max_batch_size (requests in flight to vLLM), max_wait_ms, max_queue: as :class:`Scheduler`.
+    """
+
+    def __init__(self, client: VllmClient, adapters: ComposedAdapters | None, base_name: str | None = None, eos_ids=(),
+                 pool=None, router=None, metrics=None, max_batch_size: int = 32, max_wait_ms: float = 10.0, max_queue: int = 256):
+        super().__init__(None, pool=pool, router=router, metrics=metrics, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+                         max_queue=max_queue, policy="continuous")
+        self.client = client
+        self.adapters = adapters
+        self._base_name = base_name
+        self.eos_ids = set(eos_ids)
+        self._workers = ThreadPoolExecutor(max_workers=max_batch_size, thread_name_prefix="vllm-request")
+        self.failures = 0
+
+    def base_name(self) -> str:
+        if self._base_name is None:
+            self._base_name = self.client.base_model()
+        return self._base_name
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        self._loop()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        super().stop(timeout)
+        self._workers.shutdown(wait=True)
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self.cond:
+                    while not self._control and not (self.waiting and len(self.running) < self.max_batch_size) \
+                            and not (self._stop and not self.waiting):
+                        self.cond.wait()
+                    if self._stop and not self.waiting and not self._control:
+                        return
+                    if not self.running and 0 < len(self.waiting) < self.max_batch_size and not self._stop and not self._control:
+                        deadline = self.waiting[0].t_arrival + self.max_wait_s  # those sent together are routed together
+                        while len(self.waiting) < self.max_batch_size and time.perf_counter() < deadline and not self._stop:
+                            self.cond.wait(max(deadline - time.perf_counter(), 0.0))
+                    gone = [j for j in self.waiting if j.cancelled]
+                    for job in gone:
+                        self.waiting.remove(job)
+                for job in gone:
+                    self._unhold(job)
+                self._run_control()
+                self._admit()
+                self._gauge()
+        except Exception:  # a bug in the loop itself: fail those waiting rather than hang their requests
+            logger.exception("Scheduler loop failed")
+            with self.cond:
+                jobs = list(self.waiting)
+                self.waiting.clear()
+                self._stop = True
+            for job in jobs:
+                self._fail(job, 500, "The scheduler failed; see the server log.")
+
+    def _admit(self) -> None:
+        with self.cond:
+            pending = list(self.waiting)
+        if not pending:
+            return
+        self._resolve([j for j in pending if j.seq is None])
+        now = time.perf_counter()
+        with self.cond:
+            room = self.max_batch_size - len(self.running)
+            ready = [j for j in self.waiting if j.seq is not None][:max(room, 0)]
+            for job in ready:
+                self.waiting.remove(job)
+                if not job.cancelled:
+                    self.running.append(job)
+        for job in ready:
+            if job.cancelled:
+                self._unhold(job)
+                continue
+            job.t_admitted = now
+            if self.metrics is not None:
+                self.metrics.queue_time.observe(now - job.t_arrival)
+                self.metrics.prompt_tokens.inc(len(job.prompt_ids))
+            self._workers.submit(self._generate, job)
+
+    def _finish(self, job: Job) -> None:
+        with self.cond:
+            if job in self.running:
+                self.running.remove(job)
+            self.cond.notify_all()
+        self._unhold(job)
+
+    # -- one request ---------------------------------------------------------------------------------------
+    def _generate(self, job: Job) -> None:
+        try:
+            self._stream(job)
+        except RankTooLarge as err:
+            job.emit("error", {"status": 400, "message": err.message, "code": "composition_rank_exceeded", "type": "invalid_request_error"})
+        except EngineUnavailable as err:
+            self.failures += 1
+            logger.error("vLLM: %s", err.message)
+            job.emit("error", {"status": 503, "message": err.message, "code": "engine_unavailable", "type": "server_error"})
+        except EngineRefused as err:
+            job.emit("error", {"status": err.status, "message": f"The vLLM server refused this request: {err.message}",
+                               "code": "engine_refused", "type": "invalid_request_error"})
+        except Exception as err:  # noqa: BLE001 - handed to the request, the server goes on
+            logger.exception("Request failed")
+            job.emit("error", {"status": 500, "message": f"Generation failed: {type(err).__name__}: {err}"})
+        finally:
+            self._finish(job)
+
+    def _stream(self, job: Job) -> None:
+        seq = job.seq
+        names = [a["name"] for a in job.applied or []]
+        weights = [a["weight"] for a in job.applied or []]
+        mode = "fusion" if seq.fusion else "mixture"
+        model = self.adapters.acquire(names, weights, mode) if names else self.base_name()
+        try:
+            s = seq.sampling
+            body = {"model": model, "prompt": job.prompt_ids, "max_tokens": job.max_new_tokens, "temperature": s.temperature,
+                    "top_p": s.top_p, "ignore_eos": job.ignore_eos, "return_token_ids": True, "skip_special_tokens": True}
+            if s.seed is not None:
+                body["seed"] = s.seed
+            if job.stop:
+                body["stop"] = list(job.stop)
+            if job.logprobs is not None:
+                body.update(logprobs=job.logprobs, return_tokens_as_token_ids=True)
+            if job.prompt_logprobs is not None:
+                body.update(prompt_logprobs=job.prompt_logprobs, return_tokens_as_token_ids=True)
+            for chunk in self.client.stream("/v1/completions", body, cancelled=lambda: job.cancelled):
+                for choice in chunk.get("choices", []):
+                    self._take(job, choice)
+            if job.cancelled:
+                return
+        finally:
+            if names:
+                self.adapters.release(model)
+        now = time.perf_counter()
+        if seq.finish_reason is None:
+            seq.finish_reason = "length"
+        completion = len(seq.generated)
+        if self.metrics is not None:
+            self.metrics.generation_tokens.inc(completion)
+            self.metrics.latency.observe(now - job.t_arrival)
+        job.emit("done", {"finish_reason": seq.finish_reason,
+                          "usage": {"prompt_tokens": len(job.prompt_ids), "completion_tokens": completion,
+                                    "total_tokens": len(job.prompt_ids) + completion},
+                          "timings": self._timings(job, now), "seq": seq})
+
+    def _take(self, job: Job, choice: dict) -> None:
+        """One streamed choice chunk of vLLM into ``job.seq`` and a ``delta`` event."""
+        seq = job.seq
+        if choice.get("prompt_logprobs") is not None and job.prompt_logprobs is not None:
+            self._prompt_logprobs(seq, choice["prompt_logprobs"])
+        ids = list(choice.get("token_ids") or [])
+        lps, tops = [], []
+        lp = choice.get("logprobs")
+        if job.logprobs is not None and lp:
+            lps = [float(x) if x is not None else None for x in lp.get("token_logprobs") or []]
+            tops = [sorted(((_token_id(t), float(v)) for t, v in (top or {}).items()), key=lambda x: -x[1])[:job.logprobs]
+                    for top in lp.get("top_logprobs") or []]
+        finish = choice.get("finish_reason")
+        if finish is not None and job.logprobs is None and ids and ids[-1] in self.eos_ids and not job.ignore_eos:
+            ids = ids[:-1]  # the end-of-sequence token, which the local engine reports only with logprobs
+        text = choice.get("text") or ""
+        if ids or text:
+            if job.t_first is None:
+                job.t_first = time.perf_counter()
+                if self.metrics is not None:
+                    self.metrics.ttft.observe(job.t_first - job.t_arrival)
+            seq.generated.extend(ids)
+            seq.text += text
+            delta = {"text": text, "token_ids": ids}
+            if job.logprobs is not None:
+                seq.token_logprobs.extend(lps[:len(ids)])
+                seq.top_logprobs.extend(tops[:len(ids)])
+                delta.update(token_logprobs=lps[:len(ids)], top_logprobs=tops[:len(ids)])
+            job.emit("delta", delta)
+            job.sent, job.tokens_sent = len(seq.text), len(seq.generated)
+        if finish is not None:
+            seq.finish_reason = finish
+
+    @staticmethod
+    def _prompt_logprobs(seq, entries: list) -> None:
+        """vLLM's ``prompt_logprobs`` (per prompt token: None or {token id: {logprob, rank, decoded_token}}) into the
+        sequence's prompt logprobs, as the local engine records them."""
+        token_lps, top_lps = [], []
+        for t, entry in zip(seq.prompt_ids, entries):
+            if entry is None:
+                token_lps.append(None)
+                top_lps.append(None)
+                continue
+            items = {int(str(k).rsplit(":", 1)[-1]): v for k, v in entry.items()}
+            token_lps.append(float(items[t]["logprob"]) if t in items else None)
+            ranked = sorted(((i, float(v["logprob"])) for i, v in items.items() if v.get("rank") is not None), key=lambda x: -x[1])
+            top_lps.append(ranked[:seq.prompt_logprobs])
+        seq.prompt_token_logprobs, seq.prompt_top_logprobs = token_lps, top_lps
+
+    def stats(self) -> dict:
+        out = super().stats()
+        out.update(engine="vllm", vllm_url=self.client.url, in_flight=len(self.running), engine_failures=self.failures)
+        if self.adapters is not None:
+            out["composed"] = self.adapters.describe()
+        return out
