@@ -382,9 +382,15 @@ def materialize(pool: AdapterPool, names: list[str], weights, mode: str, out_dir
     unique = list(dict.fromkeys(names))
     factors = {}
     with _pinned(pool, unique), torch.no_grad():
+        ranks = {n: {m: a.shape[0] for m, (a, _) in pool.weights(n).modules.items()} for n in unique}
         for m, _, A_sel, B_sel in pool.gather([list(names)], len(names)):
             At, Bt = compose_selected(A_sel.float(), B_sel.float(), w, mode)  # [1, d_in, R'], [1, R', d_out]
-            factors[m] = (At[0].T.contiguous(), Bt[0].T.contiguous())  # A [R', d_in], B [d_out, R']
+            # gather pads each slot to the largest rank R among the adapters; keep only real rows (the zero padding
+            # would add to the rank vLLM must hold): mixture, slot j's first r_j rows; fusion, the first max_j r_j.
+            R = A_sel.shape[2]
+            r = [ranks[n].get(m, 0) for n in names]
+            keep = ([j * R + i for j, rj in enumerate(r) for i in range(rj)] if mode == "mixture" else list(range(max(r))))
+            factors[m] = (At[0].T[keep].contiguous(), Bt[0].T[:, keep].contiguous())  # A [R', d_in], B [d_out, R']
     rank = max(a.shape[0] for a, _ in factors.values())
     tensors = {}
     for m, (a, b) in factors.items():
