@@ -11,7 +11,8 @@
 # Environment: PYTHON (interpreter), LAUNCH (how main.py starts, e.g. "torchrun --nproc_per_node 4";
 # default: $PYTHON), DATA (evaluation file), OUT (results folder),
 # EXTRA_ARGS (more main.py flags, e.g. "--limit 20"), FORCE=1 (redo finished runs),
-# SKIP (run names to leave out, e.g. SKIP="arrow arrow_ood" for a pool of mixed ranks, which Arrow refuses).
+# SKIP (run names to leave out, e.g. SKIP="arrow arrow_ood" for a pool of mixed ranks, which Arrow refuses),
+# VLLM_URL (generate on these vLLM servers, bench/start_vllm.sh).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -51,6 +52,14 @@ RUNS=(
 )
 # (LoraHub's search settings and the softmax temperature come from the profile's settings file; Arrow runs
 # last because it loads its own copy of the adapters into the base model.)
+# VLLM_URL=http://host:8100 (one or more, space-separated): generation on vLLM (main.py --engine vllm); LoraHub and
+# Arrow need the model in this process, so their runs are left out.
+if [[ -n "${VLLM_URL:-}" ]]; then
+  for url in $VLLM_URL; do EXTRA_ARGS="${EXTRA_ARGS:-} --vllm_url $url"; done
+  EXTRA_ARGS="$EXTRA_ARGS --engine vllm"
+  SKIP="${SKIP:-} lorahub lorahub_task lorahub_task_ood arrow arrow_ood"
+  echo "eval_all.sh: generating on vLLM at $VLLM_URL; the LoraHub and Arrow runs need the model in-process and are left out." >&2
+fi
 if [[ -n "${SKIP:-}" ]]; then
   KEPT=()
   for spec in "${RUNS[@]}"; do

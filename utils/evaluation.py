@@ -410,18 +410,17 @@ class VllmRun:
     (:mod:`utils.vllm_engine`), the rows of a batch sent together, vLLM batching them."""
 
     def __init__(self, args, adapter_pool, tokenizer):
-        from utils.vllm_engine import ComposedAdapters, EngineUnavailable, VllmClient, engine_settings
+        from utils.vllm_engine import EngineUnavailable, Replicas, engine_settings
 
         self.args, self.tokenizer = args, tokenizer
         self.settings = engine_settings(args)
-        self.client = VllmClient(args.vllm_url, args.vllm_api_key, args.vllm_timeout)
+        self.replicas = Replicas(args.vllm_url, adapter_pool, self.settings["composed_dir"], args.max_composed, args.vllm_max_lora_rank,
+                                 args.base_model, args.vllm_api_key, args.vllm_timeout, base_name=args.vllm_model)
         try:
-            self.base = args.vllm_model or self.client.base_model()
+            self.base = self.replicas.base_name()
         except EngineUnavailable as err:
             raise InputError(f"--engine vllm: {err.message}") from err
-        self.adapters = (ComposedAdapters(adapter_pool, self.client, self.settings["composed_dir"], args.max_composed,
-                                          args.vllm_max_lora_rank, args.base_model) if adapter_pool is not None else None)
-        logger.info("Generating on vLLM at %s (base model %r)", self.client.url, self.base)
+        logger.info("Generating on vLLM at %s (base model %r)", ", ".join(self.replicas.urls), self.base)
 
     def generate(self, prompts: list[str], compositions: list[tuple]) -> tuple[list[str], list[int]]:
         from utils.vllm_engine import EngineRefused, EngineUnavailable, RankTooLarge, generate_rows
@@ -430,16 +429,14 @@ class VllmRun:
         if self.args.max_input_tokens is not None:
             enc = [ids[-self.args.max_input_tokens:] for ids in enc]
         try:
-            return generate_rows(self.client, self.adapters, self.base, enc, compositions, self.args.max_new_tokens, self.tokenizer,
-                                 concurrency=max(len(prompts), 1))
+            return generate_rows(self.replicas, enc, compositions, self.args.max_new_tokens, self.tokenizer, concurrency=max(len(prompts), 1))
         except (EngineUnavailable, RankTooLarge, EngineRefused) as err:
             raise InputError(f"--engine vllm: {err.message} The rows finished so far are kept; rerun the same command to resume.") from err
 
     def describe(self) -> dict:
-        out = {k: v for k, v in self.settings.items()}
-        out["vllm_model"] = self.base
-        if self.adapters is not None:
-            out["composed"] = self.adapters.describe()
+        out = dict(self.settings, vllm_model=self.base)
+        out.update(self.replicas.describe())
+        out.pop("in_flight_per_server", None)
         return out
 
 

@@ -68,7 +68,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     a = g.add_argument
     a("--engine", default="local", choices=ENGINES,
       help="local: generate in this process; vllm: route and compose here, generate on the vLLM server at --vllm_url")
-    a("--vllm_url", default="http://127.0.0.1:8100", help="the vLLM server (bench/start_vllm.sh starts one for a pool)")
+    a("--vllm_url", action="append", default=None,
+      help="a vLLM server (default http://127.0.0.1:8100; bench/start_vllm.sh starts one for a pool); repeat it for several "
+           "servers: each composition always goes to the same one (adapter affinity)")
     a("--vllm_api_key", default=None, help="vLLM's --api-key, if it has one (default: $VLLM_API_KEY)")
     a("--vllm_model", default=None, help="the name vLLM serves the base model under (default: the first base model it lists)")
     a("--vllm_max_lora_rank", type=int, default=32,
@@ -94,8 +96,10 @@ def check_engine(args) -> None:
         raise InputError(f"--max_composed must be at least 1 (got {args.max_composed}).")
     if args.vllm_timeout <= 0:
         raise InputError(f"--vllm_timeout must be above 0 (got {args.vllm_timeout}).")
-    if not str(args.vllm_url).startswith(("http://", "https://")):
-        raise InputError(f"--vllm_url {args.vllm_url!r} must start with http:// or https://, e.g. http://127.0.0.1:8100.")
+    args.vllm_url = list(args.vllm_url or ["http://127.0.0.1:8100"])
+    for url in args.vllm_url:
+        if not str(url).startswith(("http://", "https://")):
+            raise InputError(f"--vllm_url {url!r} must start with http:// or https://, e.g. http://127.0.0.1:8100.")
     if args.vllm_api_key is None:
         import os
 

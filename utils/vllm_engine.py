@@ -18,9 +18,10 @@ A composition's rank must not exceed vLLM's ``--max-lora-rank`` (given here as `
 3 adapters of rank 8 has rank 24, so vLLM must be started with ``--max-lora-rank 32`` (vLLM takes 1, 8, 16, 32, 64,
 128, 256, 320, 512). A request over it is refused with a 400 naming both numbers.
 
-:class:`VllmClient` talks to the server (a vLLM that is down, stalls or answers 5xx raises :class:`EngineUnavailable`,
-which the server turns into a 503); :class:`ComposedAdapters` keeps the registered compositions;
-:func:`generate_rows` is the evaluation's generation through it (``main.py --engine vllm``).
+:class:`VllmClient` talks to a server (a vLLM that is down, stalls or answers 5xx raises :class:`EngineUnavailable`,
+which the server turns into a 503); :class:`ComposedAdapters` keeps the compositions registered on it;
+:class:`Replicas` sends each composition to the same one of several vLLM servers (adapter affinity);
+:func:`generate_rows` is the evaluation's generation through them (``main.py --engine vllm``).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def engine_settings(args) -> dict:
     from utils.model_loading import cache_dir
 
     composed = args.composed_dir or str(cache_dir() / "composed" / re.sub(r"[^A-Za-z0-9._-]+", "_", str(args.base_model)))
-    return {"engine": "vllm", "vllm_url": args.vllm_url, "vllm_max_lora_rank": args.vllm_max_lora_rank, "composed_dir": composed}
+    return {"engine": "vllm", "vllm_url": list(args.vllm_url), "vllm_max_lora_rank": args.vllm_max_lora_rank, "composed_dir": composed}
 
 
 class EngineUnavailable(Exception):
@@ -357,9 +358,90 @@ class ComposedAdapters:
                     **self.stats}
 
 
-def generate_rows(client: VllmClient, adapters: ComposedAdapters | None, base_name: str, prompt_ids: list[list[int]],
-                  compositions: list[tuple[list[str], list[float], str]], max_new_tokens: int, tokenizer,
-                  concurrency: int = 32) -> tuple[list[str], list[int]]:
+class Replica:
+    """One vLLM server: its client, its registered compositions, the requests in flight on it."""
+
+    def __init__(self, client: VllmClient, adapters: ComposedAdapters | None):
+        self.client, self.adapters = client, adapters
+        self.in_flight = 0
+
+
+class Replicas:
+    """The vLLM servers behind one router (``--vllm_url`` once per server) and which one serves a request.
+
+    A runtime-loaded LoRA lives on the server it was loaded on, so a composition is always sent to the same server:
+    the one that wins rendezvous hashing of (server, composition) (adapter affinity; adding or removing a server moves
+    only the compositions of that server). Base-model requests go to the server with the fewest requests in flight.
+    Each server has its own registry (and folder) of compositions.
+    """
+
+    def __init__(self, urls: list[str], pool, composed_dir, max_composed: int = 256, max_rank: int = 32, base_model_name: str | None = None,
+                 api_key: str | None = None, timeout: float = 300.0, connections: int = 64, base_name: str | None = None):
+        self.replicas = []
+        for i, url in enumerate(urls):
+            client = VllmClient(url, api_key, timeout, connections=connections)
+            folder = Path(composed_dir) if len(urls) == 1 else Path(composed_dir) / f"server{i}"
+            adapters = ComposedAdapters(pool, client, folder, max_composed, max_rank, base_model_name) if pool is not None else None
+            self.replicas.append(Replica(client, adapters))
+        self._base_name = base_name
+        self._lock = threading.Lock()
+
+    @property
+    def urls(self) -> list[str]:
+        return [r.client.url for r in self.replicas]
+
+    def base_name(self) -> str:
+        """The name vLLM serves the base model under (asked once, from the first server that answers)."""
+        if self._base_name is None:
+            errors = []
+            for r in self.replicas:
+                try:
+                    self._base_name = r.client.base_model()
+                    break
+                except EngineUnavailable as err:
+                    errors.append(err.message)
+            else:
+                raise EngineUnavailable(" ".join(errors))
+        return self._base_name
+
+    def pick(self, names: list[str], weights: list[float], mode: str) -> Replica:
+        if len(self.replicas) == 1:
+            return self.replicas[0]
+        if not names:
+            with self._lock:
+                return min(self.replicas, key=lambda r: r.in_flight)
+        ref = self.replicas[0].adapters
+        key = names[0] if ref.is_selection(names, weights) else ref.name_of(ref.key_of(names, weights, mode))
+        return max(self.replicas, key=lambda r: hashlib.sha1(f"{r.client.url}|{key}".encode()).digest())
+
+    def acquire(self, names: list[str], weights: list[float], mode: str) -> tuple[Replica, str]:
+        """(the server, the model name to send) for one request's composition; :meth:`release` after it."""
+        replica = self.pick(names, weights, mode)
+        model = replica.adapters.acquire(list(names), list(weights), mode) if names else self.base_name()
+        with self._lock:
+            replica.in_flight += 1
+        return replica, model
+
+    def release(self, replica: Replica, names: list[str], model: str) -> None:
+        with self._lock:
+            replica.in_flight -= 1
+        if names:
+            replica.adapters.release(model)
+
+    def describe(self) -> dict:
+        out = {"servers": self.urls, "in_flight_per_server": [r.in_flight for r in self.replicas]}
+        if self.replicas[0].adapters is not None:
+            per = [r.adapters.describe() for r in self.replicas]
+            out["composed"] = {k: sum(d[k] for d in per) for k in per[0]}
+        return out
+
+    def close(self) -> None:
+        for r in self.replicas:
+            r.client.close()
+
+
+def generate_rows(replicas: Replicas, prompt_ids: list[list[int]], compositions: list[tuple[list[str], list[float], str]],
+                  max_new_tokens: int, tokenizer, concurrency: int = 32) -> tuple[list[str], list[int]]:
     """Greedy continuations of token-id prompts on vLLM, each row with its own composition (names, weights, mode;
     no names: the base model). Returns (texts, generated tokens per row up to the first EOS), decoded as
     :func:`utils.generation.generate_batch` does."""
@@ -367,17 +449,16 @@ def generate_rows(client: VllmClient, adapters: ComposedAdapters | None, base_na
 
     def one(i: int):
         names, weights, mode = compositions[i]
-        model = base_name if not names else adapters.acquire(list(names), list(weights), mode)
+        replica, model = replicas.acquire(list(names), list(weights), mode)
         try:
             body = {"model": model, "prompt": prompt_ids[i], "max_tokens": max_new_tokens, "temperature": 0.0,
                     "return_token_ids": True, "skip_special_tokens": False}
             ids: list[int] = []
-            for chunk in client.stream("/v1/completions", body):
+            for chunk in replica.client.stream("/v1/completions", body):
                 for choice in chunk.get("choices", []):
                     ids.extend(choice.get("token_ids") or [])
         finally:
-            if names:
-                adapters.release(model)
+            replicas.release(replica, names, model)
         return ids[:ids.index(eos) + 1] if eos in ids else ids
 
     with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(prompt_ids)))) as ex:

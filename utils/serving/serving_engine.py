@@ -188,19 +188,17 @@ def load_engine(args, session=None) -> Engine:
 
 
 def vllm_scheduler(args, pool, router, metrics, eos):
-    """The scheduler of ``--engine vllm``: routing here, generation on the vLLM server at ``--vllm_url``."""
+    """The scheduler of ``--engine vllm``: routing here, generation on the vLLM server(s) at ``--vllm_url``."""
     from utils.serving.vllm_scheduler import VllmScheduler
-    from utils.vllm_engine import ComposedAdapters, EngineUnavailable, VllmClient, engine_settings
+    from utils.vllm_engine import EngineUnavailable, Replicas, engine_settings
 
-    client = VllmClient(args.vllm_url, args.vllm_api_key, args.vllm_timeout, connections=args.max_batch_size + 8)
     composed = engine_settings(args)["composed_dir"]
-    adapters = (ComposedAdapters(pool, client, composed, args.max_composed, args.vllm_max_lora_rank, args.base_model)
-                if pool is not None else None)
-    base = args.vllm_model
+    replicas = Replicas(args.vllm_url, pool, composed, args.max_composed, args.vllm_max_lora_rank, args.base_model, args.vllm_api_key,
+                        args.vllm_timeout, connections=args.max_batch_size + 8, base_name=args.vllm_model)
     try:
-        base = base or client.base_model()
-        logger.info("Generation on vLLM at %s (base model served as %r; compositions under %s)", client.url, base, composed)
+        logger.info("Generation on vLLM at %s (base model served as %r; compositions under %s)", ", ".join(replicas.urls),
+                    replicas.base_name(), composed)
     except EngineUnavailable as err:  # it may still be starting: requests get 503 until it answers
         logger.warning("%s Requests get 503 until it answers.", err.message)
-    return VllmScheduler(client, adapters, base, eos_ids=eos, pool=pool, router=router, metrics=metrics,
-                         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)
+    return VllmScheduler(replicas, eos_ids=eos, pool=pool, router=router, metrics=metrics, max_batch_size=args.max_batch_size,
+                         max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)

@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from utils.serving.request_scheduler import Job, Scheduler
-from utils.vllm_engine import ComposedAdapters, EngineRefused, EngineUnavailable, RankTooLarge, VllmClient
+from utils.vllm_engine import EngineRefused, EngineUnavailable, RankTooLarge, Replicas
 
 logger = logging.getLogger(__name__)
 
@@ -33,28 +33,20 @@ class VllmScheduler(Scheduler):
     """Runs :class:`Job` objects on a vLLM server (module docstring).
 
     Args:
-        client: the :class:`VllmClient`.  adapters: the :class:`ComposedAdapters` (None without a pool).
-        base_name: the name vLLM serves its base model under (None: asked from vLLM's /v1/models when first needed).
+        replicas: the vLLM server(s) (:class:`utils.vllm_engine.Replicas`).
         eos_ids: token ids that end generation (vLLM returns the EOS token; without logprobs it is not reported, as
             the local engine does not).
         pool, router, metrics, max_batch_size (requests in flight to vLLM), max_wait_ms, max_queue: as :class:`Scheduler`.
     """
 
-    def __init__(self, client: VllmClient, adapters: ComposedAdapters | None, base_name: str | None = None, eos_ids=(),
-                 pool=None, router=None, metrics=None, max_batch_size: int = 32, max_wait_ms: float = 10.0, max_queue: int = 256):
+    def __init__(self, replicas: Replicas, eos_ids=(), pool=None, router=None, metrics=None, max_batch_size: int = 32,
+                 max_wait_ms: float = 10.0, max_queue: int = 256):
         super().__init__(None, pool=pool, router=router, metrics=metrics, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                          max_queue=max_queue, policy="continuous")
-        self.client = client
-        self.adapters = adapters
-        self._base_name = base_name
+        self.replicas = replicas
         self.eos_ids = set(eos_ids)
         self._workers = ThreadPoolExecutor(max_workers=max_batch_size, thread_name_prefix="vllm-request")
         self.failures = 0
-
-    def base_name(self) -> str:
-        if self._base_name is None:
-            self._base_name = self.client.base_model()
-        return self._base_name
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -63,6 +55,7 @@ class VllmScheduler(Scheduler):
     def stop(self, timeout: float | None = 30.0) -> None:
         super().stop(timeout)
         self._workers.shutdown(wait=True)
+        self.replicas.close()
 
     # -- the loop ------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -150,7 +143,7 @@ class VllmScheduler(Scheduler):
         names = [a["name"] for a in job.applied or []]
         weights = [a["weight"] for a in job.applied or []]
         mode = "fusion" if seq.fusion else "mixture"
-        model = self.adapters.acquire(names, weights, mode) if names else self.base_name()
+        replica, model = self.replicas.acquire(names, weights, mode)
         try:
             s = seq.sampling
             body = {"model": model, "prompt": job.prompt_ids, "max_tokens": job.max_new_tokens, "temperature": s.temperature,
@@ -163,14 +156,13 @@ class VllmScheduler(Scheduler):
                 body.update(logprobs=job.logprobs, return_tokens_as_token_ids=True)
             if job.prompt_logprobs is not None:
                 body.update(prompt_logprobs=job.prompt_logprobs, return_tokens_as_token_ids=True)
-            for chunk in self.client.stream("/v1/completions", body, cancelled=lambda: job.cancelled):
+            for chunk in replica.client.stream("/v1/completions", body, cancelled=lambda: job.cancelled):
                 for choice in chunk.get("choices", []):
                     self._take(job, choice)
             if job.cancelled:
                 return
         finally:
-            if names:
-                self.adapters.release(model)
+            self.replicas.release(replica, names, model)
         now = time.perf_counter()
         if seq.finish_reason is None:
             seq.finish_reason = "length"
@@ -234,7 +226,5 @@ class VllmScheduler(Scheduler):
 
     def stats(self) -> dict:
         out = super().stats()
-        out.update(engine="vllm", vllm_url=self.client.url, in_flight=len(self.running), engine_failures=self.failures)
-        if self.adapters is not None:
-            out["composed"] = self.adapters.describe()
+        out.update(engine="vllm", in_flight=len(self.running), engine_failures=self.failures, **self.replicas.describe())
         return out
