@@ -12,7 +12,8 @@ requests join the running batch between decoding steps and finished ones leave i
 
 The model, pool config and retriever load once, at start-up (each adapter's weights when retrieval first picks it);
 every flag and file is checked before they load. Adapters can be loaded and unloaded while serving
-(POST /v1/load_lora_adapter, /v1/unload_lora_adapter; --pool_state keeps the changes across restarts).
+(POST /v1/load_lora_adapter, /v1/unload_lora_adapter; --pool_state keeps the changes across restarts), and a new
+task's examples become an adapter trained while serving (POST /v1/adapters/train).
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
            "config's adapters); paths outside it, through '..' or symlinks included, get 403")
     a("--pool_state", default=None,
       help="JSON file recording runtime loads and unloads (written atomically); a restart with it comes back with the same pool")
+    # Growing the pool from examples (POST /v1/adapters/train).
+    a("--max_training_jobs", type=int, default=1, help="training jobs that run at once; more wait in the queue")
+    a("--max_training_queue", type=int, default=8, help="training jobs waiting at most; more get 429")
+    a("--training_threads", type=int, default=1, help="CPU threads of a training process (the rest serve)")
+    a("--training_nice", type=int, default=10, help="niceness added to a training process (0: the server's own CPU priority)")
+    a("--training_card_size", type=int, default=20, help="examples of a job held back as its adapter's card (at most a quarter)")
+    a("--training_root", default=None, help="folder trained adapters are written to (default: the first --adapter_root)")
+    a("--max_train_body_bytes", type=int, default=32 << 20, help="largest body POST /v1/adapters/train accepts")
     # Batching.
     a("--max_batch_size", type=int, default=32, help="rows decoded together at most")
     a("--max_wait_ms", type=float, default=10.0, help="when idle, how long the first request waits for others to prefill with it")
@@ -80,7 +89,10 @@ def validate(args) -> None:
     check_shared(args)
     checks = [("--max_batch_size", args.max_batch_size, 1),
               ("--max_queue", args.max_queue, 1), ("--max_body_bytes", args.max_body_bytes, 256), ("--max_tokens_cap", args.max_tokens_cap, 1),
-              ("--max_logprobs", args.max_logprobs, 0)]
+              ("--max_logprobs", args.max_logprobs, 0), ("--max_training_jobs", args.max_training_jobs, 1),
+              ("--max_training_queue", args.max_training_queue, 1), ("--training_threads", args.training_threads, 1),
+              ("--training_nice", args.training_nice, 0), ("--training_card_size", args.training_card_size, 1),
+              ("--max_train_body_bytes", args.max_train_body_bytes, 256)]
     for flag, value, low in checks:
         if value < low:
             raise InputError(f"{flag} must be at least {low} (got {value}).")
@@ -133,7 +145,18 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         logger.error("%s", err)
         return 2
-    app = create_app(engine, api_key=args.api_key, max_body_bytes=args.max_body_bytes, admin=admin, bind_host=args.host)
+    training = None
+    if engine.pool is not None:
+        from utils.serving.training_jobs import TrainingJobs
+
+        root = Path(args.training_root) if args.training_root else (roots[0] if roots else Path("loras"))
+        training = TrainingJobs(admin, root, args.base_model, dtype=args.dtype, device=args.device, max_jobs=args.max_training_jobs,
+                                max_queue=args.max_training_queue, threads=args.training_threads, nice=args.training_nice,
+                                card_size=args.training_card_size)
+        if args.training_root:
+            admin.roots.append(root.resolve())
+    app = create_app(engine, api_key=args.api_key, max_body_bytes=args.max_body_bytes, admin=admin, bind_host=args.host,
+                     training=training, max_train_body_bytes=args.max_train_body_bytes)
     logger.info("Serving %s with %d adapters on http://%s:%d (web page at /, API at /v1)", args.base_model,
                 len(engine.entries), args.host, args.port)
     # uvicorn stops on SIGTERM/SIGINT: it stops accepting, waits for the requests in flight, then the lifespan

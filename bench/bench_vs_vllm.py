@@ -35,6 +35,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_helpers import free_port, random_pool, stop, wait_for  # noqa: E402
+
 CLIENT = r"""
 import json, sys
 from vllm.benchmarks.serve import add_cli_args, main
@@ -48,63 +50,6 @@ for argv in json.loads(sys.argv[1]):
                                            "median_tpot_ms", "mean_tpot_ms", "duration", "total_output_tokens")})
 open(sys.argv[2], "w").write(json.dumps(out))
 """
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float = 600.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{url}: the server exited with {proc.returncode}; see {log}:\n{log.read_text()[-2000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit(f"{url} did not come up in {timeout:.0f} s; see {log}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def random_pool(folder: Path, base_model: str) -> Path:
-    """13 LoRAs of the embedded pool's shape (r 8, alpha 16, q_proj/v_proj), random factors, with the suite's cards."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from utils.model_loading import load_base_model
-
-    suite = json.loads((ROOT / "config" / "bigbench_pool.json").read_text())
-    for i, e in enumerate(suite):
-        out = folder / e["model_name"]
-        if (out / "adapter_config.json").exists():
-            continue
-        torch.manual_seed(i)
-        model = get_peft_model(load_base_model(base_model), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                                                      init_lora_weights=False))
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.mul_(0.05)
-        model.save_pretrained(out)
-    config = folder / "pool.json"
-    config.write_text(json.dumps([dict(e, path=str(folder / e["model_name"])) for e in suite], indent=1))
-    return config
 
 
 def client_runs(base_url: str, model: str, tokenizer: str, dataset: Path, args, out_dir: Path, tag: str,

@@ -142,6 +142,7 @@ def test_vllm_engine_gives_the_local_engines_greedy_tokens_and_logprobs(both_ser
     (ARTEFACTS / "vllm_equivalence.json").write_text(json.dumps(report, indent=1))
     print("vLLM engine against the local engine:", json.dumps(report))
     # more compositions than the two registries of 4 hold went through them: the least recently used ones were unloaded
+    second = vllm_server.replace("127.0.0.1", "localhost")
     assert health["servers"] == [vllm_server, second] and sum(health["in_flight_per_server"]) == 0
     assert health["composed"]["composed"] > 8 and health["composed"]["registered"] <= 8 and health["composed"]["unloaded"] > 0
     for server in ("server0", "server1"):

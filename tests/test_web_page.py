@@ -109,3 +109,33 @@ def test_phone_width_has_no_horizontal_scroll(page):
     for control in ("Mode", "Composition", "k (adapters retrieved)", "Weighting", "Max tokens"):
         assert page.get_by_label(control).is_visible()
     page.set_viewport_size({"width": 1100, "height": 900})
+
+
+def test_teach_a_new_task_trains_it_shows_the_loss_and_retrieves_it(page, smollm_server):
+    """Runs last: the pool gains an adapter. Rows pasted as JSON Lines; the loss is drawn while it trains; once ready,
+    a prompt of the new task retrieves it."""
+    rows = [{"inputs": f"Recipe question {i}: how many minutes to bake the {food} in the oven?", "targets": f"{20 + i} minutes"}
+            for i, food in enumerate(["cake", "bread", "pie", "cookies", "muffins", "scones", "tart", "brownies", "buns", "rolls",
+                                      "bagels", "pretzels"])]
+    page.fill("#teach-rows", "not json\n")
+    page.fill("#teach-name", "cooking")
+    page.click("#teach-btn")
+    page.wait_for_selector("#teach-error:not([hidden])")
+    assert "Line 1 is not JSON" in page.inner_text("#teach-error")
+    page.fill("#teach-rows", "\n".join(json.dumps(r) for r in rows[:5]))
+    page.click("#teach-btn")
+    page.wait_for_function("document.querySelector('#teach-error').textContent.includes('8 to 5000')")  # the server's 400
+    page.fill("#teach-rows", "\n".join(json.dumps(r) for r in rows))
+    page.fill("#teach-domain", "recipes")
+    page.fill("#teach-steps", "4")
+    page.click("#teach-btn")
+    page.wait_for_selector("#teach-status[data-state='ready'], #teach-status[data-state='failed']", timeout=240_000)
+    assert page.get_attribute("#teach-status", "data-state") == "ready", page.inner_text("#teach-error")
+    assert "cooking joined the pool" in page.inner_text("#teach-status")
+    assert page.locator("#teach-loss polyline").get_attribute("points").count(",") == 4  # one point per step
+    page.wait_for_function("document.querySelectorAll('#sliders input').length === 4")  # the page's pool list refreshed
+    page.get_by_label("Input (Enter sends").fill("Recipe question: how many minutes to bake the cake in the oven?")
+    page.click("#send")
+    page.wait_for_selector("#answer[data-done='1']", timeout=120_000)  # reset to 0 when a prompt is sent
+    assert "cooking" in page.locator("#adapters .adapter-name").all_inner_texts()
+    page.screenshot(path=str(ARTEFACTS / "web_page_teach.png"), full_page=True)

@@ -67,8 +67,11 @@ def load_settings(path: str | None, overrides: dict) -> TrainSettings:
     return TrainSettings(**values)
 
 
-def train_one(task: str, rows: list[dict], out_dir: Path, settings: TrainSettings, tokenizer, base_model) -> dict:
-    """Train a LoRA on ``rows`` and save it to ``out_dir``; returns the training record."""
+def train_one(task: str, rows: list[dict], out_dir: Path, settings: TrainSettings, tokenizer, base_model, on_step=None) -> dict:
+    """Train a LoRA on ``rows`` and save it to ``out_dir``; returns the training record.
+
+    ``on_step(step, loss)``, when given, is called after every optimisation step (an exception it raises stops the
+    training before anything is saved)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
@@ -109,6 +112,8 @@ def train_one(task: str, rows: list[dict], out_dir: Path, settings: TrainSetting
         opt.zero_grad(set_to_none=True)
         losses.append(round(loss.item(), 4))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if on_step is not None:
+            on_step(len(losses), losses[-1])
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)

@@ -2,7 +2,8 @@
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``,
 ``GET /metrics`` (Prometheus), ``GET /`` (the web page, ``web/index.html``), and the runtime pool routes
-``POST /v1/load_lora_adapter`` / ``POST /v1/unload_lora_adapter`` (:mod:`utils.serving.pool_admin`).
+``POST /v1/load_lora_adapter`` / ``POST /v1/unload_lora_adapter`` (:mod:`utils.serving.pool_admin`), and the
+training jobs ``POST /v1/adapters/train``, ``GET``/``DELETE /v1/adapters/train/{id}`` (:mod:`utils.serving.training_jobs`).
 
 ``model`` is ``auto`` (retrieve the top-k adapters for the input and compose them), ``base`` (no adapter) or
 an adapter's name (that adapter alone). Extra body fields, sent by the ``openai`` client with ``extra_body``:
@@ -154,17 +155,17 @@ class API:
             raise APIError(401, "Missing or wrong API key: send the header 'Authorization: Bearer <key>' with the server's --api_key.",
                            code="invalid_api_key", type_="authentication_error")
 
-    async def read_json(self, request: Request) -> dict:
+    async def read_json(self, request: Request, limit: int | None = None, flag: str = "--max_body_bytes") -> dict:
+        limit = self.max_body_bytes if limit is None else limit
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise APIError(413, f"The request body has {declared} bytes, over the limit of {self.max_body_bytes} "
-                                f"(--max_body_bytes); send a shorter prompt.", code="body_too_large")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"The request body has {declared} bytes, over the limit of {limit} ({flag}); send less.",
+                           code="body_too_large")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > self.max_body_bytes:
-                raise APIError(413, f"The request body is over the limit of {self.max_body_bytes} bytes (--max_body_bytes); "
-                                    "send a shorter prompt.", code="body_too_large")
+            if size > limit:
+                raise APIError(413, f"The request body is over the limit of {limit} bytes ({flag}); send less.", code="body_too_large")
             chunks.append(chunk)
         try:
             body = json.loads(b"".join(chunks).decode("utf-8"))
@@ -327,11 +328,13 @@ class API:
         return jobs
 
 
-def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1 << 20, admin=None, bind_host: str = "127.0.0.1") -> FastAPI:
+def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1 << 20, admin=None, bind_host: str = "127.0.0.1",
+               training=None, max_train_body_bytes: int = 32 << 20) -> FastAPI:
     """The FastAPI application over ``engine``; its lifespan starts and stops the scheduler thread.
 
     ``admin``: a :class:`utils.serving.pool_admin.PoolAdmin` for the runtime pool routes (built over ``engine`` when None).
     ``bind_host``: the address the server binds (pool changes without an API key answer only on a loopback one).
+    ``training``: the :class:`utils.serving.training_jobs.TrainingJobs` behind ``/v1/adapters/train`` (None: no such routes).
     """
     from utils.serving.pool_admin import AdminError, PoolAdmin, is_loopback
 
@@ -347,7 +350,11 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1 << 20
     async def lifespan(app):
         if not engine.scheduler.alive:
             engine.scheduler.start()
+        if training is not None:
+            training.start()
         yield
+        if training is not None:  # a stop cancels the jobs cleanly: no partial adapter, the pool as it is
+            await asyncio.to_thread(training.close)
         await asyncio.to_thread(engine.scheduler.stop)
 
     app = FastAPI(title="LoraRetriever server", lifespan=lifespan, docs_url="/docs", redoc_url=None)
@@ -360,17 +367,19 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1 << 20
         admin = PoolAdmin(engine, default_roots(engine.entries))
     app.state.admin = admin
 
-    async def change_pool(request: Request, fn):
+    async def change_pool(request: Request, fn, body_limit: int | None = None, status: int = 200, read_body: bool = True):
         """A runtime pool change (:mod:`utils.serving.pool_admin`): the API key when one is set, else a loopback bind."""
         api.check_auth(request)
         if api.api_key is None and not is_loopback(bind_host):
             raise APIError(403, f"Pool changes need an API key when the server binds {bind_host}: restart it with --api_key, or bind "
                                 "127.0.0.1.", code="forbidden", type_="permission_error")
-        body = await api.read_json(request)
+        body = (await api.read_json(request, body_limit, "--max_train_body_bytes" if body_limit else "--max_body_bytes")
+                if read_body else None)
         try:
-            return JSONResponse(await asyncio.to_thread(fn, body))
+            return JSONResponse(await asyncio.to_thread(fn, body), status_code=status)
         except AdminError as err:
-            raise APIError(err.status, err.message, param=err.param, code=err.code) from err
+            raise APIError(err.status, err.message, param=err.param, code=err.code,
+                           headers={"Retry-After": "5"} if err.status == 429 else None) from err
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request):
@@ -379,6 +388,28 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1 << 20
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(request: Request):
         return await change_pool(request, admin.unload)
+
+    if training is not None:
+        @app.post("/v1/adapters/train")
+        async def train_adapter(request: Request):
+            return await change_pool(request, training.submit, body_limit=max_train_body_bytes, status=202)
+
+        @app.get("/v1/adapters/train")
+        async def training_jobs(request: Request):
+            api.check_auth(request)
+            return training.list()
+
+        @app.get("/v1/adapters/train/{job_id}")
+        async def training_job(request: Request, job_id: str):
+            api.check_auth(request)
+            try:
+                return training.get(job_id)
+            except AdminError as err:
+                raise APIError(err.status, err.message, param=err.param, code=err.code) from err
+
+        @app.delete("/v1/adapters/train/{job_id}")
+        async def cancel_training_job(request: Request, job_id: str):
+            return await change_pool(request, lambda _: training.cancel(job_id), read_body=False)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
