@@ -44,7 +44,7 @@ def tiny_server(tiny_base, tiny_loras, tmp_path):
             for n, (d, ss) in CARDS.items()]
     server = ServerProcess(["--base_model", str(tiny_base), "--config_path", str(write_json(tmp_path / "pool.json", pool)),
                             "--training_root", str(root), "--pool_state", str(tmp_path / "state.json"), "--max_training_queue", "1",
-                            "--max_train_body_bytes", "20000", "--training_card_size", "3"], tmp_path / "server.log")
+                            "--max_train_body_bytes", "20000", "--training_card_size", "3", "--lora_num", "1"], tmp_path / "server.log")
     server.wait_ready()
     yield server, root, tmp_path
     server.stop()

@@ -133,6 +133,7 @@ def test_teach_a_new_task_trains_it_shows_the_loss_and_retrieves_it(page, smollm
     assert page.get_attribute("#teach-status", "data-state") == "ready", page.inner_text("#teach-error")
     assert "cooking joined the pool" in page.inner_text("#teach-status")
     assert page.locator("#teach-loss polyline").get_attribute("points").count(",") == 4  # one point per step
+    assert page.is_visible("#teach-loss")
     page.wait_for_function("document.querySelectorAll('#sliders input').length === 4")  # the page's pool list refreshed
     page.get_by_label("Input (Enter sends").fill("Recipe question: how many minutes to bake the cake in the oven?")
     page.click("#send")
