@@ -69,7 +69,8 @@ def load(url: str, rows: list[dict], clients: int, seconds: float, max_tokens: i
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, default=4)
-    p.add_argument("--seconds", type=float, default=40.0, help="each measuring window")
+    p.add_argument("--seconds", type=float, default=60.0, help="each measuring window")
+    p.add_argument("--warmup", type=float, default=20.0, help="seconds of load before the first window (adapters read, caches warm)")
     p.add_argument("--max_tokens", type=int, default=32)
     p.add_argument("--task", default="sports_understanding", help="the suite task whose training rows the job trains on")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
         url = f"http://127.0.0.1:{port}"
         try:
             wait_for(url + "/health", proc, log)
-            load(url, rows, args.clients, 5, args.max_tokens)  # warm-up
+            load(url, rows, args.clients, args.warmup, args.max_tokens)
             idle = load(url, rows, args.clients, args.seconds, args.max_tokens)
             job = httpx.post(url + "/v1/adapters/train", json={"name": f"new_{args.task}", "domain": "new", "examples": train,
                                                                 "settings": {"steps": 100000}}, timeout=60).json()

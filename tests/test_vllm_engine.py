@@ -324,6 +324,8 @@ def test_composed_adapters_are_written_once_reused_and_unloaded_least_recently_u
     assert f1 in client.loaded and m3 in client.loaded  # both in use: kept
     sel = reg.acquire([names[0]], [1.0], "mixture")  # selection: the adapter's own folder under its own name
     assert sel == names[0] and client.loaded[sel] == str(tiny_loras[names[0]])
+    half = reg.acquire([names[0]], [0.5], "mixture")  # one adapter at another weight: written out, its weight folded in
+    assert half.startswith("lr-") and json.loads((tmp_path / "composed" / half / "composition.json").read_text())["weights"] == [0.5]
     small = ComposedAdapters(pool, client, tmp_path / "small", max_rank=8)
     with pytest.raises(RankTooLarge, match=r"rank 10, over the vLLM server's --max-lora-rank 8.*--max-lora-rank 16"):
         small.acquire(names[1:3], [0.5, 0.5], "mixture")  # v_proj: 2 + 8

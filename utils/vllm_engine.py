@@ -5,7 +5,8 @@ vLLM serves one LoRA per request, chosen by the client. Every composition the ro
 
     mixture of k adapters, weights w:   A = concat_j A_j (rank sum_j r_j),  B = concat_j w_j s_j B_j,  scaling 1
     fusion:                             A = sum_j w_j A_j (rank max_j r_j), B = sum_j w_j s_j B_j,     scaling 1
-    selection (one adapter, weight 1):  the adapter's own directory
+    selection (one adapter, weight 1):  the adapter's own directory (written out as above when it uses rank_pattern,
+                                        alpha_pattern or rsLoRA)
 
 so each distinct composition is written once as a standard PEFT directory under ``--composed_dir``, registered
 with vLLM at run time (``POST /v1/load_lora_adapter``, which needs ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1`` on the
@@ -239,6 +240,7 @@ class ComposedAdapters:
         self._registered: collections.OrderedDict[str, tuple] = collections.OrderedDict()  # vLLM name -> key, LRU order
         self._direct: dict[str, str] = {}  # adapter name -> path registered under it
         self._users: collections.Counter[str] = collections.Counter()
+        self._plain_cache: dict[str, bool] = {}
         self._ready: dict[str, threading.Event] = {}  # a name being written and registered: later requests wait for it
         self.stats = {"composed": 0, "registrations": 0, "unloaded": 0, "hits": 0}
 
@@ -259,7 +261,7 @@ class ComposedAdapters:
     def acquire(self, names: list[str], weights: list[float], mode: str) -> str:
         """The vLLM model name serving this composition, written and registered when new; :meth:`release` it after
         the request. Raises :class:`RankTooLarge`, :class:`EngineUnavailable` or :class:`InputError`."""
-        if self.is_selection(names, weights):
+        if self.is_selection(names, weights) and self._plain(names[0]):
             return self._acquire_direct(names[0])
         key = self.key_of(names, weights, mode)
         name = self.name_of(key)
@@ -299,6 +301,25 @@ class ComposedAdapters:
         finally:
             with self._lock:
                 self._ready.pop(name).set()
+
+    def _plain(self, adapter: str) -> bool:
+        """Whether vLLM can load the adapter's own folder as it is: one rank and one alpha for every module, no rsLoRA.
+        Others (``rank_pattern``, ``alpha_pattern``, rsLoRA) are written out like a composition of one, their scalings
+        folded into B, which is exact whatever vLLM makes of those fields."""
+        entry = self.pool.entries.get(adapter)
+        if entry is None:
+            return True  # refused by _acquire_direct
+        path = str(entry.path)
+        if path not in self._plain_cache:
+            from peft import PeftConfig
+
+            try:
+                cfg = PeftConfig.from_pretrained(path)
+                self._plain_cache[path] = not (getattr(cfg, "rank_pattern", None) or getattr(cfg, "alpha_pattern", None)
+                                               or getattr(cfg, "use_rslora", False))
+            except (OSError, ValueError):
+                self._plain_cache[path] = False  # the pool's reader names the problem when it composes it
+        return self._plain_cache[path]
 
     def _acquire_direct(self, adapter: str) -> str:
         entry = self.pool.entries.get(adapter)
