@@ -71,7 +71,9 @@ def client_runs(base_url: str, model: str, tokenizer: str, dataset: Path, args, 
 
 def run_client(runs: list[list[str]], args, work: Path, tag: str) -> list[dict]:
     out = work / f"{tag}.client.json"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_TARGET_DEVICE="cpu" if args.device == "cpu" else os.environ.get("VLLM_TARGET_DEVICE", ""))
+    env = dict(os.environ, VLLM_TARGET_DEVICE="cpu" if args.device == "cpu" else os.environ.get("VLLM_TARGET_DEVICE", ""))
+    if Path(runs[0][runs[0].index("--tokenizer") + 1]).is_dir():
+        env["HF_HUB_OFFLINE"] = "1"
     if not env["VLLM_TARGET_DEVICE"]:
         env.pop("VLLM_TARGET_DEVICE")
     log = work / f"{tag}.client.log"
@@ -116,7 +118,9 @@ def main(argv=None) -> int:
     config = (random_pool(work / "pool", base_model) if args.random_pool
               else Path(args.config_path or profile.get("config_path") or "config/bigbench_pool.json"))
     entries = load_pool_config(str(config), profile.get("adapter_pattern"))
-    missing = [e.name for e in entries if not Path(e.path).exists()]
+    from utils.data import looks_like_hub_id
+
+    missing = [e.name for e in entries if not looks_like_hub_id(e.path) and not Path(e.path).exists()]
     if missing:
         raise SystemExit(f"The pool's adapters {missing[:3]} are not on disk: run `make pool` (trains them), or pass --random_pool.")
     rank = vllm_rank(args.lora_num * max(read_adapter_config_rank(e.path) for e in entries))
@@ -130,7 +134,9 @@ def main(argv=None) -> int:
                     "--max_tokens_cap", str(max(args.max_tokens, 64))]
     if args.settings:
         serve_common = ["--settings", args.settings] + serve_common
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    if Path(model_dir).is_dir():  # local models: nobody asks the Hub (hub ids on a GPU machine keep their download)
+        env["HF_HUB_OFFLINE"] = "1"
     results: dict[str, list[dict]] = {}
     t_start = time.time()
 
