@@ -189,3 +189,24 @@ def test_a_task_missing_from_the_pool_is_learned_from_its_rows_and_then_retrieve
         assert em_after > em_before, report
     finally:
         assert server.stop() == 0
+
+
+@pytest.mark.slow
+def test_training_routes_need_the_api_key_when_one_is_set(tiny_base, tiny_loras, tmp_path):
+    pool = [{"model_name": "alpha", "domain": "sentiment", "sample": [{"inputs": "the movie was great", "targets": "x"}],
+             "path": str(tiny_loras["alpha"])}]
+    server = ServerProcess(["--base_model", str(tiny_base), "--config_path", str(write_json(tmp_path / "pool.json", pool)),
+                            "--lora_num", "1", "--api_key", "secret", "--training_root", str(tmp_path / "trained")], tmp_path / "server.log")
+    try:
+        server.wait_ready()
+        body = {"name": "cooking", "examples": COOKING, "settings": {"steps": 100000}}
+        url = server.url + "/v1/adapters/train"
+        assert httpx.post(url, json=body, timeout=30).status_code == 401
+        assert httpx.get(url, timeout=30).status_code == 401
+        key = {"Authorization": "Bearer secret"}
+        job = httpx.post(url, json=body, headers=key, timeout=30)
+        assert job.status_code == 202
+        assert httpx.delete(f"{url}/{job.json()['id']}", timeout=30).status_code == 401
+        assert httpx.delete(f"{url}/{job.json()['id']}", headers=key, timeout=30).json()["state"] == "cancelled"
+    finally:
+        assert server.stop() == 0
