@@ -39,7 +39,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serve import free_port, run_level  # noqa: E402
+from bench_helpers import free_port, stop  # noqa: E402
+from bench_serve import run_level  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 logger = logging.getLogger("bench_pool_scale")
@@ -85,15 +86,6 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024.0
     return float("nan")
-
-
-def stop(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def timed_start(args: list[str], log_path: Path, checkout: Path, timeout: float = 3600.0):

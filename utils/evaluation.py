@@ -414,8 +414,7 @@ class VllmRun:
 
         self.args, self.tokenizer = args, tokenizer
         self.settings = engine_settings(args)
-        self.replicas = Replicas(args.vllm_url, adapter_pool, self.settings["composed_dir"], args.max_composed, args.vllm_max_lora_rank,
-                                 args.base_model, args.vllm_api_key, args.vllm_timeout, base_name=args.vllm_model)
+        self.replicas = Replicas.from_args(args, adapter_pool)
         try:
             self.base = self.replicas.base_name()
         except EngineUnavailable as err:

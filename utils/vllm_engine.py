@@ -407,6 +407,12 @@ class Replicas:
         self._base_name = base_name
         self._lock = threading.Lock()
 
+    @classmethod
+    def from_args(cls, args, pool, connections: int = 64) -> "Replicas":
+        """The servers of ``--vllm_url`` with the engine flags (``--composed_dir`` defaulted by :func:`engine_settings`)."""
+        return cls(args.vllm_url, pool, engine_settings(args)["composed_dir"], args.max_composed, args.vllm_max_lora_rank,
+                   args.base_model, args.vllm_api_key, args.vllm_timeout, connections=connections, base_name=args.vllm_model)
+
     @property
     def urls(self) -> list[str]:
         return [r.client.url for r in self.replicas]

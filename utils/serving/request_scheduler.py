@@ -223,15 +223,7 @@ class Scheduler:
                         self.cond.wait()
                     if self._stop and not self.waiting and not self.running and not self._control:
                         return
-                    if (not self.running and self.waiting and len(self.waiting) < self.max_batch_size and not self._stop
-                            and not self._control):
-                        deadline = self.waiting[0].t_arrival + self.max_wait_s
-                        while (len(self.waiting) < self.max_batch_size and time.perf_counter() < deadline and not self._stop
-                               and not self._control):
-                            self.cond.wait(max(deadline - time.perf_counter(), 0.0))
-                    gone = [j for j in self.waiting if j.cancelled]
-                    for job in gone:
-                        self.waiting.remove(job)
+                    gone = self._gather_waiting()
                 for job in gone:
                     self._unhold(job)
                 self._run_control()
@@ -254,6 +246,21 @@ class Scheduler:
                 self._control.clear()
             for _, fut in control:
                 fut.set_exception(RuntimeError("The scheduler failed; see the server log."))
+
+    def _gather_waiting(self) -> list[Job]:
+        """With ``cond`` held: when nothing runs, let the first waiting request wait up to ``max_wait_ms`` for others to
+        arrive (so that requests sent together are routed and prefilled together); then take the cancelled ones out of
+        the queue and return them."""
+        if (not self.running and self.waiting and len(self.waiting) < self.max_batch_size and not self._stop
+                and not self._control):
+            deadline = self.waiting[0].t_arrival + self.max_wait_s
+            while (len(self.waiting) < self.max_batch_size and time.perf_counter() < deadline and not self._stop
+                   and not self._control):
+                self.cond.wait(max(deadline - time.perf_counter(), 0.0))
+        gone = [j for j in self.waiting if j.cancelled]
+        for job in gone:
+            self.waiting.remove(job)
+        return gone
 
     def _admit(self) -> None:
         with self.cond:

@@ -193,8 +193,7 @@ def vllm_scheduler(args, pool, router, metrics, eos):
     from utils.vllm_engine import EngineUnavailable, Replicas, engine_settings
 
     composed = engine_settings(args)["composed_dir"]
-    replicas = Replicas(args.vllm_url, pool, composed, args.max_composed, args.vllm_max_lora_rank, args.base_model, args.vllm_api_key,
-                        args.vllm_timeout, connections=args.max_batch_size + 8, base_name=args.vllm_model)
+    replicas = Replicas.from_args(args, pool, connections=args.max_batch_size + 8)
     try:
         logger.info("Generation on vLLM at %s (base model served as %r; compositions under %s)", ", ".join(replicas.urls),
                     replicas.base_name(), composed)

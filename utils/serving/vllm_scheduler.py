@@ -67,13 +67,7 @@ class VllmScheduler(Scheduler):
                         self.cond.wait()
                     if self._stop and not self.waiting and not self._control:
                         return
-                    if not self.running and 0 < len(self.waiting) < self.max_batch_size and not self._stop and not self._control:
-                        deadline = self.waiting[0].t_arrival + self.max_wait_s  # those sent together are routed together
-                        while len(self.waiting) < self.max_batch_size and time.perf_counter() < deadline and not self._stop:
-                            self.cond.wait(max(deadline - time.perf_counter(), 0.0))
-                    gone = [j for j in self.waiting if j.cancelled]
-                    for job in gone:
-                        self.waiting.remove(job)
+                    gone = self._gather_waiting()
                 for job in gone:
                     self._unhold(job)
                 self._run_control()
