@@ -58,11 +58,11 @@ def select_tasks(spec: list[str]) -> list[str]:
     return out
 
 
-def main(argv=None) -> int:
-    from utils.data import InputError, load_pool_config, load_rows
-    from utils.retrieval import PAPER_INSTRUCTION, Embedder, LoraRetriever, exclude_prompt_choice
+def build_parser() -> argparse.ArgumentParser:
+    from utils.flags import HelpFormatter
+    from utils.retrieval import PAPER_INSTRUCTION
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data_path", default="data/bigbench/combined_test.json", help="evaluation rows (the paper's combined_test.json format)")
     p.add_argument("--config_path", default="config/bigbench_pool.json", help="pool config (the paper's config2.json format)")
     p.add_argument("--retriever", default="embedded:all-minilm-l6-v2", help="sentence-transformers model: id, local dir or embedded:NAME")
@@ -75,6 +75,14 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="embedding device")
     p.add_argument("--tasks", nargs="+", default=None,
                    help="evaluate only the rows of these tasks (names, or a task_split.json whose held_out tasks are taken); the whole pool stays the candidates")
+    return p
+
+
+def main(argv=None) -> int:
+    from utils.data import InputError, load_pool_config, load_rows
+    from utils.retrieval import PAPER_INSTRUCTION, Embedder, LoraRetriever, exclude_prompt_choice
+
+    p = build_parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from utils.flags import resolve_device

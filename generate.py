@@ -47,7 +47,7 @@ class Generator:
 
         self.args = args
         self.prompter = Prompter(args.template)
-        self.pool_entries = [] if args.no_adapter else load_pool_config(args.config_path, args.adapter_pattern)
+        self.pool_entries = [] if args.no_adapters else load_pool_config(args.config_path, args.adapter_pattern)
         session = Session()
         self.tokenizer, self.model = session.base(args.base_model, args.dtype, args.device, None)
         self.pool = (session.adapter_pool(self.pool_entries, args.max_loras, args.max_cpu_loras, args.eager_load)
@@ -96,16 +96,17 @@ def show(response: str, used) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from utils import flags
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter)
     p.add_argument("--prompt", default=None, help="the instruction to answer (default: read prompts from stdin, one per line)")
     p.add_argument("--adapters", default=None, help="named adapters and weights, e.g. snarks=0.7,winowhy=0.8 (default: retrieve)")
-    p.add_argument("--no_adapter", action="store_true", help="the base model alone")
+    p.add_argument("--no_adapters", action="store_true", help="the base model alone (no pool, no retrieval)")
     flags.add_composition_flags(p, ("mixture", "fusion"))
     flags.add_model_flags(p)
     flags.add_pool_flags(p)
     flags.add_retrieval_flags(p)
     flags.add_prompt_flags(p, max_new_tokens=64)
     flags.add_settings_flag(p)
+    flags.add_deprecated_alias(p, "--no_adapter", "--no_adapters")
     return p
 
 

@@ -2,7 +2,7 @@
 
 Example (the embedded default, offline on CPU):
 
-    python main.py --data_path data/bigbench/combined_test.json --config_path config/bigbench_pool.json \
+    python main.py --data_path data/bigbench/combined_test.json --config_path config/bigbench_pool.json \\
         --res_path results/mixture.json --eval_type mixture --lora_num 3 --batch_size 8
 
 The comparison rows use the same pool, data and decoding: ``--eval_type soup`` (Adapter Soup), ``arrow`` (PEFT's
@@ -16,7 +16,7 @@ retriever of the paper) and point ``--data_path`` at the paper's ``combined_test
 
 Several runs in one process, the models loaded once (what ``eval_all.sh`` does):
 
-    python main.py --settings config/embedded.json --data_path data/bigbench/combined_test.json \
+    python main.py --settings config/embedded.json --data_path data/bigbench/combined_test.json \\
         --res_dir results/embedded --runs "base --eval_type base" "mixture --eval_type mixture --lora_num 3"
 """
 
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     from utils import flags
     from utils.evaluation import EVAL_TYPES
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter)
     a = p.add_argument
     # The paper's flags.
     a("--data_path", help="evaluation rows: JSON list or JSON Lines of {inputs, targets, task, domain, metric} (required)")

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     from utils.serving.request_scheduler import POLICIES
     from utils.serving.serving_engine import CHAT_FORMATS, PROMPT_FORMATS
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter)
     a = p.add_argument
     flags.add_model_flags(p)
     flags.add_pool_flags(p)

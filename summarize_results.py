@@ -122,12 +122,19 @@ def write_charts(chart_dir: Path, names: list[str], rows) -> list[Path]:
     return paths
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    from utils.flags import HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--results_dir", default="results", help="folder of results files (*.json), one per run")
     p.add_argument("--runs", nargs="+", default=None, help="run names (file stems) or files, in column order")
     p.add_argument("--out_dir", default=None, help="where tables and charts go (default: <results_dir>/summary)")
     p.add_argument("--no_charts", action="store_true", help="skip the PNG charts")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     results_dir = Path(args.results_dir)

@@ -1,10 +1,10 @@
 """Train one standard PEFT LoRA per task of a suite (or one named task) on any causal LM.
 
     python train_lora.py                                   # every task of config/bigbench_pool.json
-    python train_lora.py --task snarks --steps 60 --force  # one task, retrained
+    python train_lora.py --task snarks --steps 48 --force  # one task, retrained
     python train_lora.py --inspect loras/bigbench/snarks   # peft_type, r, alpha, targets, parameters
 
-Settings come from a YAML/JSON file (``--train_settings``, default config/train_lora.yaml) and flags
+Settings come from a YAML/JSON file (``--settings``, default config/train_lora.yaml) and flags
 override them. The loss covers only the response tokens of the alpaca-formatted prompt (plus EOS, so
 the adapter learns to stop). An adapter that already exists is reused unless ``--force``. Each trained
 adapter directory holds ``adapter_config.json``, ``adapter_model.safetensors`` and ``training.json``.
@@ -34,15 +34,18 @@ def registered_path(adapter: Path, pool_path: Path) -> str:
     return str(adapter)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pool_config", default=str(ROOT / "config" / "bigbench_pool.json"), help="pool config whose adapters to train")
+def build_parser() -> argparse.ArgumentParser:
+    from utils.flags import HelpFormatter, add_deprecated_alias
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--config_path", default=str(ROOT / "config" / "bigbench_pool.json"), help="pool config whose adapters to train")
     p.add_argument("--train_dir", default=str(ROOT / "data" / "bigbench" / "train"), help="directory of <task>.json training files")
     p.add_argument("--task", action="append", help="train only this task (repeatable)")
     p.add_argument("--adapter_dir", default=None, help="where adapters go (default: each entry's 'path', else loras/<task>)")
     p.add_argument("--force", action="store_true", help="retrain adapters that already exist")
     p.add_argument("--inspect", metavar="DIR", help="print an adapter's peft_type, r, alpha, target modules and parameter count, then exit")
-    p.add_argument("--train_settings", default=str(ROOT / "config" / "train_lora.yaml"), help="YAML/JSON settings file")
+    p.add_argument("--settings", default=str(ROOT / "config" / "train_lora.yaml"),
+                   help="YAML/JSON file of training settings; the flags below override its values")
     for f in fields(TrainSettings):
         kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, None)
         if f.name == "target_modules":
@@ -50,7 +53,14 @@ def main(argv=None) -> int:
         elif f.name == "layers_to_transform":
             p.add_argument("--layers_to_transform", nargs="+", type=int, default=None, help="layer indices that get a LoRA")
         else:
-            p.add_argument(f"--{f.name}", type=kind or str, default=None, help=f"(default from settings file: {f.default})")
+            p.add_argument(f"--{f.name}", type=kind or str, default=None, help=f"(default from the settings file: {f.default})")
+    add_deprecated_alias(p, "--pool_config", "--config_path")
+    add_deprecated_alias(p, "--train_settings", "--settings")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.inspect:
@@ -61,18 +71,18 @@ def main(argv=None) -> int:
     from utils.flags import resolve_device
 
     try:
-        settings = load_settings(args.train_settings if Path(args.train_settings).exists() else None, overrides)
+        settings = load_settings(args.settings if Path(args.settings).exists() else None, overrides)
         resolve_device(settings.device)
     except (InputError, TypeError) as err:
         logger.error("%s", err)
         return 2
-    pool_path = Path(args.pool_config)
+    pool_path = Path(args.config_path)
     try:
         pool = json.loads(pool_path.read_text(encoding="utf-8"))
         if not isinstance(pool, list) or not all(isinstance(e, dict) and isinstance(e.get("model_name"), str) for e in pool):
             raise ValueError("expected a JSON list of objects with a string 'model_name'")
     except (OSError, ValueError) as err:  # missing, unreadable, not UTF-8, not JSON, wrong shape
-        logger.error("Pool config %s cannot be used (%s); pass --pool_config with a valid pool config.", pool_path, err)
+        logger.error("Pool config %s cannot be used (%s); pass --config_path with a valid pool config.", pool_path, err)
         return 2
     tasks = args.task or [e["model_name"] for e in pool] or sorted(p.stem for p in Path(args.train_dir).glob("*.json"))
     if not tasks:

@@ -1,7 +1,7 @@
 """Fine-tune a retriever with the paper's instruction-conditioned contrastive objective.
 
     python train_retriever.py --train_fraction 0.4 --out models/retriever   # then: main.py --retriever models/retriever
-    python train_retriever.py --config_path data/retrieval_train/pool.json --train_dir data/retrieval_train/train \
+    python train_retriever.py --config_path data/retrieval_train/pool.json --train_dir data/retrieval_train/train \\
         --train_fraction 0.8 --loss infonce --hard_negatives domain --out models/retriever
 
 A seeded fraction of the pool's tasks is used for training; the rest are held out to measure how the
@@ -46,10 +46,11 @@ def split_tasks(names: list[str], fraction: float, seed: int) -> tuple[list[str]
     return sorted(order[:n]), sorted(order[n:])
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from utils.flags import HelpFormatter
     from utils.retrieval import PAPER_INSTRUCTION
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config_path", default="config/bigbench_pool.json", help="pool config (tasks and their samples)")
     p.add_argument("--train_dir", default="data/bigbench/train", help="optional <task>.json training rows per task")
     p.add_argument("--retriever", default="embedded:all-minilm-l6-v2", help="sentence-transformers model to fine-tune")
@@ -68,6 +69,13 @@ def main(argv=None) -> int:
     p.add_argument("--adapter_vector", default="normalized_mean", choices=("normalized_mean", "mean"),
                    help="the adapter vector the retriever is meant to be used with (recorded in task_split.json)")
     p.add_argument("--out", default="models/retriever", help="output model directory")
+    return p
+
+
+def main(argv=None) -> int:
+    from utils.retrieval import PAPER_INSTRUCTION
+
+    p = build_parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from utils.data import InputError, load_pool_config

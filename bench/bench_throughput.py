@@ -20,7 +20,7 @@ length gains from what the composition gains.
 weights and ``--num_adapters`` random r=8 q_proj/v_proj LoRAs written to disk (so that (c) loads them from
 disk as the original does); queries, prompts and retrieval stay real. It is meant for a GPU:
 
-    python bench/bench_throughput.py --synthetic llama2-7b --device cuda --dtype bfloat16 --num_adapters 48 \
+    python bench/bench_throughput.py --synthetic llama2-7b --device cuda --dtype bfloat16 --num_adapters 48 \\
         --rows 64 --batch_sizes 32 --max_new_tokens 32 --out docs/bench_throughput_7b.json
 """
 

@@ -99,22 +99,30 @@ def build(sdist: Path, out_dir: Path, pool_config: Path, adapter_dir: str, test_
     return suite
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    from utils.flags import HelpFormatter, add_deprecated_alias
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--sdist", default=None, help="path to bigbench-1.0.0.tar.gz (default: download into --cache)")
     p.add_argument("--cache", default=str(ROOT / "data" / "cache"), help="where the sdist is downloaded")
     p.add_argument("--out_dir", default=str(ROOT / "data" / "bigbench"), help="suite output directory")
-    p.add_argument("--pool_config", default=str(ROOT / "config" / "bigbench_pool.json"), help="pool config to write")
+    p.add_argument("--config_path", default=str(ROOT / "config" / "bigbench_pool.json"), help="pool config to write")
     p.add_argument("--adapter_dir", default="../loras/bigbench", help="adapter directory written into the pool config (relative to it)")
     p.add_argument("--test_size", type=int, default=15, help="test rows per task")
     p.add_argument("--sample_size", type=int, default=20, help="pool-config sample inputs per task (the paper: 20)")
     p.add_argument("--train_size", type=int, default=300, help="training rows per task (at most)")
     p.add_argument("--max_input_chars", type=int, default=700, help="skip examples with longer inputs")
     p.add_argument("--seed", type=int, default=0, help="split seed")
+    add_deprecated_alias(p, "--pool_config", "--config_path")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sdist = Path(args.sdist) if args.sdist else download_sdist(Path(args.cache))
-    build(sdist, Path(args.out_dir), Path(args.pool_config), args.adapter_dir, args.test_size, args.sample_size,
+    build(sdist, Path(args.out_dir), Path(args.config_path), args.adapter_dir, args.test_size, args.sample_size,
           args.train_size, args.max_input_chars, args.seed)
     return 0
 

@@ -169,18 +169,25 @@ def write_set(out_dir: Path, tasks, raw: dict, test_size: int, sample_size: int,
     return suite
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    from utils.flags import HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--sdist", default=None, help="path to bigbench-1.0.0.tar.gz (default: download into --cache)")
     p.add_argument("--cache", default=str(ROOT / "data" / "cache"), help="where the sdist is downloaded")
-    p.add_argument("--benchmark_dir", default=str(ROOT / "data" / "retrieval_benchmark"))
-    p.add_argument("--train_dir", default=str(ROOT / "data" / "retrieval_train"))
+    p.add_argument("--benchmark_dir", default=str(ROOT / "data" / "retrieval_benchmark"), help="where the benchmark (pool.json, combined_test.json, suite.json) is written")
+    p.add_argument("--train_dir", default=str(ROOT / "data" / "retrieval_train"), help="where the retriever-training tasks are written")
     p.add_argument("--test_size", type=int, default=50, help="test rows per task (at most)")
     p.add_argument("--sample_size", type=int, default=20, help="sample inputs per task (the paper: 20)")
     p.add_argument("--min_test", type=int, default=10, help="fewest test rows for a task to be kept")
     p.add_argument("--train_size", type=int, default=100, help="training inputs per training task (at most)")
     p.add_argument("--max_input_chars", type=int, default=2000, help="skip examples with longer inputs (retrievers truncate long ones)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the task selection and the splits")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_disjoint()

@@ -117,7 +117,7 @@ def main() -> int:
         res = [] if (label, extra) in sweep_cases else ["--res_path", str(tmp / "res.json")]
         argv = ["--data_path", data, "--config_path", pool, *res, "--base_model", str(base), "--lora_num", "1", *extra]
         code = main_mod.main(argv)
-        msg = (handler.lines[-1] if handler.lines else "(no error)").replace(str(tmp), "TMP").replace("|", "\\|")
+        msg = (handler.lines[-1] if handler.lines else "(no error)").replace(str(tmp), "TMP").replace(str(ROOT) + "/", "").replace("|", "\\|")
         lines.append(f"| {label} | {code} | {msg} |")
         assert not (tmp / "res.json").exists() and not list((tmp / "sweep").glob("*.json"))
     lines += ["", "`--device cuda` is refused like this only on a machine without a usable GPU.", "",
@@ -129,7 +129,7 @@ def main() -> int:
     (results / "mixture.json").write_text('{"settings": {}, "rows": [{"inputs": "a", "predicted_answer"', encoding="utf-8")
     handler.lines.clear()
     code = summarize_results.main(["--results_dir", str(results), "--no_charts"])
-    msg = (handler.lines[-1] if handler.lines else "(no error)").replace(str(tmp), "TMP").replace("|", "\\|")
+    msg = (handler.lines[-1] if handler.lines else "(no error)").replace(str(tmp), "TMP").replace(str(ROOT) + "/", "").replace("|", "\\|")
     lines.append(f"| summarize_results.py: the only results file is truncated JSON | {code} | {msg} |")
     lines += ["", "## Judgement calls", "",
               "- **A row with empty `inputs` is refused**, not kept with a warning: retrieval and generation on an empty prompt",

@@ -59,9 +59,9 @@ def test_train_lora_writes_registers_reuses_and_inspects(tmp_path, tiny_base, ca
     (tmp_path / "train").mkdir()
     write_json(tmp_path / "train" / "parity.json", rows)
     pool = write_json(tmp_path / "pool.json", [])
-    args = ["--pool_config", str(pool), "--train_dir", str(tmp_path / "train"), "--adapter_dir", str(tmp_path / "loras"),
+    args = ["--config_path", str(pool), "--train_dir", str(tmp_path / "train"), "--adapter_dir", str(tmp_path / "loras"),
             "--base_model", str(tiny_base), "--steps", "2", "--batch_size", "2", "--r", "2", "--lora_alpha", "4",
-            "--train_settings", str(tmp_path / "none.yaml")]
+            "--settings", str(tmp_path / "none.yaml")]
     assert train_lora.main(args) == 0
     out = tmp_path / "loras" / "parity"
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()

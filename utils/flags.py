@@ -28,6 +28,50 @@ MAIN_ONLY_KEYS = ("batch_size", "data_path", "res_path", "max_input_tokens", "li
                   "lorahub_optimizer", "lorahub_l1", "lorahub_dtype")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` of every entry point: the description's examples keep their line breaks, and each flag shows its default.
+
+    A flag whose help already names its default (``(default: ...)``), or whose default is unset or off, is left as written.
+    """
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.default in (None, False, argparse.SUPPRESS) or "default" in text
+                or action.help == argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old spelling of a flag: it sets the new flag's value and logs a one-line deprecation warning."""
+
+    def __init__(self, option_strings, dest, target: argparse.Action = None, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.target = target
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import logging
+
+        new = self.target.option_strings[-1]
+        logging.getLogger("flags").warning("%s is deprecated and will be removed; use %s, which means the same.",
+                                           option_string, new)
+        self.target(parser, namespace, values, new)
+
+
+def add_deprecated_alias(p: argparse.ArgumentParser, old: str, new: str) -> None:
+    """Keep ``old`` working as an alias of the existing flag ``new`` (hidden from ``--help``; docs/cli.md lists it)."""
+    target = next((a for a in p._actions if new in a.option_strings), None)
+    if target is None:
+        raise ValueError(f"add_deprecated_alias: {new} is not a flag of this parser; add it before its alias {old}.")
+    p.add_argument(old, action=_DeprecatedAlias, target=target, dest=target.dest, nargs=target.nargs, type=target.type,
+                   choices=target.choices, metavar=target.metavar, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def deprecated_aliases(p: argparse.ArgumentParser) -> list[tuple[str, str]]:
+    """(old, new) spellings of ``p``'s deprecated aliases."""
+    return [(a.option_strings[0], a.target.option_strings[-1]) for a in p._actions if isinstance(a, _DeprecatedAlias)]
+
+
 def add_model_flags(p: argparse.ArgumentParser, device_default: str | None = None) -> None:
     """--base_model, --device, --dtype."""
     p.add_argument("--base_model", default=DEFAULT_BASE_MODEL, help="causal LM: hub id, local dir or embedded:NAME")
