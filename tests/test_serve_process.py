@@ -105,7 +105,9 @@ def test_sigterm_finishes_in_flight_and_disconnects_leave_alone(tiny_base, tiny_
 
         t = threading.Thread(target=in_flight)
         t.start()
-        time.sleep(0.5)
+        deadline = time.time() + 60  # the request is in flight once the server shows a running row
+        while not httpx.get(server.url + "/health").json()["running"] and time.time() < deadline:
+            time.sleep(0.05)
         server.proc.send_signal(signal.SIGTERM)
         t.join(120)
         assert results["flight"].status_code == 200 and results["flight"].json()["choices"][0]["text"] == alone

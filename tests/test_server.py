@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -33,15 +34,40 @@ def run(coro):
     return asyncio.run(coro)
 
 
-async def post_all(app, bodies, path="/v1/completions", delays=None):
-    """Send ``bodies`` concurrently (each after its delay in seconds) and return the responses in order."""
+async def post_all(app, bodies, path="/v1/completions"):
+    """Send ``bodies`` concurrently and return the responses in order."""
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
-        async def one(body, delay):
-            await asyncio.sleep(delay)
+        async def one(body):
             return await client.post(path, content=body if isinstance(body, (bytes, str)) else json.dumps(body),
                                      headers={"Content-Type": "application/json"})
-        return await asyncio.gather(*(one(b, (delays or [0] * len(bodies))[i]) for i, b in enumerate(bodies)))
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+async def until(condition, timeout: float = 60.0) -> None:
+    """Poll ``condition()`` until it holds (the scheduler's state, never a guessed delay)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("the scheduler never reached the awaited state")
+        await asyncio.sleep(0.005)
+
+
+async def post_staggered(app, sched, first, others, path="/v1/completions"):
+    """``first``, then each of ``others`` once the scheduler has taken two more decoding steps with ``first`` running:
+    they join a batch that is already decoding, at different steps."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+        def send(body):
+            return asyncio.create_task(client.post(path, json=body))
+
+        tasks = [send(first)]
+        await until(lambda: sched.stats()["running"] >= 1)
+        start = sched.stats()["steps"]
+        for i, body in enumerate(others):
+            await until(lambda i=i: sched.stats()["steps"] >= start + 2 * (i + 1) or tasks[0].done())
+            tasks.append(send(body))
+        return await asyncio.gather(*tasks)
 
 
 def post(app, body, path="/v1/completions"):
@@ -152,7 +178,7 @@ def test_batched_equals_alone(app, engine):
     long_req = {"prompt": "the actors were wonderful", "max_tokens": 40, "stop": ["\x00never"]}
     alone_long = post(app, long_req).json()
     sched.max_rows_seen = 0
-    staggered = run(post_all(app, [long_req] + MIXES, delays=[0] + [0.15 + 0.05 * i for i in range(len(MIXES))]))
+    staggered = run(post_staggered(app, sched, long_req, MIXES))
     assert sched.max_rows_seen >= 2
     assert staggered[0].json()["choices"][0]["text"] == alone_long["choices"][0]["text"]
     for a, t in zip(alone, staggered[1:]):
@@ -266,7 +292,7 @@ def test_full_queue_answers_429(engine):
     async def go():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
             first = asyncio.create_task(client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}))
-            await asyncio.sleep(0.3)
+            await until(lambda: stalled.stats()["waiting"] == 1)  # the first request holds the queue's one place
             second = await client.post("/v1/completions", json={"prompt": "y", "max_tokens": 1})
             first.cancel()
             return second

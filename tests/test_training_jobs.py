@@ -62,6 +62,8 @@ def test_bad_requests_are_refused_and_write_nothing(tiny_server):
         (dict(good, examples=COOKING[:8] + [{"inputs": "x", "targets": " "}]), 400, "empty 'targets'"),
         (dict(good, settings={"stepz": 3}), 400, "Unknown training settings ['stepz']"),
         (dict(good, settings={"steps": 0}), 400, "steps must be at least 1"),
+        (dict(good, settings={"learning_rate": "abc"}), 400, "learning_rate must be a number (got 'abc', a str)"),
+        (dict(good, settings={"steps": 2.5}), 400, "steps must be a whole number"),
         (dict(good, settings={"base_model": "other"}), 400, "Unknown training settings ['base_model']"),
         (dict(good, examples=COOKING * 100), 413, "--max_train_body_bytes"),  # the body over the limit
         (dict(good, colour="red"), 400, "Unknown fields"),
@@ -137,7 +139,9 @@ def test_sigterm_during_training_cancels_the_job_and_exits_0(tiny_server):
     job = httpx.post(server.url + "/v1/adapters/train", json={"name": "long", "examples": COOKING, "settings": {"steps": 100000}},
                      timeout=30).json()
     wait_state(server.url, job["id"], ("training",))
-    time.sleep(1.0)
+    deadline = time.time() + 60  # the training process has taken a step: it is really training
+    while not httpx.get(f"{server.url}/v1/adapters/train/{job['id']}", timeout=10).json()["step"] and time.time() < deadline:
+        time.sleep(0.1)
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(60) == 0
     assert list(root.iterdir()) == []  # the cancelled job left no folder

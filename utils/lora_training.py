@@ -39,6 +39,7 @@ class TrainSettings:
     def __post_init__(self):
         from utils.data import InputError
 
+        self._check_types()
         checks = [("r", self.r >= 1, "at least 1"), ("steps", self.steps >= 1, "at least 1"), ("batch_size", self.batch_size >= 1, "at least 1"),
                   ("max_length", self.max_length >= 8, "at least 8"), ("lora_alpha", self.lora_alpha > 0, "above 0"),
                   ("learning_rate", self.learning_rate > 0, "above 0"), ("warmup_steps", self.warmup_steps >= 0, "0 or more"),
@@ -49,6 +50,33 @@ class TrainSettings:
         if not self.target_modules:
             raise InputError("target_modules must name at least one module, e.g. [q_proj, v_proj].")
 
+
+    def _check_types(self) -> None:
+        """Each field holds a value of its type (a whole number for int fields, a number for float fields, a list of names
+        for ``target_modules``, of layer indices for ``layers_to_transform``); ints are taken as floats."""
+        from utils.data import InputError
+
+        def bad(name: str, kind: str):
+            value = getattr(self, name)
+            return InputError(f"Training setting {name} must be {kind} (got {value!r}, a {type(value).__name__}); "
+                              f"fix --{name} or the settings file.")
+
+        for f in fields(self):
+            value, kind = getattr(self, f.name), f.type if isinstance(f.type, str) else f.type.__name__
+            if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise bad(f.name, "a whole number")
+            if kind == "float":
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise bad(f.name, "a number")
+                setattr(self, f.name, float(value))
+            if kind == "str" and not isinstance(value, str):
+                raise bad(f.name, "a string")
+        if not isinstance(self.target_modules, list) or not all(isinstance(m, str) and m for m in self.target_modules):
+            raise bad("target_modules", "a list of module names, e.g. [q_proj, v_proj]")
+        layers = self.layers_to_transform
+        if layers is not None and (not isinstance(layers, list)
+                                   or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
+            raise bad("layers_to_transform", "null or a list of layer indices (whole numbers, 0 or more)")
 
 def load_settings(path: str | None, overrides: dict) -> TrainSettings:
     values = {}
