@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from utils.data import InputError, load_pool_config, load_rows
-    from utils.retrieval import PAPER_INSTRUCTION, Embedder, LoraRetriever, exclude_prompt_choice
+    from utils.retrieval import Embedder, LoraRetriever, exclude_prompt_choice
 
     p = build_parser()
     args = p.parse_args(argv)

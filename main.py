@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from utils.distributed import dist_info, shutdown
-    from utils.evaluation import run, run_sweep
+    from utils.evaluation import run
+    from utils.sweep import run_sweep
 
     try:
         if args.runs:

@@ -110,7 +110,8 @@ def main(argv=None) -> int:
     from utils.adapter_pool import read_adapter_config_rank
     from utils.data import load_pool_config
     from utils.model_loading import resolve_model_path
-    from utils.vllm_engine import vllm_command, vllm_rank
+    from utils.vllm_compositions import vllm_rank
+    from utils.vllm_launch import vllm_command
 
     profile = json.loads(Path(args.settings).read_text()) if args.settings else {}
     base_model = args.base_model or profile.get("base_model") or "embedded:smollm2-135m-instruct"

@@ -267,6 +267,11 @@ def main(argv=None) -> int:
         meta = json.loads((out / f"{name}.json").read_text())["meta"]
         runs[name] = {**meta["timing_s"], "generated_tokens": meta.get("generated_tokens")}
     report["runs"] = runs
+    top1 = json.loads((out / "selection.json").read_text())["rows"]
+    top3 = json.loads((out / "mixture.json").read_text())["rows"]
+    report["retrieval"] = {"rows": len(top1),
+                           "top1_own_task": round(100 * sum(r["adapters"][0] == r["task"] for r in top1) / len(top1), 2),
+                           "top3_own_task": round(100 * sum(r["task"] in r["adapters"] for r in top3) / len(top3), 2)}
     report["summary"] = (out / "summary" / "domain.md").read_text()
 
     if not args.skip_full:
@@ -304,8 +309,10 @@ def to_markdown(report: dict) -> str:
     if "full_depth" in report:
         r = report["full_depth"]
         lines.append(f"| mixture, 32 layers | {r['retrieval']} | {r['generation']} | {r['total']} | {r['generated_tokens']} |")
+    ret = report["retrieval"]
+    lines += ["", f"Retrieval on the {ret['rows']} rows (the profile's retriever settings): own task first {ret['top1_own_task']}%, "
+                  f"in the top 3 {ret['top3_own_task']}%."]
     return "\n".join(lines) + "\n"
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,7 +22,8 @@ import os, shlex, sys
 from utils.adapter_pool import read_adapter_config_rank
 from utils.data import load_pool_config
 from utils.model_loading import resolve_model_path
-from utils.vllm_engine import vllm_command, vllm_rank
+from utils.vllm_compositions import vllm_rank
+from utils.vllm_launch import vllm_command
 
 env = os.environ
 entries = load_pool_config(env.get("CONFIG", "config/bigbench_pool.json"), env.get("ADAPTER_PATTERN") or None)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import main as main_mod
-from utils import evaluation
+from utils import evaluation, evaluation_engines
 from tests.helpers import write_json
 from utils.data import InputError, PoolEntry
 
@@ -320,7 +320,7 @@ def test_soup_equals_fusion_of_the_chosen_adapters(workspace):
     routing = evaluation.route(plan, session, pool, tok, "cpu")
     assert set(routing.modes) == {"fusion"}
     ids = input_ids(len(plan.rows))
-    names, weights = evaluation.padded(routing.adapters, routing.weights)
+    names, weights = evaluation_engines.padded(routing.adapters, routing.weights)
     with torch.no_grad(), compose(pool, pool.indices(names), torch.tensor(weights), routing.modes[0]) as model:
         got = model(input_ids=ids).logits
     for i, row in enumerate(plan.rows):

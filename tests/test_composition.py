@@ -340,7 +340,7 @@ def test_a_composition_written_as_a_peft_adapter_loads_in_stock_peft_with_the_sa
             got = PeftModel.from_pretrained(load_base(tiny_base), str(out)).eval()(input_ids=ids).logits
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0, msg=mode)
     assert ranks["fusion"] == 8 and ranks["mixture"] > ranks["fusion"]  # the largest rank vs the ranks concatenated
-    from utils.vllm_engine import composition_rank
+    from utils.vllm_compositions import composition_rank
 
     # no zero padding is written: the mixture's rank is, at its widest module, the sum of the ranks there
     assert ranks["mixture"] == composition_rank(pool, names, "mixture") and ranks["fusion"] == composition_rank(pool, names, "fusion")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import main as main_mod
-from utils import evaluation
+from utils import evaluation, sweep
 from tests.helpers import write_json
 
 TASKS = {
@@ -306,7 +306,7 @@ def test_sweep_skips_finished_runs_unless_forced(workspace, caplog):
     assert main_mod.main(sweep_argv(workspace, out, runs)) == 0
     (out / "mix.json").write_text('{"kept": true}')
     caplog.clear()
-    caplog.set_level("INFO", logger="utils.evaluation")
+    caplog.set_level("INFO", logger="utils.sweep")
     assert main_mod.main(sweep_argv(workspace, out, runs)) == 0
     assert caplog.text.count("skipping") == 2 and json.loads((out / "mix.json").read_text()) == {"kept": True}
     assert main_mod.main(sweep_argv(workspace, out, runs, "--force")) == 0
@@ -366,7 +366,7 @@ def test_summarize_names_a_truncated_results_file(tmp_path, caplog):
 def test_sweep_logs_its_place_and_the_time_left(workspace, caplog):
     out = workspace["dir"] / "paced"
     runs = {"plain": ["--eval_type", "base"], "mix": ["--lora_num", "2"], "fused": ["--eval_type", "fusion", "--lora_num", "2"]}
-    caplog.set_level("INFO", logger="utils.evaluation")
+    caplog.set_level("INFO", logger="utils.sweep")
     assert main_mod.main(sweep_argv(workspace, out, runs)) == 0
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Sweep: run")]
     assert [line.split(";")[0] for line in lines] == ["Sweep: run 1 of 3, plain", "Sweep: run 2 of 3, mix", "Sweep: run 3 of 3, fused"]
@@ -382,10 +382,10 @@ def test_sweep_pace_counts_rows_and_lorahub_evaluations():
         tasks = [{"task": f"t{i % 3}"} for i in range(rows)]
         return SimpleNamespace(args=args, rows=tasks, done=dict.fromkeys(range(done)), pool=[1, 2, 3, 4], seconds=kw.get("seconds", {}))
 
-    assert evaluation.work_units(plan("mixture", done=4)) == (6, 0)
-    assert evaluation.work_units(plan("lorahub")) == (10, 4 * 2 * 5)  # 4 adapters x 2 examples, budget + 1 evaluations
-    assert evaluation.work_units(plan("lorahub", scope="task")) == (10, 3 * 2 * 5)  # 3 tasks, 2 examples each
-    pace = evaluation.SweepPace()
+    assert sweep.work_units(plan("mixture", done=4)) == (6, 0)
+    assert sweep.work_units(plan("lorahub")) == (10, 4 * 2 * 5)  # 4 adapters x 2 examples, budget + 1 evaluations
+    assert sweep.work_units(plan("lorahub", scope="task")) == (10, 3 * 2 * 5)  # 3 tasks, 2 examples each
+    pace = sweep.SweepPace()
     assert "after the first run" in pace.estimate([plan("mixture")])
     pace.record(plan("mixture", seconds={"generation": 60.0}), (10, 0))  # 6 s per row
     assert pace.estimate([plan("mixture"), plan("mixture")]) == "about 2 min left"

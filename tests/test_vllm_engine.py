@@ -41,7 +41,7 @@ def hetero_pool(tmp_path_factory):
 def vllm_server(hetero_pool, tmp_path_factory):
     """vLLM's OpenAI server on a free port, LoRA on, runtime loads allowed, no adapter registered at start."""
     from utils.model_loading import resolve_model_path
-    from utils.vllm_engine import vllm_command
+    from utils.vllm_launch import vllm_command
 
     port = free_port()
     argv, env = vllm_command(resolve_model_path("embedded:smollm2-135m-instruct"), port=port, max_lora_rank=32, max_loras=8,
@@ -303,7 +303,7 @@ def test_composed_adapters_are_written_once_reused_and_unloaded_least_recently_u
     from utils.adapter_pool import AdapterPool
     from utils.data import PoolEntry
     from utils.model_loading import load_base_model
-    from utils.vllm_engine import ComposedAdapters, RankTooLarge
+    from utils.vllm_compositions import ComposedAdapters, RankTooLarge
 
     skeleton = load_base_model(str(tiny_base), device="meta")  # the architecture only, as a vLLM-engine server holds it
     pool = AdapterPool(skeleton, [PoolEntry(name=n, domain="", samples=[], path=str(p)) for n, p in tiny_loras.items()])

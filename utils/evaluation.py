@@ -1,12 +1,11 @@
-"""Stage: evaluation. One run over a mixed-task data file: plan, prepare, route, generate, write; and a sweep of runs.
+"""Stage: evaluation. One run over a mixed-task data file: plan, prepare, route, generate, write.
 
 A run is checked whole before any model loads (:func:`prepare` gives a :class:`Plan`), then :func:`execute` loads
 what the :class:`utils.session.Session` does not hold yet, asks :mod:`utils.routing` which adapters and weights
 each row uses (Arrow routes inside the model instead), generates in length-sorted batches with per-sample
 composition, checkpoints every batch, and writes one self-describing results file atomically.
 
-A sweep (:func:`run_sweep`, ``main.py --runs``) runs several configurations in one process, loading the base
-model, the pool and the retriever once, and logs before each run its place and an estimate of the time left.
+Several runs in one process (``main.py --runs``) are :mod:`utils.sweep`'s.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,25 +258,33 @@ def fitting_batches(batch: list[int], adapters: list[list[str]], max_loras: int)
     return out
 
 
-def padded(names: list[list[str]], weights: list[list[float]]):
-    """Rows of different lengths as [b, k] names and weights: missing places repeat a row's first adapter with weight 0."""
-    k = max(len(n) for n in names)
-    return ([list(n) + [n[0]] * (k - len(n)) for n in names],
-            [[float(x) for x in w] + [0.0] * (k - len(w)) for w in weights])
+def form_batches(args, tokenizer, prompts: list[str], group_of: list) -> list[list[int]]:
+    """Length-sorted batches of row indices, formed within each group (``group_of[i]``: Arrow's left-out adapter).
+
+    Batches are formed over all rows (not only the unfinished ones), so that a resumed run generates each remaining
+    row in the same batch, with the same padding, as an uninterrupted run would. Arrow with ``--ood`` needs one model
+    per left-out adapter, so its batches are formed within each task's rows.
+    """
+    from utils.generation import length_sorted_batches
+
+    lengths = [len(ids) for ids in tokenizer(prompts).input_ids]
+    groups: dict = {}
+    for i, g in enumerate(group_of):
+        groups.setdefault(g, []).append(i)
+    batches = []
+    for members in groups.values():
+        batches += [[members[j] for j in b] for b in length_sorted_batches([lengths[i] for i in members], args.batch_size)]
+    return batches
 
 
 def execute(plan: Plan, session) -> Path:
     """Load what ``session`` does not hold yet, retrieve, generate, and write the results file atomically."""
-    import contextlib
-
     import torch
     import transformers
     from tqdm.auto import tqdm
 
-    from utils.composition import compose
     from utils.distributed import barrier, dist_info, init, my_batches
     from utils.flags import default_dtype
-    from utils.generation import generate_batch, length_sorted_batches
     from utils.results import Checkpoint, run_metadata, write_json_atomic
 
     args, rows, pool, settings, checkpoint, done = plan.args, plan.rows, plan.pool, plan.settings, plan.checkpoint, plan.done
@@ -311,64 +317,30 @@ def execute(plan: Plan, session) -> Path:
         adapter_pool.load(dict.fromkeys(n for names in routing.adapters for n in names))
 
     prompts = [plan.prompter.generate_prompt(r["inputs"]) for r in rows]
-    # Batches are formed over all rows (not only the unfinished ones), so that a resumed run generates each
-    # remaining row in the same batch, with the same padding, as an uninterrupted run would. Arrow with --ood
-    # needs one model per left-out adapter, so its batches are formed within each task's rows.
-    lengths = [len(ids) for ids in tokenizer(prompts).input_ids]
     names = {e.name for e in pool}
     group_of = [r["task"] if arrow and args.ood and r["task"] in names else None for r in rows]
-    groups: dict = {}
-    for i, g in enumerate(group_of):
-        groups.setdefault(g, []).append(i)
-    batches = []
-    for g, members in groups.items():
-        batches += [[members[j] for j in b] for b in length_sorted_batches([lengths[i] for i in members], args.batch_size)]
+    batches = form_batches(args, tokenizer, prompts, group_of)
     if adapter_pool is not None and routing is not None and not on_vllm:
         batches = [sub for b in batches for sub in fitting_batches(b, routing.adapters, adapter_pool.max_loras)]
-    vllm = VllmRun(args, adapter_pool, tokenizer) if on_vllm else None
+    way = generation_way(plan, session, model, tokenizer, adapter_pool, routing, group_of)
     batches = my_batches(batches, dist)
     batches = [b for b in ([i for i in batch if i not in done] for batch in batches) if b]
     checkpoint.start(done)
     t0, n_tokens = time.time(), 0
-    with contextlib.ExitStack() as arrow_stack:
-        arrow_group, arrow_model = object(), None
+    try:
         for batch in tqdm(batches, desc=f"Generating ({args.eval_type})", unit="batch"):
-            batch_prompts = [prompts[i] for i in batch]
-            if vllm is not None:
-                texts, counts = vllm.generate(batch_prompts, [([], [], "mixture") if routing is None else
-                                                              (routing.adapters[i], routing.weights[i], routing.modes[i]) for i in batch])
-            elif arrow:
-                if group_of[batch[0]] != arrow_group:  # a new left-out adapter: PEFT's Arrow over the rest of the pool
-                    arrow_stack.close()
-                    arrow_group = group_of[batch[0]]
-                    arrow_model = arrow_stack.enter_context(session.arrow(
-                        [e for e in pool if e.name != arrow_group], args.arrow_top_k, args.arrow_temperature,
-                        args.arrow_general_adapters, args.seed))
-                texts, counts = generate_batch(arrow_model, tokenizer, batch_prompts, args.max_new_tokens, args.max_input_tokens)
-            elif args.eval_type != "base":
-                names_b, w_b = padded([routing.adapters[i] for i in batch], [routing.weights[i] for i in batch])
-                with compose(adapter_pool, adapter_pool.indices(names_b), torch.tensor(w_b), routing.modes[batch[0]]) as composed:
-                    texts, counts = generate_batch(composed, tokenizer, batch_prompts, args.max_new_tokens, args.max_input_tokens)
-            else:
-                with session.without_adapters():
-                    texts, counts = generate_batch(model, tokenizer, batch_prompts, args.max_new_tokens, args.max_input_tokens)
+            texts, counts = way.generate(batch, [prompts[i] for i in batch])
             n_tokens += sum(counts)
             out = []
             for i, text in zip(batch, texts):
                 row = dict(rows[i])
                 row.update(index=i, predicted_answer=text)
-                if arrow:
-                    row.update(adapters=[], weights=[])
-                    if group_of[i] is not None:
-                        row["arrow_left_out"] = group_of[i]
-                else:
-                    row.update(adapters=routing.adapters[i], weights=[float(x) for x in routing.weights[i]])
-                    if routing.similarities[i] is not None:
-                        row["scores"] = [float(x) for x in routing.similarities[i]]
-                    row.update(routing.extra[i])
+                row.update(way.record(i))
                 out.append(row)
                 done[i] = row
             checkpoint.append(out)
+    finally:
+        way.close()
     t_gen = time.time() - t0
     plan.seconds["generation"] = t_gen
     if routing is not None and "lorahub" in routing.meta:
@@ -390,7 +362,7 @@ def execute(plan: Plan, session) -> Path:
     meta["timing_s"] = {"retrieval": round(t_retrieval, 3), "generation": round(t_gen, 3), "total": round(time.time() - plan.t_start, 3)}
     meta["generated_tokens"] = n_tokens
     meta["device"], meta["dtype"] = ("vllm", dtype) if on_vllm else (device, dtype)
-    meta["engine"] = vllm.describe() if vllm is not None else {"engine": "local"}
+    meta["engine"] = way.describe()
     if routing is not None:
         meta.update({k: v for k, v in routing.meta.items() if k != "retrieval_s"})
     result = {"format": "lora_retriever.results/1", "settings": settings, "meta": meta,
@@ -405,38 +377,18 @@ def execute(plan: Plan, session) -> Path:
     return Path(args.res_path)
 
 
-class VllmRun:
-    """A run's generation on a vLLM server (``--engine vllm``): each row's composition registered as one LoRA
-    (:mod:`utils.vllm_engine`), the rows of a batch sent together, vLLM batching them."""
+def generation_way(plan: Plan, session, model, tokenizer, adapter_pool, routing, group_of: list):
+    """The object that generates this run's rows (:mod:`utils.evaluation_engines`)."""
+    from utils import evaluation_engines as ways
 
-    def __init__(self, args, adapter_pool, tokenizer):
-        from utils.vllm_engine import EngineUnavailable, Replicas, engine_settings
-
-        self.args, self.tokenizer = args, tokenizer
-        self.settings = engine_settings(args)
-        self.replicas = Replicas.from_args(args, adapter_pool)
-        try:
-            self.base = self.replicas.base_name()
-        except EngineUnavailable as err:
-            raise InputError(f"--engine vllm: {err.message}") from err
-        logger.info("Generating on vLLM at %s (base model %r)", ", ".join(self.replicas.urls), self.base)
-
-    def generate(self, prompts: list[str], compositions: list[tuple]) -> tuple[list[str], list[int]]:
-        from utils.vllm_engine import EngineRefused, EngineUnavailable, RankTooLarge, generate_rows
-
-        enc = self.tokenizer(prompts, add_special_tokens=True).input_ids
-        if self.args.max_input_tokens is not None:
-            enc = [ids[-self.args.max_input_tokens:] for ids in enc]
-        try:
-            return generate_rows(self.replicas, enc, compositions, self.args.max_new_tokens, self.tokenizer, concurrency=max(len(prompts), 1))
-        except (EngineUnavailable, RankTooLarge, EngineRefused) as err:
-            raise InputError(f"--engine vllm: {err.message} The rows finished so far are kept; rerun the same command to resume.") from err
-
-    def describe(self) -> dict:
-        out = dict(self.settings, vllm_model=self.base)
-        out.update(self.replicas.describe())
-        out.pop("in_flight_per_server", None)
-        return out
+    args = plan.args
+    if args.engine == "vllm":
+        return ways.OnVllm(args, adapter_pool, tokenizer, routing)
+    if args.eval_type == "arrow":
+        return ways.Arrow(args, session, plan.pool, tokenizer, group_of)
+    if args.eval_type == "base":
+        return ways.Base(args, session, model, tokenizer, routing)
+    return ways.Composed(args, adapter_pool, tokenizer, routing)
 
 
 def run(args: argparse.Namespace, session=None) -> Path:
@@ -444,115 +396,3 @@ def run(args: argparse.Namespace, session=None) -> Path:
     from utils.session import Session
 
     return execute(prepare(args), session or Session())
-
-
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-
-
-def sweep_runs(args: argparse.Namespace, build_parser) -> list[tuple[str, argparse.Namespace]]:
-    """The runs of ``--runs "NAME FLAGS..." ...``: each run's flags on top of the shared ones, results in --res_dir/NAME.json.
-
-    ``build_parser()`` gives the entry's parser, which parses each run's own flags.
-    """
-    import shlex
-
-    from utils.data import InputError
-
-    if args.res_path:
-        raise InputError("--res_path names one run's file; with --runs give --res_dir instead (each run writes <res_dir>/<name>.json).")
-    if not args.res_dir:
-        raise InputError("--runs needs --res_dir, the folder of the runs' results files, e.g. --res_dir results/embedded")
-    shared = {k: v for k, v in vars(args).items() if k not in ("runs", "res_dir", "force")}
-    runs, names = [], set()
-    for spec in args.runs:
-        try:
-            words = shlex.split(spec)
-        except ValueError as err:
-            raise InputError(f"--runs {spec!r}: {err}; check the quotes of this run.") from err
-        if not words or not RUN_NAME.fullmatch(words[0]):
-            raise InputError(f"--runs {spec!r}: start each run with its name (letters, digits, _ . -), e.g. --runs \"mixture --eval_type mixture --lora_num 3\".")
-        name, flags = words[0], words[1:]
-        if name in names:
-            raise InputError(f"--runs names {name!r} twice; give each run its own name.")
-        names.add(name)
-        if any(f.split("=")[0] in ("--runs", "--res_dir", "--res_path", "--force", "--settings") for f in flags):
-            raise InputError(f"--runs {name}: --runs, --res_dir, --res_path, --force and --settings apply to the whole sweep, not to one run.")
-        parser = build_parser()
-        parser.exit_on_error = False
-        parser.set_defaults(**shared)  # the run's own flags override the shared ones
-        try:
-            run_args, unknown = parser.parse_known_args(flags)
-        except argparse.ArgumentError as err:
-            raise InputError(f"Run {name!r}: {err}.") from err
-        if unknown:
-            raise InputError(f"Run {name!r}: unknown flags {unknown}; see python main.py --help.")
-        run_args.res_path = str(Path(args.res_dir) / f"{name}.json")
-        runs.append((name, run_args))
-    return runs
-
-
-def run_sweep(args: argparse.Namespace, build_parser) -> list[Path]:
-    """Every run of the sweep in this process, sharing the base model, the pool and the retriever.
-
-    All runs are checked before the first model loads; a run whose results file exists is skipped unless --force.
-    """
-    from utils.data import InputError
-    from utils.session import Session
-
-    plans = []
-    for name, run_args in sweep_runs(args, build_parser):
-        if Path(run_args.res_path).exists() and not args.force:
-            logger.info("%s exists; skipping %s (--force redoes it)", run_args.res_path, name)
-            continue
-        try:
-            plans.append(prepare(run_args))
-        except InputError as err:
-            raise InputError(f"Run {name!r}: {err}") from err
-    session = Session()
-    pace = SweepPace()
-    out = []
-    for i, plan in enumerate(plans):
-        logger.info("Sweep: run %d of %d, %s; %s", i + 1, len(plans), Path(plan.args.res_path).stem, pace.estimate(plans[i:]))
-        units = work_units(plan)  # before execute(), which fills plan.done
-        out.append(execute(plan, session))
-        pace.record(plan, units)
-    return out
-
-
-def work_units(plan: Plan) -> tuple[int, int]:
-    """(rows left to generate, LoraHub example-evaluations of its searches) of one run."""
-    rows = len(plan.rows) - len(plan.done)
-    args = plan.args
-    if args.eval_type != "lorahub":
-        return rows, 0
-    per_scope = args.lorahub_examples * (len(plan.pool) if args.lorahub_scope == "all" else 1)
-    scopes = 1 if args.lorahub_scope == "all" else len({r["task"] for r in plan.rows})
-    return rows, scopes * per_scope * (args.lorahub_budget + 1)
-
-
-class SweepPace:
-    """Time left in a sweep, from the pace of its finished runs: seconds per generated row and per LoraHub
-    example-evaluation (a search evaluates its loss on every example, budget + 1 times)."""
-
-    def __init__(self):
-        self.rows = self.row_s = self.evals = self.eval_s = 0.0
-
-    def record(self, plan: Plan, units: tuple[int, int]) -> None:
-        rows, evals = units
-        self.rows += rows
-        self.row_s += plan.seconds.get("generation", 0.0)
-        if evals and "search" in plan.seconds:
-            self.evals += evals
-            self.eval_s += plan.seconds["search"]
-
-    def estimate(self, remaining: list[Plan]) -> str:
-        if not self.rows:
-            return "time left estimated after the first run"
-        rows = sum(work_units(p)[0] for p in remaining)
-        evals = sum(work_units(p)[1] for p in remaining)
-        left = rows * self.row_s / self.rows
-        if evals and not self.evals:
-            return f"at least {left / 60:.0f} min left (LoraHub's searches not timed yet)"
-        if evals:
-            left += evals * self.eval_s / self.evals
-        return f"about {left / 60:.0f} min left"

@@ -20,6 +20,7 @@ DEFAULT_POOL = "config/bigbench_pool.json"
 PAPER_INSTRUCTION = "Represent the sentence for similar task retrieval: "
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 ENGINES = ("local", "vllm")
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the --max-lora-rank values vLLM accepts
 # Settings-file keys that only main.py (an evaluation run) has flags for: a profile such as config/embedded.json
 # may carry them, and generate.py / serve.py read the same profile without them.
 MAIN_ONLY_KEYS = ("batch_size", "data_path", "res_path", "max_input_tokens", "limit", "seed", "device_map", "ood",
@@ -131,8 +132,6 @@ def check_engine(args) -> None:
     """Ranges of the engine flags (before any model loads)."""
     if getattr(args, "engine", "local") != "vllm":
         return
-    from utils.vllm_engine import VLLM_RANKS
-
     if args.vllm_max_lora_rank not in VLLM_RANKS:
         raise InputError(f"--vllm_max_lora_rank {args.vllm_max_lora_rank} is not a rank vLLM accepts ({', '.join(map(str, VLLM_RANKS))}); "
                          "give the --max-lora-rank the vLLM server was started with.")

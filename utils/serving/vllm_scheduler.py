@@ -2,7 +2,7 @@
 
 The same queue, routing and events as :class:`utils.serving.request_scheduler.Scheduler`, and no model: one thread
 routes the waiting requests together (one embedding call, one FAISS search) and hands each to a worker, which
-gets its composition registered with vLLM (:class:`utils.vllm_engine.ComposedAdapters`) and streams its tokens
+gets its composition registered with vLLM (:class:`utils.vllm_compositions.ComposedAdapters`) and streams its tokens
 from vLLM's ``/v1/completions`` back as ``delta`` events. vLLM batches the requests in flight (up to
 ``--max_batch_size`` of them; vLLM's own ``--max-num-seqs`` and ``--max-loras`` bound its batch).
 
@@ -14,12 +14,12 @@ with a 400.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from utils.serving.request_scheduler import Job, Scheduler
-from utils.vllm_engine import EngineRefused, EngineUnavailable, RankTooLarge, Replicas
+from utils.vllm_compositions import RankTooLarge
+from utils.vllm_engine import EngineRefused, EngineUnavailable, Replicas
 
 logger = logging.getLogger(__name__)
 
