@@ -40,9 +40,8 @@ class Generator:
 
     def __init__(self, args):
         from utils.data import load_pool_config
+        from utils.pool import build_pool
         from utils.prompter import Prompter
-        from utils.retrieval import exclude_prompt_choice
-        from utils.routing import Router
         from utils.session import Session
 
         self.args = args
@@ -50,14 +49,8 @@ class Generator:
         self.pool_entries = [] if args.no_adapters else load_pool_config(args.config_path, args.adapter_pattern)
         session = Session()
         self.tokenizer, self.model = session.base(args.base_model, args.dtype, args.device, None)
-        self.pool = (session.adapter_pool(self.pool_entries, args.max_loras, args.max_cpu_loras, args.eager_load)
-                     if self.pool_entries else None)
-        retriever = None
-        if self.pool is not None and not args.adapters:
-            retriever = session.retriever(self.pool_entries, args.retriever, args.instruction,
-                                          exclude_prompt_choice(args.exclude_prompt_from_pooling), args.device, None,
-                                          args.adapter_vector)
-        self.router = Router([e.name for e in self.pool_entries], [e.domain for e in self.pool_entries], retriever)
+        self.loras = build_pool(session, self.pool_entries, args, device=args.device, retrieval=not args.adapters)
+        self.pool, self.router = self.loras.adapters, self.loras.router
         self.named = parse_adapters(args.adapters) if args.adapters else None
         if self.named and self.pool is not None:
             self.pool.indices([[n for n, _ in self.named]])  # unknown names fail here, before any prompt
@@ -79,7 +72,7 @@ class Generator:
             Route("auto", k=a.lora_num, weighting=a.weighting, temperature=a.temperature, mode=a.eval_type)
         routing = self.router.route([text], [route])
         names, weights = routing.adapters[0], routing.weights[0]
-        with compose(self.pool, self.pool.indices([names]), torch.tensor([weights], dtype=torch.float32), routing.modes[0]) as model:
+        with compose(self.pool, [names], torch.tensor([weights], dtype=torch.float32), routing.modes[0]) as model:
             out, _ = generate_batch(model, self.tokenizer, [prompt], self.args.max_new_tokens)
         return out[0], list(zip(names, routing.similarities[0] or [None] * len(names), weights))
 

@@ -184,6 +184,17 @@ def read_adapter(name: str, path: str, targets: dict[str, torch.nn.Module]) -> L
         rank = max(rank, r)
     return LoraWeights(name, str(path), modules, nbytes, rank)
 
+def _slot(factors, rank: int, zeros):
+    """One slot of :meth:`AdapterPool.gather`: an adapter's (A [r, d_in], B [d_out, r]) zero-padded to ``rank``, or
+    ``zeros`` where the adapter does not target the module (or the slot is past the row's adapters)."""
+    if factors is None:
+        return zeros
+    a, b = factors
+    if a.shape[0] < rank:
+        a = torch.nn.functional.pad(a, (0, 0, 0, rank - a.shape[0]))
+        b = torch.nn.functional.pad(b, (0, rank - b.shape[1]))
+    return a, b
+
 
 class AdapterPool:
     """The pool's adapters by name, read on first use and kept in the device / host tiers (module docstring).
@@ -391,11 +402,6 @@ class AdapterPool:
         with self._lock:
             return {n for n, c in self._pins.items() if c > 0}
 
-    def fits(self, names) -> bool:
-        """Whether pinning ``names`` as well keeps the device tier within ``max_loras``."""
-        with self._lock:
-            return len(self.pinned() | set(names)) <= self.max_loras
-
     def acquire(self, names) -> None:
         """Pin ``names`` on the device tier (reading them as needed); raises :class:`PoolFull` when they do not fit.
 
@@ -458,20 +464,8 @@ class AdapterPool:
             a0 = present[0][0]
             rank = max(a.shape[0] for a, _ in present)
             d_in, d_out = module_shape(self.targets[m])
-            zero_a = torch.zeros(rank, d_in, device=a0.device, dtype=a0.dtype)
-            zero_b = torch.zeros(d_out, rank, device=a0.device, dtype=a0.dtype)
-
-            def slot(row, j):
-                f = weights[row[j]].modules.get(m) if j < len(row) else None
-                if f is None:
-                    return zero_a, zero_b
-                a, b = f
-                if a.shape[0] < rank:
-                    a = torch.nn.functional.pad(a, (0, 0, 0, rank - a.shape[0]))
-                    b = torch.nn.functional.pad(b, (0, rank - b.shape[1]))
-                return a, b
-
-            slots = [slot(row, j) for row in rows for j in range(k)]
+            zeros = (torch.zeros(rank, d_in, device=a0.device, dtype=a0.dtype), torch.zeros(d_out, rank, device=a0.device, dtype=a0.dtype))
+            slots = [_slot(weights[row[j]].modules.get(m) if j < len(row) else None, rank, zeros) for row in rows for j in range(k)]
             A_sel = torch.stack([a for a, _ in slots]).reshape(len(rows), k, rank, d_in)
             B_sel = torch.stack([b for _, b in slots]).reshape(len(rows), k, d_out, rank)
             out.append((m, self.targets[m], A_sel, B_sel))

@@ -115,32 +115,41 @@ def _pinned(pool: AdapterPool, names: list[str]):
         pool.release(names)
 
 
+def adapter_rows(pool: AdapterPool, adapters) -> list[list[str]]:
+    """Each row's adapters by name, the identity that routing gives and composition uses. ``adapters`` holds names
+    ([b][k] strings), or the pool's ids (a [b, k] tensor or nested list from ``pool.indices``)."""
+    if isinstance(adapters, torch.Tensor):
+        adapters = adapters.tolist()
+    return [[a if isinstance(a, str) else pool.name_of(int(a)) for a in row] for row in adapters]
+
+
 @contextmanager
-def compose(pool: AdapterPool, indices: torch.Tensor, weights: torch.Tensor, mode: str = "mixture"):
+def compose(pool: AdapterPool, adapters, weights: torch.Tensor, mode: str = "mixture"):
     """Apply per-sample compositions of pool adapters to ``pool.model`` inside the ``with`` block.
 
     Args:
         pool: the :class:`AdapterPool`; the batch's adapters are pinned on its device tier for the block.
-        indices: [b, k] long tensor of adapter ids (``pool.indices``), row b using adapters ``indices[b]``.
+        adapters: [b][k] adapter names, row b using adapters ``adapters[b]`` (or their ids, :func:`adapter_rows`).
         weights: [b, k] weights w_bj (uniform 1/k in the paper).
         mode: "mixture" or "fusion" (identical when k = 1).
     """
     if mode not in MODES:
         raise ValueError(f"Unknown composition mode {mode!r}; use one of {MODES}.")
-    if indices.shape != weights.shape or indices.dim() != 2:
-        raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must both be [batch, k].")
-    rows = [[pool.name_of(int(a)) for a in row] for row in indices.tolist()]
+    rows = adapter_rows(pool, adapters)
+    if weights.dim() != 2 or len(rows) != weights.shape[0] or any(len(r) != weights.shape[1] for r in rows):
+        raise ValueError(f"adapters ({len(rows)} rows of {sorted({len(r) for r in rows})}) and weights {tuple(weights.shape)} "
+                         "must both be [batch, k].")
     names = list(dict.fromkeys(n for row in rows for n in row))
     with _pinned(pool, names):
         with torch.no_grad():
             hooks = [(module, _make_hook(*compose_selected(A_sel, B_sel, weights.to(A_sel.device), mode)))
-                     for _, module, A_sel, B_sel in pool.gather(rows, indices.shape[1])]
+                     for _, module, A_sel, B_sel in pool.gather(rows, weights.shape[1])]
         with _hooked(pool.model, hooks) as model:
             yield model
 
 
 @contextmanager
-def compose_shared(pool: AdapterPool, indices: list[int], weights, mode: str = "fusion"):
+def compose_shared(pool: AdapterPool, adapters: list, weights, mode: str = "fusion"):
     """Apply ONE composition to every row of every forward inside the ``with`` block.
 
     Same math as :func:`compose` with identical rows (module docstring), for callers that run many batches under
@@ -150,16 +159,15 @@ def compose_shared(pool: AdapterPool, indices: list[int], weights, mode: str = "
         At: [d_in, R']    Bt: [R', d_out]    h = base(x) + (x @ At) @ Bt    for x of shape [..., d_in]
 
     Args:
-        pool: the :class:`AdapterPool`.  indices: k adapter ids.  weights: k weights w_j.
+        pool: the :class:`AdapterPool`.  adapters: k adapter names (or ids).  weights: k weights w_j.
         mode: "mixture" or "fusion".
     """
     if mode not in MODES:
         raise ValueError(f"Unknown composition mode {mode!r}; use one of {MODES}.")
     w = torch.as_tensor(weights, dtype=torch.float32).reshape(1, -1)
-    idx = torch.as_tensor(indices, dtype=torch.long).reshape(1, -1)
-    if idx.shape != w.shape:
-        raise ValueError(f"{idx.shape[1]} adapter indices but {w.shape[1]} weights.")
-    rows = [[pool.name_of(int(a)) for a in idx[0].tolist()]]
+    rows = adapter_rows(pool, [list(adapters.tolist() if isinstance(adapters, torch.Tensor) else adapters)])
+    if len(rows[0]) != w.shape[1]:
+        raise ValueError(f"{len(rows[0])} adapters but {w.shape[1]} weights.")
 
     def make(At: torch.Tensor, Bt: torch.Tensor):
         def hook(module, args, kwargs, output):
@@ -170,7 +178,7 @@ def compose_shared(pool: AdapterPool, indices: list[int], weights, mode: str = "
     with _pinned(pool, list(dict.fromkeys(rows[0]))):
         with torch.no_grad():
             hooks = []
-            for _, module, A_sel, B_sel in pool.gather(rows, idx.shape[1]):
+            for _, module, A_sel, B_sel in pool.gather(rows, w.shape[1]):
                 At, Bt = (f[0] for f in compose_selected(A_sel, B_sel, w, mode))
                 hooks.append((module, make(At, Bt)))
         with _hooked(pool.model, hooks) as model:
@@ -246,8 +254,9 @@ class LiveComposition:
         self.rows_key = None
         self.is_active = False
 
-    def set_rows(self, rows: list[tuple[int, list[int], list[float], bool]]) -> None:
-        """Factors for a batch of rows ``(serial, adapter ids, weights, fusion)``, in batch order.
+    def set_rows(self, rows: list[tuple[int, list[str], list[float], str]]) -> None:
+        """Factors for a batch of rows ``(serial, adapter names, weights, mode)``, in batch order (mode: "mixture" or
+        "fusion"; names may be the pool's ids, :func:`adapter_rows`, and mode a fusion flag).
 
         ``serial`` identifies a row across calls: a row seen before reuses its factors.
         """
@@ -277,15 +286,15 @@ class LiveComposition:
         self._install(factors)
         self._factors, self.rows_key = factors, key
 
-    def _build(self, new: list[tuple[int, list[int], list[float], bool]]) -> None:
+    def _build(self, new: list[tuple[int, list[str], list[float], str]]) -> None:
         k = max(max(len(r[1]) for r in new), 1)
         w = torch.zeros(len(new), k, dtype=torch.float32)
         for i, (_, ids, ws, _) in enumerate(new):
             if len(ids) != len(ws):
-                raise ValueError(f"Row {i}: {len(ids)} adapter indices but {len(ws)} weights.")
+                raise ValueError(f"Row {i}: {len(ids)} adapters but {len(ws)} weights.")
             if ids:
                 w[i, :len(ws)] = torch.as_tensor(ws, dtype=torch.float32)
-        rows = [[self.pool.name_of(a) for a in r[1]] for r in new]
+        rows = adapter_rows(self.pool, [r[1] for r in new])
         row_names = [list(dict.fromkeys(row)) for row in rows]
         acquired = []
         try:
@@ -294,7 +303,7 @@ class LiveComposition:
                 acquired.append(rn)
             per_row: list[dict] = [{} for _ in new]
             if any(rows):
-                fusion = torch.tensor([r[3] for r in new], dtype=torch.bool)
+                fusion = torch.tensor([r[3] in ("fusion", True) for r in new], dtype=torch.bool)
                 with torch.no_grad():
                     for m, _, A_sel, B_sel in self.pool.gather(rows, k):
                         dev = A_sel.device

@@ -209,18 +209,16 @@ def routes_of(plan: Plan) -> list:
 
 def route(plan: Plan, session, adapter_pool, tokenizer, device: str):
     """The :class:`utils.routing.Routing` of every row: retrieval, or the baseline's own choice."""
-    from utils.retrieval import exclude_prompt_choice
-    from utils.routing import Route, Router
+    from utils.pool import build_pool
+    from utils.routing import Route
 
     args, rows, pool = plan.args, plan.rows, plan.pool
     retrieves = (args.eval_type in ("mixture", "fusion") and not args.best_selection) \
         or (args.eval_type == "soup" and args.soup == "domain") \
         or (args.eval_type == "lorahub" and args.lorahub_candidates == "retrieved")
-    retriever = None
-    if retrieves:
-        retriever = session.retriever(pool, args.retriever, args.instruction, exclude_prompt_choice(args.exclude_prompt_from_pooling),
-                                      device, embedding_cache_dir(args.embedding_cache), args.adapter_vector)
-    router = Router([e.name for e in pool], [e.domain for e in pool], retriever)
+    loras = build_pool(session, pool, args, device=device, weights=False, retrieval=retrieves,
+                       cache_dir=embedding_cache_dir(args.embedding_cache))
+    router, retriever = loras.router, loras.retriever
     queries = [r["inputs"] for r in rows]
     if args.eval_type != "lorahub":
         return router.route(queries, routes_of(plan))

@@ -57,7 +57,7 @@ class Composed:
 
         r, args = self.routing, self.args
         names, weights = padded([r.adapters[i] for i in batch], [r.weights[i] for i in batch])
-        with compose(self.adapter_pool, self.adapter_pool.indices(names), torch.tensor(weights), r.modes[batch[0]]) as composed:
+        with compose(self.adapter_pool, names, torch.tensor(weights), r.modes[batch[0]]) as composed:
             return generate_batch(composed, self.tokenizer, prompts, args.max_new_tokens, args.max_input_tokens)
 
     def record(self, i: int) -> dict:

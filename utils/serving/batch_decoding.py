@@ -52,17 +52,17 @@ class Sampling:
 class Sequence:
     """One request's row: its prompt, limits, composition, and what has been generated so far.
 
-    ``adapter_idx``/``adapter_w`` are pool adapter ids and weights (empty for the base model); ``fusion``
-    selects fusion instead of mixture for this row.
+    ``adapters``/``adapter_w`` are the row's adapter names and weights (empty for the base model); ``mode`` is its
+    composition, ``mixture`` or ``fusion``.
     """
 
     prompt_ids: list[int]
     max_new_tokens: int
     sampling: Sampling = field(default_factory=Sampling)
     stop: list[str] = field(default_factory=list)
-    adapter_idx: list[int] = field(default_factory=list)
+    adapters: list[str] = field(default_factory=list)
     adapter_w: list[float] = field(default_factory=list)
-    fusion: bool = False
+    mode: str = "mixture"
     ignore_eos: bool = False  # generate max_new_tokens whatever the model says (benchmarks)
     logprobs: int | None = None  # record each generated token's logprob and this many top alternatives (None: none)
     prompt_logprobs: int | None = None  # the same for the prompt's tokens, from the prefill's logits (None: none)
@@ -128,13 +128,13 @@ class BatchDecoder:
     # -- composition of the rows of one forward -------------------------------------------------------------
     def _set_composition(self, seqs: list[Sequence]) -> None:
         if self.composition is None:
-            if any(s.adapter_idx for s in seqs):
+            if any(s.adapters for s in seqs):
                 raise RuntimeError("A sequence asks for adapters but this decoder has no adapter pool.")
             return
         if not self.composition.is_active:
             raise RuntimeError("BatchDecoder needs its LiveComposition active: run it inside `with decoder.composition.active():`.")
-        if any(s.adapter_idx for s in seqs):
-            self.composition.set_rows([(s.serial, s.adapter_idx, s.adapter_w, s.fusion) for s in seqs])
+        if any(s.adapters for s in seqs):
+            self.composition.set_rows([(s.serial, s.adapters, s.adapter_w, s.mode) for s in seqs])
         else:  # a forward of base rows only: no hooks' work at all
             self.composition.set_base()
 

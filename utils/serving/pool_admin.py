@@ -182,19 +182,10 @@ class PoolAdmin:
                              "lora_name", "name_taken")
         if samples and eng.router.retriever is None:
             raise AdminError(400, "This server has no retriever, so an adapter cannot join retrieval; load it without samples.", "samples")
-        eng.router.add(entry.name, entry.domain, samples)  # embeds the card (cached)
-        try:
-            eng.pool.add(entry, weights)
-        except Exception:
-            eng.router.remove(entry.name)
-            raise
-        eng.entries = eng.entries + [entry]
+        eng.loras.add(entry, samples, weights)  # every view of the pool, or none
 
     def _remove(self, name: str) -> None:
-        eng = self.engine
-        eng.router.remove(name)
-        eng.pool.remove(name)
-        eng.entries = [e for e in eng.entries if e.name != name]
+        self.engine.loras.remove(name)
 
     # -- the state file ------------------------------------------------------------------------------------
     def save(self) -> None:

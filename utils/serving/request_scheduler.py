@@ -90,7 +90,7 @@ class Job:
 
     def batch_key(self):
         s = self.seq
-        return (tuple(s.adapter_idx), tuple(round(w, 6) for w in s.adapter_w), s.fusion)
+        return (tuple(s.adapters), tuple(round(w, 6) for w in s.adapter_w), s.mode)
 
 
 def length_groups(jobs: list[Job], max_padding: float = 1.25) -> list[list[Job]]:
@@ -473,8 +473,8 @@ class Scheduler:
                 job.held = True
             job.seq = Sequence(
                 prompt_ids=job.prompt_ids, max_new_tokens=job.max_new_tokens, sampling=job.sampling, stop=job.stop,
-                adapter_idx=[self.pool.index[n] for n in routing.adapters[i]], adapter_w=list(routing.weights[i]),
-                fusion=routing.modes[i] == "fusion" and len(routing.adapters[i]) > 1, ignore_eos=job.ignore_eos,
+                adapters=list(routing.adapters[i]), adapter_w=list(routing.weights[i]),
+                mode="fusion" if routing.modes[i] == "fusion" and len(routing.adapters[i]) > 1 else "mixture", ignore_eos=job.ignore_eos,
                 logprobs=job.logprobs, prompt_logprobs=job.prompt_logprobs)
             job.emit("meta", {"adapters": job.applied, "composition": job.label,
                               "retrieval_ms": round(job.retrieval_s * 1000.0, 2)})

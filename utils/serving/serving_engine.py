@@ -7,7 +7,6 @@ chat conversation or a completion prompt into prompt tokens and a retrieval quer
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import time
@@ -44,13 +43,10 @@ class Engine:
 
     tokenizer: object
     model: object
-    pool: object  # AdapterPool or None
-    entries: list  # PoolEntry list
-    retriever: object  # LoraRetriever or None
+    loras: object  # the served pool (utils.pool.Pool): entries, weights, retriever and router, changed together at run time
     prompter: object
     scheduler: object
     metrics: object
-    router: object  # the Router over the pool (changes with runtime loads and unloads)
     context_length: int
     defaults: Defaults
     model_name: str
@@ -58,11 +54,28 @@ class Engine:
     started: float = field(default_factory=time.time)
 
     @property
+    def pool(self):
+        """The served adapters' weights (:class:`utils.adapter_pool.AdapterPool`), None without adapters."""
+        return self.loras.adapters
+
+    @property
+    def entries(self) -> list:
+        return self.loras.entries
+
+    @property
+    def router(self):
+        return self.loras.router
+
+    @property
+    def retriever(self):
+        return self.loras.retriever
+
+    @property
     def adapter_names(self) -> list[str]:
-        return [e.name for e in self.entries]
+        return self.loras.names
 
     def domains(self) -> dict[str, str]:
-        return {e.name: e.domain for e in self.entries}
+        return self.loras.domains()
 
     def decode(self, ids: list[int]) -> str:
         with self.tokenizer_lock:
@@ -130,13 +143,12 @@ def load_engine(args, session=None) -> Engine:
 
     ``args`` carries the server's flags (``serve.py --help``); every input file is checked before any model loads.
     """
-    from utils.adapter_pool import AdapterPool
     from utils.composition import LiveComposition
     from utils.data import load_pool_config
     from utils.serving.batch_decoding import BatchDecoder
     from utils.prompter import Prompter
-    from utils.retrieval import embedding_cache_dir, exclude_prompt_choice
-    from utils.routing import Router
+    from utils.pool import build_pool
+    from utils.retrieval import embedding_cache_dir
     from utils.serving.request_scheduler import Scheduler
     from utils.serving.server_metrics import ServerMetrics
     from utils.session import Session
@@ -151,19 +163,15 @@ def load_engine(args, session=None) -> Engine:
     # With vLLM generating, this process needs the model's architecture only (the pool checks adapters against its
     # module shapes and composes on the host): a skeleton on the meta device, no weights.
     tokenizer, model = session.base(args.base_model, args.dtype, "meta" if on_vllm else args.device, None)
-    # The served pool and retriever change at run time (utils/serving/pool_admin.py): this engine's own objects, not the
-    # session's (the retriever a shallow copy: its add/remove rebind its lists, never mutate them).
-    pool = AdapterPool(model, entries, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, eager=args.eager_load) if entries else None
-    retriever = None
-    if entries:
-        retriever = copy.copy(session.retriever(entries, args.retriever, args.instruction, exclude_prompt_choice(args.exclude_prompt_from_pooling),
-                                                args.device, embedding_cache_dir(args.embedding_cache), args.adapter_vector))
+    # The served pool changes at run time (utils/serving/pool_admin.py): this engine's own, not the session's.
+    loras = build_pool(session, entries, args, device=args.device, cache_dir=embedding_cache_dir(args.embedding_cache), own=True,
+                       cache_queries=False)
+    pool, router = loras.adapters, loras.router
     if args.chat_format == "chat_template" and not getattr(tokenizer, "chat_template", None):
         raise InputError(f"--chat_format chat_template: the tokenizer of {args.base_model} has no chat template; use --chat_format template.")
     lock = threading.Lock()
     metrics = ServerMetrics()
     ctx = context_length_of(model, tokenizer)
-    router = Router([e.name for e in entries], [e.domain for e in entries], retriever, cache_queries=False)
     refusal = None
     if on_vllm:
         scheduler = vllm_scheduler(args, pool, router, metrics, eos_ids(tokenizer, model))
@@ -182,8 +190,8 @@ def load_engine(args, session=None) -> Engine:
                         max_tokens=args.max_new_tokens, max_tokens_cap=args.max_tokens_cap, max_logprobs=args.max_logprobs,
                         prompt_logprobs_refusal=refusal, chat_format=args.chat_format, prompt_format=args.prompt_format)
     logger.info("Loaded %s with %d adapters in %.1f s (context %d tokens)", args.base_model, len(entries), time.time() - t0, ctx)
-    return Engine(tokenizer=tokenizer, model=model, pool=pool, entries=list(entries), retriever=retriever, prompter=prompter,
-                  scheduler=scheduler, metrics=metrics, router=router, context_length=ctx, defaults=defaults, model_name=args.base_model,
+    return Engine(tokenizer=tokenizer, model=model, loras=loras, prompter=prompter,
+                  scheduler=scheduler, metrics=metrics, context_length=ctx, defaults=defaults, model_name=args.base_model,
                   tokenizer_lock=lock)
 
 

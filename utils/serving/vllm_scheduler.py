@@ -136,7 +136,7 @@ class VllmScheduler(Scheduler):
         seq = job.seq
         names = [a["name"] for a in job.applied or []]
         weights = [a["weight"] for a in job.applied or []]
-        mode = "fusion" if seq.fusion else "mixture"
+        mode = seq.mode
         replica, model = self.replicas.acquire(names, weights, mode)
         try:
             s = seq.sampling
