@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="docs/bench_vs_vllm", help="writes OUT.json and OUT.md")
     args = p.parse_args(argv)
 
-    from utils.adapter_pool import read_adapter_config_rank
+    from utils.adapter_files import read_adapter_config_rank
     from utils.data import load_pool_config
     from utils.model_loading import resolve_model_path
     from utils.vllm_compositions import vllm_rank

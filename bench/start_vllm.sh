@@ -19,7 +19,7 @@ PYTHON="${PYTHON:-.venv/bin/python}"
 exec "$PYTHON" - "$@" <<'PY'
 import os, shlex, sys
 
-from utils.adapter_pool import read_adapter_config_rank
+from utils.adapter_files import read_adapter_config_rank
 from utils.data import load_pool_config
 from utils.model_loading import resolve_model_path
 from utils.vllm_compositions import vllm_rank

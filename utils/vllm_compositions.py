@@ -16,13 +16,9 @@ import logging
 import shutil
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from utils.data import InputError
 from utils.flags import VLLM_RANKS
-
-if TYPE_CHECKING:
-    from utils.vllm_engine import VllmClient
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +56,14 @@ class ComposedAdapters:
 
     Args:
         pool: the :class:`utils.adapter_pool.AdapterPool` the compositions are read from.
-        client: the :class:`VllmClient`.
+        client: the :class:`utils.vllm_engine.VllmClient` of the server.
         composed_dir: where compositions are written (one folder each).
         max_composed: registered compositions kept at most (in-use ones are never unloaded).
         max_rank: vLLM's ``--max-lora-rank``.
         base_model_name: recorded in the written adapters' configs.
     """
 
-    def __init__(self, pool, client: VllmClient, composed_dir, max_composed: int = 64, max_rank: int = 32,
+    def __init__(self, pool, client, composed_dir, max_composed: int = 64, max_rank: int = 32,
                  base_model_name: str | None = None):
         self.pool = pool
         self.client = client

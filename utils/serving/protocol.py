@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from utils.routing import Route
 from utils.serving.batch_decoding import Sampling
-from utils.serving.request_scheduler import Job
+from utils.serving.scheduling import Job
 
 UNSUPPORTED = {"suffix": None, "tools": None, "functions": None, "logit_bias": None, "tool_choice": None}
 MAX_CHOICES = 64  # prompts x n in one request (lm-evaluation-harness batches its loglikelihood requests)

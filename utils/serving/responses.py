@@ -4,7 +4,7 @@ extra fields ``adapters``, ``composition`` and ``timings`` of every answer (and 
 
 The scheduler's events reach a request's :class:`asyncio.Queue` as ``(choice, kind, payload)``: ``meta`` (adapters and
 composition), ``delta`` (new text and token ids, with their logprobs when asked), ``done`` (finish reason, usage,
-timings and the finished :class:`utils.serving.batch_decoding.Sequence`) or ``error``.
+timings and the :class:`utils.serving.scheduling.Output`: tokens and logprobs as plain data) or ``error``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from fastapi.responses import Response
 
 from utils.serving.openai_format import TokenText, chat_logprobs, completion_logprobs, merge_completion_logprobs
 from utils.serving.protocol import APIError, error_response
-from utils.serving.request_scheduler import Job, QueueFull
+from utils.serving.scheduling import Job, QueueFull
 
 
 @dataclass
@@ -129,7 +129,7 @@ class Responder:
         self.metrics.requests.labels(ctx.endpoint, "200").inc()
         choices = []
         for i in range(k):
-            content, seq = "".join(texts[i]), dones[i]["seq"]
+            content, seq = "".join(texts[i]), dones[i]["output"]
             if ctx.chat:
                 choice = {"index": i, "message": {"role": "assistant", "content": content}, "logprobs": self.logprobs_of(ctx, i, seq),
                           "finish_reason": dones[i]["finish_reason"]}
@@ -207,7 +207,7 @@ class Responder:
                     finished[i] = True
                     generated[i] = payload["usage"]["completion_tokens"]
                     extra = {"adapters": metas[i].get("adapters", []), "composition": metas[i].get("composition"), "timings": payload["timings"]}
-                    seq = payload["seq"]
+                    seq = payload["output"]
                     if ctx.echo_texts is not None and seq.prompt_logprobs is not None and seq.logprobs is not None:
                         extra["prompt_logprobs"] = self.prompt_logprobs_of(seq)
                     yield chunk(i, None if chat else "", finish=payload["finish_reason"], extra=extra)

@@ -1,8 +1,8 @@
 """Stage: the server's scheduler when vLLM generates (``serve.py --engine vllm``).
 
-The same queue, routing and events as :class:`utils.serving.request_scheduler.Scheduler`, and no model: one thread
-routes the waiting requests together (one embedding call, one FAISS search) and hands each to a worker, which
-gets its composition registered with vLLM (:class:`utils.vllm_compositions.ComposedAdapters`) and streams its tokens
+The same queue, routing and events as the local engine's scheduler (:mod:`utils.serving.scheduling`), and no
+model: one thread routes the waiting requests together (one embedding call, one FAISS search) and hands each to a
+worker, which gets its composition registered with vLLM (:class:`utils.vllm_compositions.ComposedAdapters`) and streams its tokens
 from vLLM's ``/v1/completions`` back as ``delta`` events. vLLM batches the requests in flight (up to
 ``--max_batch_size`` of them; vLLM's own ``--max-num-seqs`` and ``--max-loras`` bound its batch).
 
@@ -17,7 +17,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from utils.serving.request_scheduler import Job, Scheduler
+from utils.serving.scheduling import Job, RequestQueue
 from utils.vllm_compositions import RankTooLarge
 from utils.vllm_engine import EngineRefused, EngineUnavailable, Replicas
 
@@ -29,89 +29,110 @@ def _token_id(token: str) -> int:
     return int(token.rsplit(":", 1)[1])
 
 
-class VllmScheduler(Scheduler):
+class VllmScheduler:
     """Runs :class:`Job` objects on a vLLM server (module docstring).
 
     Args:
         replicas: the vLLM server(s) (:class:`utils.vllm_engine.Replicas`).
         eos_ids: token ids that end generation (vLLM returns the EOS token; without logprobs it is not reported, as
             the local engine does not).
-        pool, router, metrics, max_batch_size (requests in flight to vLLM), max_wait_ms, max_queue: as :class:`Scheduler`.
+        pool, router, metrics, max_batch_size (requests in flight to vLLM), max_wait_ms, max_queue: as
+            :class:`utils.serving.scheduling.RequestQueue`.
     """
 
     def __init__(self, replicas: Replicas, eos_ids=(), pool=None, router=None, metrics=None, max_batch_size: int = 32,
                  max_wait_ms: float = 10.0, max_queue: int = 256):
-        super().__init__(None, pool=pool, router=router, metrics=metrics, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                         max_queue=max_queue, policy="continuous")
+        self.q = RequestQueue(pool, router, metrics, max_batch_size, max_wait_ms, max_queue)
+        self.pool, self.router, self.metrics = pool, self.q.router, metrics
+        self.max_batch_size = max_batch_size
         self.replicas = replicas
         self.eos_ids = set(eos_ids)
         self._workers = ThreadPoolExecutor(max_workers=max_batch_size, thread_name_prefix="vllm-request")
         self.failures = 0
 
-    # -- lifecycle -----------------------------------------------------------------------------------------
-    def _run(self) -> None:
-        self._loop()
+    # -- what the HTTP layer and the pool routes use -----------------------------------------------------------
+    def start(self) -> None:
+        self.q.start(self._loop)
 
     def stop(self, timeout: float | None = 30.0) -> None:
-        super().stop(timeout)
+        self.q.stop(timeout)
         self._workers.shutdown(wait=True)
         self.replicas.close()
 
+    @property
+    def alive(self) -> bool:
+        return self.q.alive
+
+    @property
+    def running(self) -> list[Job]:
+        return self.q.running
+
+    def submit(self, job: Job) -> None:
+        self.q.submit(job)
+
+    def call(self, fn):
+        return self.q.call(fn)
+
+    def cancel(self, job: Job) -> None:
+        self.q.cancel(job)
+
+    def stats(self) -> dict:
+        out = {"waiting": len(self.q.waiting), "running": len(self.q.running), "max_batch_seen": 0, "steps": 0, "policy": "continuous"}
+        if self.pool is not None:
+            out["pool"] = self.pool.describe()
+        out.update(engine="vllm", in_flight=len(self.q.running), engine_failures=self.failures, **self.replicas.describe())
+        return out
+
     # -- the loop ------------------------------------------------------------------------------------------
     def _loop(self) -> None:
+        q = self.q
         try:
             while True:
-                with self.cond:
-                    while not self._control and not (self.waiting and len(self.running) < self.max_batch_size) \
-                            and not (self._stop and not self.waiting):
-                        self.cond.wait()
-                    if self._stop and not self.waiting and not self._control:
+                with q.cond:
+                    while not q.control and not (q.waiting and len(q.running) < self.max_batch_size) \
+                            and not (q.stopping and not q.waiting):
+                        q.cond.wait()
+                    if q.stopping and not q.waiting and not q.control:
                         return
-                    gone = self._gather_waiting()
+                    gone = q.gather_waiting()
                 for job in gone:
-                    self._unhold(job)
-                self._run_control()
+                    q.unhold(job)
+                q.run_control()
                 self._admit()
-                self._gauge()
+                q.gauge()
         except Exception:  # a bug in the loop itself: fail those waiting rather than hang their requests
             logger.exception("Scheduler loop failed")
-            with self.cond:
-                jobs = list(self.waiting)
-                self.waiting.clear()
-                self._stop = True
-            for job in jobs:
-                self._fail(job, 500, "The scheduler failed; see the server log.")
+            q.fail_all("The scheduler failed; see the server log.", with_running=False)
 
     def _admit(self) -> None:
-        with self.cond:
-            pending = list(self.waiting)
+        q = self.q
+        with q.cond:
+            pending = list(q.waiting)
         if not pending:
             return
-        self._resolve([j for j in pending if j.seq is None])
+        q.resolve([j for j in pending if j.seq is None])
         now = time.perf_counter()
-        with self.cond:
-            room = self.max_batch_size - len(self.running)
-            ready = [j for j in self.waiting if j.seq is not None][:max(room, 0)]
+        with q.cond:
+            room = self.max_batch_size - len(q.running)
+            ready = [j for j in q.waiting if j.seq is not None][:max(room, 0)]
             for job in ready:
-                self.waiting.remove(job)
+                q.waiting.remove(job)
                 if not job.cancelled:
-                    self.running.append(job)
+                    q.running.append(job)
         for job in ready:
             if job.cancelled:
-                self._unhold(job)
+                q.unhold(job)
                 continue
-            job.t_admitted = now
-            if self.metrics is not None:
-                self.metrics.queue_time.observe(now - job.t_arrival)
-                self.metrics.prompt_tokens.inc(len(job.prompt_ids))
+            q.admitted(job, now)
             self._workers.submit(self._generate, job)
 
     def _finish(self, job: Job) -> None:
-        with self.cond:
-            if job in self.running:
-                self.running.remove(job)
-            self.cond.notify_all()
-        self._unhold(job)
+        q = self.q
+        with q.cond:
+            if job in q.running:
+                q.running.remove(job)
+            q.cond.notify_all()
+        q.unhold(job)
 
     # -- one request ---------------------------------------------------------------------------------------
     def _generate(self, job: Job) -> None:
@@ -157,17 +178,9 @@ class VllmScheduler(Scheduler):
                 return
         finally:
             self.replicas.release(replica, names, model)
-        now = time.perf_counter()
         if seq.finish_reason is None:
             seq.finish_reason = "length"
-        completion = len(seq.generated)
-        if self.metrics is not None:
-            self.metrics.generation_tokens.inc(completion)
-            self.metrics.latency.observe(now - job.t_arrival)
-        job.emit("done", {"finish_reason": seq.finish_reason,
-                          "usage": {"prompt_tokens": len(job.prompt_ids), "completion_tokens": completion,
-                                    "total_tokens": len(job.prompt_ids) + completion},
-                          "timings": self._timings(job, now), "seq": seq})
+        self.q.finish(job, time.perf_counter())
 
     def _take(self, job: Job, choice: dict) -> None:
         """One streamed choice chunk of vLLM into ``job.seq`` and a ``delta`` event."""
@@ -186,10 +199,7 @@ class VllmScheduler(Scheduler):
             ids = ids[:-1]  # the end-of-sequence token, which the local engine reports only with logprobs
         text = choice.get("text") or ""
         if ids or text:
-            if job.t_first is None:
-                job.t_first = time.perf_counter()
-                if self.metrics is not None:
-                    self.metrics.ttft.observe(job.t_first - job.t_arrival)
+            self.q.first_token(job, time.perf_counter())
             seq.generated.extend(ids)
             seq.text += text
             delta = {"text": text, "token_ids": ids}
@@ -217,8 +227,3 @@ class VllmScheduler(Scheduler):
             ranked = sorted(((i, float(v["logprob"])) for i, v in items.items() if v.get("rank") is not None), key=lambda x: -x[1])
             top_lps.append(ranked[:seq.prompt_logprobs])
         seq.prompt_token_logprobs, seq.prompt_top_logprobs = token_lps, top_lps
-
-    def stats(self) -> dict:
-        out = super().stats()
-        out.update(engine="vllm", in_flight=len(self.running), engine_failures=self.failures, **self.replicas.describe())
-        return out
