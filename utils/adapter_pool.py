@@ -175,12 +175,16 @@ class AdapterPool:
 
     def unhold(self, names) -> None:
         with self._lock:
-            for n in dict.fromkeys(names):
-                if self._holds[n] > 0:
-                    self._holds[n] -= 1
-                if self._holds[n] == 0:
-                    self._holds.pop(n, None)
-                    self._forget_if_unused(n)
+            self._count_down(self._holds, names)
+
+    def _count_down(self, counts, names) -> None:
+        """With the lock held: one hold or pin fewer on each of ``names``; an unloaded adapter no row uses is dropped."""
+        for n in dict.fromkeys(names):
+            if counts[n] > 0:
+                counts[n] -= 1
+            if counts[n] == 0:
+                counts.pop(n, None)
+                self._forget_if_unused(n)
 
     def _forget_if_unused(self, name: str) -> None:
         if name in self._removed and self._pins[name] == 0 and self._holds[name] == 0:
@@ -315,12 +319,7 @@ class AdapterPool:
 
     def release(self, names) -> None:
         with self._lock:
-            for n in dict.fromkeys(names):
-                if self._pins[n] > 0:
-                    self._pins[n] -= 1
-                if self._pins[n] == 0:
-                    self._pins.pop(n, None)
-                    self._forget_if_unused(n)
+            self._count_down(self._pins, names)
 
     def gather(self, rows: list[list[str]], k: int) -> list[tuple[str, torch.nn.Module, torch.Tensor, torch.Tensor]]:
         """Per module any adapter of ``rows`` targets: (name, module, A_sel [b, k, R, d_in], B_sel [b, k, d_out, R]).

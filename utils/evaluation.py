@@ -384,9 +384,7 @@ def generation_way(plan: Plan, session, model, tokenizer, adapter_pool, routing,
         return ways.OnVllm(args, adapter_pool, tokenizer, routing)
     if args.eval_type == "arrow":
         return ways.Arrow(args, session, plan.pool, tokenizer, group_of)
-    if args.eval_type == "base":
-        return ways.Base(args, session, model, tokenizer, routing)
-    return ways.Composed(args, adapter_pool, tokenizer, routing)
+    return ways.OnModel(args, session, model, tokenizer, adapter_pool, routing)
 
 
 def run(args: argparse.Namespace, session=None) -> Path:

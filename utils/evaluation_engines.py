@@ -6,10 +6,9 @@
     describe() -> dict                                            the results file's ``meta.engine``
     close()                                                       release what the way holds
 
-- :class:`Composed`: the retrieved (or chosen) adapters of each row composed per sample inside one batch, on the
-  model in this process (:func:`utils.composition.compose`); mixture, fusion, selection and the baselines that
-  end in a composition (Adapter Soup, LoraHub's vectors).
-- :class:`Base`: the base model without adapters.
+- :class:`OnModel`: the retrieved (or chosen) adapters of each row composed per sample inside one batch, on the
+  model in this process (:func:`utils.composition.compose`): mixture, fusion, selection and the baselines that
+  end in a composition (Adapter Soup, LoraHub's vectors); or the base model without adapters.
 - :class:`Arrow`: PEFT's Arrow, which routes every token inside the model; with ``--ood`` one Arrow model per
   left-out adapter, built when its rows' batches come.
 - :class:`OnVllm`: each row's composition registered with a vLLM server as one LoRA, the batch's rows sent
@@ -43,11 +42,13 @@ def padded(names: list[list[str]], weights: list[list[float]]):
             [[float(x) for x in w] + [0.0] * (k - len(w)) for w in weights])
 
 
-class Composed:
-    """Each row's adapters composed per sample inside one batch, on the model in this process."""
+class OnModel:
+    """The model in this process: each row's adapters composed per sample inside one batch, or the base model as loaded
+    for a run without adapters (``adapter_pool`` None)."""
 
-    def __init__(self, args, adapter_pool, tokenizer, routing):
-        self.args, self.adapter_pool, self.tokenizer, self.routing = args, adapter_pool, tokenizer, routing
+    def __init__(self, args, session, model, tokenizer, adapter_pool, routing):
+        self.args, self.session, self.model, self.tokenizer = args, session, model, tokenizer
+        self.adapter_pool, self.routing = adapter_pool, routing
 
     def generate(self, batch: list[int], prompts: list[str]):
         import torch
@@ -56,31 +57,12 @@ class Composed:
         from utils.generation import generate_batch
 
         r, args = self.routing, self.args
+        if self.adapter_pool is None:
+            with self.session.without_adapters():
+                return generate_batch(self.model, self.tokenizer, prompts, args.max_new_tokens, args.max_input_tokens)
         names, weights = padded([r.adapters[i] for i in batch], [r.weights[i] for i in batch])
         with compose(self.adapter_pool, names, torch.tensor(weights), r.modes[batch[0]]) as composed:
             return generate_batch(composed, self.tokenizer, prompts, args.max_new_tokens, args.max_input_tokens)
-
-    def record(self, i: int) -> dict:
-        return routed(self.routing, i)
-
-    def describe(self) -> dict:
-        return dict(LOCAL)
-
-    def close(self) -> None:
-        pass
-
-
-class Base:
-    """The base model as loaded, no adapter."""
-
-    def __init__(self, args, session, model, tokenizer, routing):
-        self.args, self.session, self.model, self.tokenizer, self.routing = args, session, model, tokenizer, routing
-
-    def generate(self, batch: list[int], prompts: list[str]):
-        from utils.generation import generate_batch
-
-        with self.session.without_adapters():
-            return generate_batch(self.model, self.tokenizer, prompts, self.args.max_new_tokens, self.args.max_input_tokens)
 
     def record(self, i: int) -> dict:
         return routed(self.routing, i)

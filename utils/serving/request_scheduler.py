@@ -94,29 +94,14 @@ class Scheduler:
     def stop(self, timeout: float | None = 30.0) -> None:
         self.q.stop(timeout)
 
-    @property
-    def alive(self) -> bool:
-        return self.q.alive
-
-    @property
-    def running(self) -> list[Job]:
-        return self.q.running
-
-    def submit(self, job: Job) -> None:
-        self.q.submit(job)
-
-    def call(self, fn):
-        return self.q.call(fn)
-
-    def cancel(self, job: Job) -> None:
-        self.q.cancel(job)
+    def __getattr__(self, name: str):
+        """``submit``, ``call``, ``cancel``, ``alive``, ``running``, ``waiting``: the queue's (:class:`RequestQueue`)."""
+        if name == "q":
+            raise AttributeError(name)
+        return getattr(self.q, name)
 
     def stats(self) -> dict:
-        out = {"waiting": len(self.q.waiting), "running": len(self.q.running), "max_batch_seen": self.max_rows_seen,
-               "steps": self.steps, "policy": self.policy}
-        if self.pool is not None:
-            out["pool"] = self.pool.describe()
-        return out
+        return self.q.stats(self.max_rows_seen, self.steps, self.policy)
 
     # -- the loop ------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -147,11 +132,8 @@ class Scheduler:
 
     def _admit(self) -> None:
         q = self.q
-        with q.cond:
-            pending = list(q.waiting)
-        if not pending:
+        if not q.resolve_waiting():
             return
-        q.resolve([j for j in pending if j.seq is None])
         room = self.max_batch_size - len(q.running)
         if room <= 0 or (self.policy == "dynamic" and q.running):
             return

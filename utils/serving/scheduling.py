@@ -239,6 +239,15 @@ class RequestQueue:
             job.emit("meta", {"adapters": job.applied, "composition": job.label,
                               "retrieval_ms": round(job.retrieval_s * 1000.0, 2)})
 
+    def resolve_waiting(self) -> bool:
+        """Route the waiting requests that are not routed yet (:meth:`resolve`); False when none is waiting."""
+        with self.cond:
+            pending = list(self.waiting)
+        if not pending:
+            return False
+        self.resolve([j for j in pending if j.seq is None])
+        return True
+
     def remove_waiting(self, job: Job) -> None:
         with self.cond:
             if job in self.waiting:
@@ -290,6 +299,14 @@ class RequestQueue:
             job.t_first = now
             if self.metrics is not None:
                 self.metrics.ttft.observe(now - job.t_arrival)
+
+    def stats(self, max_batch_seen: int = 0, steps: int = 0, policy: str = "continuous") -> dict:
+        """What ``/health`` reports of the queue (the local engine adds its batch figures, the vLLM engine its servers')."""
+        out = {"waiting": len(self.waiting), "running": len(self.running), "max_batch_seen": max_batch_seen, "steps": steps,
+               "policy": policy}
+        if self.pool is not None:
+            out["pool"] = self.pool.describe()
+        return out
 
     def fail_all(self, message: str, with_running: bool = True) -> None:
         """A bug in a scheduler loop: every waiting request (and running one, ``with_running``) and every pending pool

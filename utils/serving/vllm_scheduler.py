@@ -59,27 +59,14 @@ class VllmScheduler:
         self._workers.shutdown(wait=True)
         self.replicas.close()
 
-    @property
-    def alive(self) -> bool:
-        return self.q.alive
-
-    @property
-    def running(self) -> list[Job]:
-        return self.q.running
-
-    def submit(self, job: Job) -> None:
-        self.q.submit(job)
-
-    def call(self, fn):
-        return self.q.call(fn)
-
-    def cancel(self, job: Job) -> None:
-        self.q.cancel(job)
+    def __getattr__(self, name: str):
+        """``submit``, ``call``, ``cancel``, ``alive``, ``running``, ``waiting``: the queue's (:class:`RequestQueue`)."""
+        if name == "q":
+            raise AttributeError(name)
+        return getattr(self.q, name)
 
     def stats(self) -> dict:
-        out = {"waiting": len(self.q.waiting), "running": len(self.q.running), "max_batch_seen": 0, "steps": 0, "policy": "continuous"}
-        if self.pool is not None:
-            out["pool"] = self.pool.describe()
+        out = self.q.stats()
         out.update(engine="vllm", in_flight=len(self.q.running), engine_failures=self.failures, **self.replicas.describe())
         return out
 
@@ -106,11 +93,8 @@ class VllmScheduler:
 
     def _admit(self) -> None:
         q = self.q
-        with q.cond:
-            pending = list(q.waiting)
-        if not pending:
+        if not q.resolve_waiting():
             return
-        q.resolve([j for j in pending if j.seq is None])
         now = time.perf_counter()
         with q.cond:
             room = self.max_batch_size - len(q.running)
