@@ -195,21 +195,33 @@ class Requests:
         return gen, prompt
 
     def build_job(self, req, prompt_ids: list[int], query: str, emit, seed: int | None = None) -> Job:
-        """A scheduler :class:`Job` from a parsed request; every field checked against the pool and limits.
-
-        ``seed`` overrides the request's (each of ``n`` choices gets its own)."""
-        eng, d = self.engine, self.engine.defaults
+        """A scheduler :class:`Job` from a parsed request; every field checked against the pool and limits, in this
+        order: unsupported fields, ``model``, the decoding limits (:meth:`decoding`), the adapters (:meth:`route`),
+        the logprobs. ``seed`` overrides the request's (each of ``n`` choices gets its own)."""
+        d = self.engine.defaults
         for name, neutral in UNSUPPORTED.items():
             value = (req.model_extra or {}).get(name, neutral)
             if value not in (neutral, None):
                 raise APIError(400, f"'{name}' is not supported by this server; leave it out.", param=name, code="unsupported")
-        names = set(eng.adapter_names)
+        names = set(self.engine.adapter_names)
         model = req.model
         if model not in ("auto", "base") and model not in names:
             raise APIError(404, f"Unknown model {model!r}: use 'auto' (retrieve adapters), 'base' (no adapter) or one of the "
                                 f"pool's adapters (GET /v1/models lists them).", param="model", code="model_not_found")
         if model == "auto" and not names and req.adapters is None:
             model = "base"
+        max_tokens, sampling, stop = self.decoding(req, prompt_ids, seed)
+        route = self.route(req, model, names)
+        logprobs, prompt_logprobs = self.logprob_settings(req)
+        if prompt_logprobs is not None and d.prompt_logprobs_refusal:
+            raise APIError(400, d.prompt_logprobs_refusal, param="echo" if getattr(req, "echo", False) else "prompt_logprobs",
+                           code="unsupported")
+        return Job(prompt_ids=prompt_ids, query=query, max_new_tokens=max_tokens, emit=emit, sampling=sampling, stop=stop,
+                   route=route, ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+
+    def decoding(self, req, prompt_ids: list[int], seed: int | None) -> tuple[int, Sampling, list[str]]:
+        """(max tokens, sampling, stop strings), checked against the server's limits and the model's context."""
+        eng, d = self.engine, self.engine.defaults
         max_tokens = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
         if max_tokens is None:
             max_tokens = d.max_tokens
@@ -233,13 +245,42 @@ class Requests:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > 8 or any(not s for s in stop):
             raise APIError(400, "'stop' takes up to 8 non-empty strings.", param="stop", code="invalid_value")
+        return max_tokens, Sampling(temperature=temperature, top_p=top_p, seed=req.seed if seed is None else seed), stop
+
+    def route(self, req, model: str, names: set[str]) -> Route:
+        """What the request asks of the router: ``exclude``, an explicit ``adapters`` mix, one adapter by name, or
+        retrieval of ``lora_num`` adapters; checked against the pool and ``--max_loras``."""
+        eng, d = self.engine, self.engine.defaults
         exclude = list(req.exclude or [])
         unknown = sorted(set(exclude) - names)
         if unknown:
             raise APIError(400, f"'exclude' names adapters that are not in the pool: {unknown}; GET /v1/models lists them.",
                            param="exclude", code="invalid_value")
-        adapters = None
-        target = model
+        adapters, target = self.explicit_mix(req, model, names)
+        lora_num = d.lora_num if req.lora_num is None else req.lora_num
+        cap = eng.pool.max_loras if eng.pool is not None else None
+        if cap is not None and adapters is not None and len(adapters) > cap:
+            raise APIError(400, f"'adapters' names {len(adapters)} adapters, over the {cap} one batch may use (the server's --max_loras); "
+                                "send fewer.", param="adapters", code="invalid_value")
+        if cap is not None and target == "auto" and lora_num > cap:
+            raise APIError(400, f"'lora_num' {lora_num} is over the {cap} adapters one batch may use (the server's --max_loras); "
+                                "ask for fewer.", param="lora_num", code="invalid_value")
+        composition = req.composition or d.composition
+        if target == "mix":
+            return Route("mix", mix=tuple(adapters.items()), mode=composition)
+        if target != "auto":
+            return Route("base")
+        retrievable = eng.router.retriever.names if eng.router.retriever is not None else []
+        available = len(retrievable) - len(set(exclude) & set(retrievable))
+        if not 1 <= lora_num <= available:
+            raise APIError(400, f"'lora_num' must be between 1 and {available} (the pool's adapters"
+                                + (" left after 'exclude'" if exclude else "") + f"); got {lora_num}.", param="lora_num", code="invalid_value")
+        return Route("auto", k=lora_num, weighting=req.weighting or d.weighting, temperature=d.softmax_temperature,
+                     exclude=tuple(exclude), mode=composition)
+
+    @staticmethod
+    def explicit_mix(req, model: str, names: set[str]) -> tuple[dict | None, str]:
+        """(the adapters and weights the request names, and its target: ``mix``, ``auto`` or ``base``)."""
         if req.adapters is not None:
             if model not in ("auto",):
                 raise APIError(400, f"'adapters' gives an explicit mix; send it with model 'auto', not {model!r}.", param="adapters",
@@ -253,38 +294,10 @@ class Requests:
                                param="adapters", code="invalid_value")
             if any(abs(w) > 1e3 for w in req.adapters.values()):
                 raise APIError(400, "'adapters' weights must lie between -1000 and 1000.", param="adapters", code="invalid_value")
-            adapters, target = dict(req.adapters), "mix"
-        elif model in names:
-            adapters, target = {model: 1.0}, "mix"
-        lora_num = d.lora_num if req.lora_num is None else req.lora_num
-        cap = eng.pool.max_loras if eng.pool is not None else None
-        if cap is not None and adapters is not None and len(adapters) > cap:
-            raise APIError(400, f"'adapters' names {len(adapters)} adapters, over the {cap} one batch may use (the server's --max_loras); "
-                                "send fewer.", param="adapters", code="invalid_value")
-        if cap is not None and target == "auto" and lora_num > cap:
-            raise APIError(400, f"'lora_num' {lora_num} is over the {cap} adapters one batch may use (the server's --max_loras); "
-                                "ask for fewer.", param="lora_num", code="invalid_value")
-        if target == "auto":
-            available = len(self.engine.router.retriever.names) if self.engine.router.retriever is not None else 0
-            available -= len(set(exclude) & set(self.engine.router.retriever.names if self.engine.router.retriever else []))
-            if not 1 <= lora_num <= available:
-                raise APIError(400, f"'lora_num' must be between 1 and {available} (the pool's adapters"
-                                    + (" left after 'exclude'" if exclude else "") + f"); got {lora_num}.", param="lora_num", code="invalid_value")
-        composition = req.composition or d.composition
-        if target == "auto":
-            route = Route("auto", k=lora_num, weighting=req.weighting or d.weighting, temperature=d.softmax_temperature,
-                          exclude=tuple(exclude), mode=composition)
-        elif target == "mix":
-            route = Route("mix", mix=tuple(adapters.items()), mode=composition)
-        else:
-            route = Route("base")
-        logprobs, prompt_logprobs = self.logprob_settings(req)
-        if prompt_logprobs is not None and d.prompt_logprobs_refusal:
-            raise APIError(400, d.prompt_logprobs_refusal, param="echo" if getattr(req, "echo", False) else "prompt_logprobs",
-                           code="unsupported")
-        return Job(prompt_ids=prompt_ids, query=query, max_new_tokens=max_tokens, emit=emit,
-                   sampling=Sampling(temperature=temperature, top_p=top_p, seed=req.seed if seed is None else seed), stop=stop,
-                   route=route, ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+            return dict(req.adapters), "mix"
+        if model in names:
+            return {model: 1.0}, "mix"
+        return None, model
 
     def completion_prompts(self, req) -> list[tuple[list[int], str, str]]:
         """(prompt ids, retrieval query, echo text) of each prompt of a completion request: a string, a list of strings,
