@@ -43,6 +43,7 @@ def test_old_flag_spellings_still_work_and_warn(script, old, value, new_dest, ex
     module = load(script)
     parser = module.build_parser()
     with caplog.at_level(logging.WARNING, logger="flags"):
+        parser.parse_known_args([old, *value])  # parse_with_settings parses a command line twice: still one warning
         args = parser.parse_args([old, *value])
     assert getattr(args, new_dest) == expected
     warnings = [r.getMessage() for r in caplog.records if r.name == "flags"]
@@ -50,7 +51,7 @@ def test_old_flag_spellings_still_work_and_warn(script, old, value, new_dest, ex
     # the new spelling alone: no warning, the same value
     caplog.clear()
     new_flag = "--" + new_dest
-    args = parser.parse_args([new_flag, *value])
+    args = module.build_parser().parse_args([new_flag, *value])
     assert getattr(args, new_dest) == expected and not [r for r in caplog.records if r.name == "flags"]
     assert not re.search(re.escape(old) + r"(?!\w)", parser.format_help())
 

@@ -49,13 +49,16 @@ class _DeprecatedAlias(argparse.Action):
     def __init__(self, option_strings, dest, target: argparse.Action = None, **kwargs):
         super().__init__(option_strings, dest, **kwargs)
         self.target = target
+        self.warned = False  # a parser may parse the same command line twice (settings files): one warning
 
     def __call__(self, parser, namespace, values, option_string=None):
         import logging
 
         new = self.target.option_strings[-1]
-        logging.getLogger("flags").warning("%s is deprecated and will be removed; use %s, which means the same.",
-                                           option_string, new)
+        if not self.warned:
+            logging.getLogger("flags").warning("%s is deprecated and will be removed; use %s, which means the same.",
+                                               option_string, new)
+            self.warned = True
         self.target(parser, namespace, values, new)
 
 
