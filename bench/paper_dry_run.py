@@ -231,8 +231,13 @@ def main(argv=None) -> int:
     p.add_argument("--skip_full", action="store_true", help="leave out the full-depth stage")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--out_md", default=None, help="also write the Markdown report to this file")
+    p.add_argument("--make_base_model", nargs=3, metavar=("DIR", "LAYERS", "TOKENIZER_DIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.make_base_model:
+        folder, layers, tokenizer_dir = args.make_base_model
+        make_base_model(Path(folder), int(layers), Path(tokenizer_dir))
+        return 0
     work = Path(args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     report = {"settings": vars(args), "stages": {}, "profile": json.loads(PROFILE.read_text())}
@@ -244,7 +249,10 @@ def main(argv=None) -> int:
     sweep_tag, full_tag = f"L{args.sweep_layers}", "L32"
     for tag, layers in [(sweep_tag, args.sweep_layers)] + ([] if args.skip_full else [(full_tag, 32)]):
         if not (work / f"base_{tag}").exists():
-            stage(report, f"base model, {layers} layers, bf16, written", make_base_model, work / f"base_{tag}", layers, tok_dir)
+            # in a process of its own: this one stays small, so that the peak memory of the stages below is theirs
+            # (a child process starts from its parent's peak resident memory)
+            report["stages"][f"base model, {layers} layers, bf16, written"] = run_measured(
+                [py, __file__, "--make_base_model", str(work / f"base_{tag}"), str(layers), str(tok_dir)], work / f"make_{tag}.log")
         if not (work / f"loras_{tag}").exists():
             stage(report, f"48 LoRAs for {layers} layers, written", make_adapters, work / f"loras_{tag}", layers)
     if not (work / "combined_test.json").exists():

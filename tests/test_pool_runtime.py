@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
+import time
 
 import httpx
 import pytest
@@ -76,6 +78,25 @@ async def while_running(app, engine, bodies, path, body):
             await asyncio.sleep(0.001)
         reply = await client.post(path, json=body)
         return [await t for t in tasks], reply
+
+
+@contextlib.contextmanager
+def steps_wait_for_change(engine, rows: int, seen: dict):
+    """Once ``rows`` requests decode, their decoding steps wait (the scheduler loop goes on, and runs pool changes
+    between two steps) until a watched pool change has recorded ``seen["running"]``: the requests cannot finish before
+    the change reaches the router, however slow the machine. At most 60 s."""
+    decoder = engine.scheduler.decoder
+    step, deadline = decoder.step, time.monotonic() + 60
+
+    def step_after_change():
+        if len(engine.scheduler.running) == rows and "running" not in seen and time.monotonic() < deadline:
+            return None
+        return step()
+    decoder.step = step_after_change
+    try:
+        yield
+    finally:
+        decoder.step = step
 
 
 def post(app, path, body):
@@ -157,7 +178,8 @@ def test_load_while_streaming_then_retrieve_then_unload(tiny_base, wild, tmp_pat
         engine.router.add = watched_add
         before = [text_of(r) for r in run(send_all(app, [("POST", "/v1/completions", b, 0) for b in streams]))]
         load = {"lora_name": "cooking", "lora_path": str(paths["cooking"]), "domain": "recipes", "samples": [{"inputs": s} for s in RECIPES]}
-        replies, loaded = run(while_running(app, engine, streams, "/v1/load_lora_adapter", load))
+        with steps_wait_for_change(engine, len(streams), seen):
+            replies, loaded = run(while_running(app, engine, streams, "/v1/load_lora_adapter", load))
         replies = replies + [loaded]
         assert replies[-1].status_code == 200, replies[-1].text
         assert replies[-1].json()["retrievable"] is True
@@ -213,7 +235,8 @@ def test_unload_while_a_request_uses_the_adapter(tiny_base, wild, tmp_path):
             seen["running"] = [j.adapter_names for j in engine.scheduler.running]
             return remove(name)
         engine.router.remove = watched_remove
-        (r,), u = run(while_running(app, engine, [body], "/v1/unload_lora_adapter", {"lora_name": "gamma"}))
+        with steps_wait_for_change(engine, 1, seen):
+            (r,), u = run(while_running(app, engine, [body], "/v1/unload_lora_adapter", {"lora_name": "gamma"}))
         assert u.status_code == 200 and r.status_code == 200
         assert seen["running"] == [("gamma",)], "the unload came while the request was decoding with gamma"
         assert text_of(r) == alone
