@@ -6,7 +6,9 @@ The step is the server's own (:class:`utils.serving.batch_decoding.BatchDecoder.
 takes) on the embedded SmolLM2 in float32 with the pool of ``--config_path``: ``base`` rows use no adapter,
 ``mixture`` rows a top-3 mixture of different adapters per row (the composition hooks of
 :class:`utils.composition.LiveComposition`). Each batch is prefilled with prompts of ``--prompt_tokens`` tokens and
-decodes ``--warmup`` steps before ``--steps`` steps are profiled with ``torch.profiler`` (CPU). The operators' own
+decodes ``--warmup`` steps before ``--steps`` steps are profiled with ``torch.profiler`` (CPU); configurations run
+``--repeats`` times, interleaved, and the fastest is kept (the first batch of a size pays for fresh memory as its KV
+cache grows). The operators' own
 (self) CPU time is grouped:
 
     matmul       the projections and the LM head (aten::mm, addmm, linear, matmul, bmm, baddbmm)
@@ -83,6 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt_tokens", type=int, default=128, help="prompt length of every row")
     p.add_argument("--warmup", type=int, default=8, help="steps decoded before profiling (the cache has grown by this many)")
     p.add_argument("--steps", type=int, default=16, help="steps profiled")
+    p.add_argument("--repeats", type=int, default=2, help="runs of each configuration, interleaved; the fastest is kept")
+    p.add_argument("--modes", nargs="+", default=["base", "mixture"], choices=("base", "mixture"), help="rows, in the order profiled")
     p.add_argument("--out", default="docs/profile_step", help="writes OUT.json and OUT.md")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -96,7 +100,10 @@ def main(argv=None) -> int:
     results = []
     with composition.active():
         for b in args.batch_sizes:
-            for mode in ("base", "mixture"):
+            # The first batch of a size pays for fresh memory as its KV cache grows (page faults in aten::cat and copy):
+            # every configuration runs --repeats times, interleaved, and the fastest step is kept.
+            best: dict[str, dict] = {}
+            for mode in [m for _ in range(args.repeats) for m in args.modes]:
                 decoder = BatchDecoder(model, tok, composition, context_length=4096)
                 seqs = []
                 for i in range(b):
@@ -109,10 +116,12 @@ def main(argv=None) -> int:
                     decoder.step()
                 r = profile(decoder, args.steps)
                 r.update(batch=b, mode=mode, threads=torch.get_num_threads())
-                results.append(r)
                 logger.info("batch %d %s: %.1f ms per step %s", b, mode, r["step_ms"], r["ms"])
+                if mode not in best or r["step_ms"] < best[mode]["step_ms"]:
+                    best[mode] = r
                 decoder.reset()
                 composition.forget([s.serial for s in seqs])
+            results += [best[m] for m in args.modes]
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     groups = ["matmul", "attention", "cache", "elementwise", "sampling", "other ops", "outside ops"]
