@@ -22,6 +22,7 @@ import torch
 
 from utils.data import InputError
 
+# peft's saved keys: "<prefix>.<module>.lora_A.weight" (older files may name the adapter: ".lora_A.default.weight").
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.[^.]+)?\.weight$")
 _PREFIX = "base_model.model."
 

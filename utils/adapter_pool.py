@@ -49,7 +49,6 @@ from utils.data import InputError, PoolEntry
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_LORAS = 64
-# peft's saved keys: "<prefix>.<module>.lora_A.weight" (older files may name the adapter: ".lora_A.default.weight").
 class PoolFull(RuntimeError):
     """More distinct adapters are in use than ``max_loras`` allows; the caller forms a smaller batch."""
 

@@ -165,7 +165,7 @@ def compose_shared(pool: AdapterPool, adapters: list, weights, mode: str = "fusi
     if mode not in MODES:
         raise ValueError(f"Unknown composition mode {mode!r}; use one of {MODES}.")
     w = torch.as_tensor(weights, dtype=torch.float32).reshape(1, -1)
-    rows = adapter_rows(pool, [list(adapters.tolist() if isinstance(adapters, torch.Tensor) else adapters)])
+    rows = adapter_rows(pool, [list(adapters)])
     if len(rows[0]) != w.shape[1]:
         raise ValueError(f"{len(rows[0])} adapters but {w.shape[1]} weights.")
 

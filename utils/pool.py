@@ -48,17 +48,14 @@ class Pool:
 
     def add(self, entry, samples: list[str] | None = None, weights=None) -> None:
         """``entry`` joins every view: routing (retrieval when it has ``samples``, its card), the weights (``weights``
-        already read with :meth:`AdapterPool.read`, else read on first use), the entries. Raises ``ValueError`` and
-        changes nothing when the name is taken, or a card is given to a pool without a retriever."""
-        if entry.name in self:
-            raise ValueError(f"The adapter {entry.name!r} is already in the pool.")
-        if samples and self.retriever is None:
-            raise ValueError("This pool has no retriever, so an adapter cannot join retrieval; add it without samples.")
+        already read with :meth:`AdapterPool.read`, else read on first use), the entries. Changes nothing when it
+        fails: :meth:`Router.add` refuses a taken name or a card without a retriever (``ValueError``) before any view
+        changes, and a failure to add the weights takes the adapter out of routing again before it is raised."""
         self.router.add(entry.name, entry.domain, samples)  # embeds the card (cached)
         try:
             if self.adapters is not None:
                 self.adapters.add(entry, weights)
-        except Exception:
+        except Exception:  # not swallowed: routing is rolled back, then the error goes on to the caller
             self.router.remove(entry.name)
             raise
         self.entries = self.entries + [entry]

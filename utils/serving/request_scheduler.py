@@ -79,8 +79,6 @@ class Scheduler:
             raise ValueError(f"Unknown batching policy {policy!r}; use one of {', '.join(POLICIES)}.")
         self.q = RequestQueue(pool, router, metrics, max_batch_size, max_wait_ms, max_queue)
         self.decoder = decoder
-        self.pool, self.router, self.metrics = pool, self.q.router, metrics
-        self.max_batch_size = max_batch_size
         self.policy = policy
         self.prefill_padding = prefill_padding
         self.prompt_logprob_positions = prompt_logprob_positions
@@ -95,7 +93,8 @@ class Scheduler:
         self.q.stop(timeout)
 
     def __getattr__(self, name: str):
-        """``submit``, ``call``, ``cancel``, ``alive``, ``running``, ``waiting``: the queue's (:class:`RequestQueue`)."""
+        """The queue's (:class:`RequestQueue`): ``submit``, ``call``, ``cancel``, ``alive``, ``running``, ``waiting``,
+        and what it was built with: ``pool``, ``router``, ``metrics``, ``max_batch_size``."""
         if name == "q":
             raise AttributeError(name)
         return getattr(self.q, name)

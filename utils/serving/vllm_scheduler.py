@@ -43,8 +43,6 @@ class VllmScheduler:
     def __init__(self, replicas: Replicas, eos_ids=(), pool=None, router=None, metrics=None, max_batch_size: int = 32,
                  max_wait_ms: float = 10.0, max_queue: int = 256):
         self.q = RequestQueue(pool, router, metrics, max_batch_size, max_wait_ms, max_queue)
-        self.pool, self.router, self.metrics = pool, self.q.router, metrics
-        self.max_batch_size = max_batch_size
         self.replicas = replicas
         self.eos_ids = set(eos_ids)
         self._workers = ThreadPoolExecutor(max_workers=max_batch_size, thread_name_prefix="vllm-request")
@@ -60,7 +58,8 @@ class VllmScheduler:
         self.replicas.close()
 
     def __getattr__(self, name: str):
-        """``submit``, ``call``, ``cancel``, ``alive``, ``running``, ``waiting``: the queue's (:class:`RequestQueue`)."""
+        """The queue's (:class:`RequestQueue`): ``submit``, ``call``, ``cancel``, ``alive``, ``running``, ``waiting``,
+        and what it was built with: ``pool``, ``router``, ``metrics``, ``max_batch_size``."""
         if name == "q":
             raise AttributeError(name)
         return getattr(self.q, name)
