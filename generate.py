@@ -57,9 +57,7 @@ class Generator:
 
     def answer(self, text: str) -> tuple[str, list[tuple[str, float | None, float]]]:
         """(response, [(adapter, similarity or None, weight)])."""
-        import torch
-
-        from utils.composition import compose
+        from utils.composition import LiveComposition
         from utils.generation import generate_batch
         from utils.routing import Route
 
@@ -72,8 +70,10 @@ class Generator:
             Route("auto", k=a.lora_num, weighting=a.weighting, temperature=a.temperature, mode=a.eval_type)
         routing = self.router.route([text], [route])
         names, weights = routing.adapters[0], routing.weights[0]
-        with compose(self.pool, [names], torch.tensor([weights], dtype=torch.float32), routing.modes[0]) as model:
-            out, _ = generate_batch(model, self.tokenizer, [prompt], self.args.max_new_tokens)
+        live = LiveComposition(self.pool)
+        with live.active() as model:
+            out, _ = generate_batch(model, self.tokenizer, [prompt], self.args.max_new_tokens, composition=live,
+                                    compositions=[(names, weights, routing.modes[0])])
         return out[0], list(zip(names, routing.similarities[0] or [None] * len(names), weights))
 
 

@@ -2,7 +2,7 @@
 
     python bench/profile_step.py --out docs/profile_step        # writes docs/profile_step.{json,md}
 
-The step is the server's own (:class:`utils.serving.batch_decoding.BatchDecoder.step`, the path every request
+The step is the server's own (:class:`utils.decoding.BatchDecoder.step`, the path every request
 takes) on the embedded SmolLM2 in float32 with the pool of ``--config_path``: ``base`` rows use no adapter,
 ``mixture`` rows a top-3 mixture of different adapters per row (the composition hooks of
 :class:`utils.composition.LiveComposition`). Each batch is prefilled with prompts of ``--prompt_tokens`` tokens and
@@ -39,7 +39,7 @@ from utils.adapter_pool import AdapterPool  # noqa: E402
 from utils.composition import LiveComposition  # noqa: E402
 from utils.data import load_pool_config  # noqa: E402
 from utils.model_loading import load_base_model, load_tokenizer  # noqa: E402
-from utils.serving.batch_decoding import BatchDecoder, Sequence  # noqa: E402
+from utils.decoding import BatchDecoder, Sequence  # noqa: E402
 
 logger = logging.getLogger("bench")
 GROUPS = {

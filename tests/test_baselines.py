@@ -309,7 +309,7 @@ def merged_logits(base_dir, lora_dirs, weights, ids):
 
 def test_soup_equals_fusion_of_the_chosen_adapters(workspace):
     """A soup row's composition is the uniform parameter average of its domain's adapters (merged by hand here)."""
-    from utils.composition import compose
+    from utils.composition import LiveComposition
     from utils.session import Session
 
     args = main_mod.parse_settings(argv(workspace, "--eval_type", "soup", "--ood"))
@@ -320,8 +320,9 @@ def test_soup_equals_fusion_of_the_chosen_adapters(workspace):
     routing = evaluation.route(plan, session, pool, tok, "cpu")
     assert set(routing.modes) == {"fusion"}
     ids = input_ids(len(plan.rows))
-    names, weights = evaluation_engines.padded(routing.adapters, routing.weights)
-    with torch.no_grad(), compose(pool, pool.indices(names), torch.tensor(weights), routing.modes[0]) as model:
+    live = LiveComposition(pool)  # what evaluation composes with: rows of different lengths in one batch
+    live.set_rows([(i, routing.adapters[i], routing.weights[i], routing.modes[i]) for i in range(len(plan.rows))])
+    with torch.no_grad(), live.active() as model:
         got = model(input_ids=ids).logits
     for i, row in enumerate(plan.rows):
         assert row["task"] not in routing.adapters[i]  # OOD

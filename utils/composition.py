@@ -340,6 +340,9 @@ class LiveComposition:
 
     def forget(self, serials) -> None:
         """Drop the kept factors of rows that have left the batch, and unpin their adapters."""
+        serials = list(serials)
+        if self.rows_key is not None and set(serials) & set(self.rows_key):
+            self.set_base()  # the stacked factors hold a forgotten row: the next set_rows restacks
         for s in serials:
             self._rows.pop(s, None)
             names = self._pins.pop(s, None)

@@ -35,34 +35,28 @@ def routed(routing, i: int) -> dict:
     return out
 
 
-def padded(names: list[list[str]], weights: list[list[float]]):
-    """Rows of different lengths as [b, k] names and weights: missing places repeat a row's first adapter with weight 0."""
-    k = max(len(n) for n in names)
-    return ([list(n) + [n[0]] * (k - len(n)) for n in names],
-            [[float(x) for x in w] + [0.0] * (k - len(w)) for w in weights])
-
-
 class OnModel:
-    """The model in this process: each row's adapters composed per sample inside one batch, or the base model as loaded
-    for a run without adapters (``adapter_pool`` None)."""
+    """The model in this process: each row's adapters composed per sample inside one batch
+    (:class:`utils.composition.LiveComposition`, the server's per-row composition), or the base model as loaded for a
+    run without adapters (``adapter_pool`` None)."""
 
     def __init__(self, args, session, model, tokenizer, adapter_pool, routing):
+        from utils.composition import LiveComposition
+
         self.args, self.session, self.model, self.tokenizer = args, session, model, tokenizer
         self.adapter_pool, self.routing = adapter_pool, routing
+        self.live = LiveComposition(adapter_pool) if adapter_pool is not None else None
 
     def generate(self, batch: list[int], prompts: list[str]):
-        import torch
-
-        from utils.composition import compose
         from utils.generation import generate_batch
 
         r, args = self.routing, self.args
         if self.adapter_pool is None:
             with self.session.without_adapters():
                 return generate_batch(self.model, self.tokenizer, prompts, args.max_new_tokens, args.max_input_tokens)
-        names, weights = padded([r.adapters[i] for i in batch], [r.weights[i] for i in batch])
-        with compose(self.adapter_pool, names, torch.tensor(weights), r.modes[batch[0]]) as composed:
-            return generate_batch(composed, self.tokenizer, prompts, args.max_new_tokens, args.max_input_tokens)
+        with self.live.active() as model:
+            return generate_batch(model, self.tokenizer, prompts, args.max_new_tokens, args.max_input_tokens, self.live,
+                                  [(r.adapters[i], r.weights[i], r.modes[i]) for i in batch])
 
     def record(self, i: int) -> dict:
         return routed(self.routing, i)

@@ -1,8 +1,6 @@
-"""Stage: generation. Greedy decoding of a left-padded batch with its attention mask."""
+"""Stage: generation. Greedy continuations of a batch of prompts, for evaluation and ``generate.py``."""
 
 from __future__ import annotations
-
-import torch
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -11,28 +9,26 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-@torch.inference_mode()
-def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int = 50, max_input_tokens: int | None = None) -> tuple[list[str], list[int]]:
-    """Greedy continuations of ``prompts``.
+def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int = 50, max_input_tokens: int | None = None,
+                   composition=None, compositions: list[tuple[list[str], list[float], str]] | None = None) -> tuple[list[str], list[int]]:
+    """Greedy continuations of ``prompts``, decoded as one batch by :class:`utils.decoding.BatchDecoder` (the
+    decoding step every entry shares; the same tokens as ``model.generate`` on the same batch).
 
-    The batch is left-padded and passed with its attention mask; prompts longer than
-    ``max_input_tokens`` keep their last tokens (the instruction's end and the response marker).
-    Returns (texts, number of generated tokens per row, up to the first EOS).
+    Prompts longer than ``max_input_tokens`` keep their last tokens (the instruction's end and the response marker).
+    With ``composition`` (an active :class:`utils.composition.LiveComposition` over the pool), row i is composed of
+    ``compositions[i] = (adapter names, weights, mode)``; without, ``model`` is used as it is.
+    Returns (texts, number of generated tokens per row, up to and including the first EOS).
     """
-    device = next(model.parameters()).device
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
-    if max_input_tokens is not None and enc["input_ids"].shape[1] > max_input_tokens:
-        enc = {k: v[:, -max_input_tokens:] for k, v in enc.items()}
-    enc = {k: v.to(device) for k, v in enc.items()}
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    new = out[:, enc["input_ids"].shape[1]:].cpu()
-    texts, counts = [], []
-    for row in new:
-        ids = row.tolist()
-        n = len(ids)
-        if tokenizer.eos_token_id in ids:
-            n = ids.index(tokenizer.eos_token_id) + 1
-        counts.append(n)
-        texts.append(tokenizer.decode(row[:n], skip_special_tokens=True).strip())
+    from utils.decoding import BatchDecoder, Sequence
+
+    ids = tokenizer(prompts, add_special_tokens=True).input_ids
+    if max_input_tokens is not None:
+        ids = [row[-max_input_tokens:] for row in ids]
+    seqs = [Sequence(prompt_ids=row, max_new_tokens=max_new_tokens) for row in ids]
+    if compositions is not None:
+        for s, (names, weights, mode) in zip(seqs, compositions):
+            s.adapters, s.adapter_w, s.mode = list(names), [float(w) for w in weights], mode
+    BatchDecoder(model, tokenizer, composition, live_text=False).generate(seqs)
+    texts = [s.text.strip() for s in seqs]
+    counts = [len(s.generated) + (1 if s.finish_reason == "stop" else 0) for s in seqs]
     return texts, counts

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from utils.routing import Route
-from utils.serving.batch_decoding import Sampling
+from utils.decoding import Sampling
 from utils.serving.scheduling import Job
 
 UNSUPPORTED = {"suffix": None, "tools": None, "functions": None, "logit_bias": None, "tool_choice": None}

@@ -38,7 +38,7 @@ import time
 from contextlib import nullcontext
 
 from utils.routing import Router
-from utils.serving.batch_decoding import BatchDecoder
+from utils.decoding import BatchDecoder
 from utils.serving.scheduling import Job, RequestQueue
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from utils.routing import Route, Router
-from utils.serving.batch_decoding import Sampling, Sequence
+from utils.decoding import Sampling, Sequence
 
 logger = logging.getLogger(__name__)
 

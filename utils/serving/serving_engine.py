@@ -145,7 +145,7 @@ def load_engine(args, session=None) -> Engine:
     """
     from utils.composition import LiveComposition
     from utils.data import load_pool_config
-    from utils.serving.batch_decoding import BatchDecoder
+    from utils.decoding import BatchDecoder
     from utils.prompter import Prompter
     from utils.pool import build_pool
     from utils.retrieval import embedding_cache_dir

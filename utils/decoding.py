@@ -1,11 +1,15 @@
-"""Stage: the batched decoding step of the server. A batch of sequences that gain and lose rows between steps.
+"""Stage: decoding. The one decoding step of every entry: a batch of sequences that gain and lose rows between steps.
 
-``main.py`` decodes a fixed batch with ``model.generate``. A server must instead let a new request join the
-running batch between two decoding steps and let a finished one leave (continuous batching), while every
-row keeps its own LoRA composition. :class:`BatchDecoder` holds that batch:
+Evaluation (``main.py``, ``eval_all.sh``), ``generate.py`` and the server all decode here. A server lets a new
+request join the running batch between two decoding steps and lets a finished one leave (continuous batching), while
+every row keeps its own LoRA composition; an evaluation batch is the same object, filled once and run until every row
+has finished (:meth:`BatchDecoder.generate`), its finished rows leaving the batch so that the rest step faster.
+:class:`BatchDecoder` holds that batch:
 
     rows      the :class:`Sequence` objects, one per request, in batch order
-    cache     the model's KV cache, per layer keys/values [b, heads, T, head_dim], left-padded
+    cache     the model's KV cache: per layer keys/values [b, heads, T, head_dim], left-padded, each the first T
+              columns of a buffer with spare columns (:class:`SlabLayer`), so that a step writes one column in place
+              instead of copying the whole cache (transformers' ``DynamicLayer`` concatenates at every step)
     mask      [b, T] attention mask (0 on the left padding of each row)
 
 - :meth:`BatchDecoder.add` prefills new sequences together (left-padded among themselves), picks each one's
@@ -16,18 +20,18 @@ row keeps its own LoRA composition. :class:`BatchDecoder` holds that batch:
 - :meth:`BatchDecoder.drop` removes rows and trims the columns that have become padding in every row.
 
 Per-row composition: before each forward, :class:`utils.composition.LiveComposition` gets the adapter
-ids, weights and mode of the rows of that forward (each row's factors are built once; they are restacked
-only when the rows change). The decoder runs inside ``composition.active()``, entered once by its owner. Under greedy
+names, weights and mode of the rows of that forward (each row's factors are built once; they are restacked
+only when the rows change). The decoder runs inside ``composition.active()``, entered by its owner. Under greedy
 decoding a row therefore gets the same tokens alone or inside any batch, up to float rounding of the
-batched matmuls.
+batched matmuls, and the same tokens as ``model.generate`` on the composed model (tests/test_decoding.py).
 
 Logprobs are the model's own (``log_softmax`` of the composed model's logits, before temperature and top-p, as
 vLLM's default ``raw_logprobs``): a row with ``logprobs`` records them for each generated token, a row with
 ``prompt_logprobs`` for each prompt token from the logits of the same prefill (the first token has none). Such a
 prefill keeps the logits of every position ([b, T, vocab]); callers keep those batches small.
 
-Only full-attention KV caches (transformers' ``DynamicLayer``) can be padded and merged this way; a model with
-sliding-window or recurrent layers is refused by :meth:`BatchDecoder.check_model`.
+Only full-attention KV caches can be padded and merged this way; a model with sliding-window or recurrent layers
+is refused by :meth:`BatchDecoder.check_model` (and by the first prefill).
 """
 
 from __future__ import annotations
@@ -37,6 +41,71 @@ import threading
 from dataclasses import dataclass, field
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+
+class SlabLayer(DynamicLayer):
+    """One layer's KV cache whose keys and values [b, heads, T, head_dim] are the first T columns of buffers
+    [b, heads, C, head_dim] with C >= T. :meth:`update` writes the new columns in place and only reallocates (with
+    half as many spare columns again, at least 64) when C is reached, so a decoding step costs one column's copy, not
+    the whole cache's. ``keys``/``values`` are views of the buffers, what attention reads."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._k = self._v = None
+        self.length = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, total = key_states.shape[-2], self.length + key_states.shape[-2]
+        if self._k is None or total > self._k.shape[2]:
+            spare = max(64, total // 2)
+            k = key_states.new_empty(*key_states.shape[:2], total + spare, key_states.shape[3])
+            v = value_states.new_empty(*value_states.shape[:2], total + spare, value_states.shape[3])
+            if self.length:
+                k[:, :, :self.length] = self._k[:, :, :self.length]
+                v[:, :, :self.length] = self._v[:, :, :self.length]
+            self._k, self._v = k, v
+        self._k[:, :, self.length:total] = key_states
+        self._v[:, :, self.length:total] = value_states
+        self.length = total
+        self.keys, self.values = self._k[:, :, :total], self._v[:, :, :total]
+        return self.keys, self.values
+
+    def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold ``keys``/``values`` instead (rows merged or dropped: the batch dimension changes)."""
+        self._k = self._v = None
+        self.length = 0
+        self.update(keys, values)
+
+    def reset(self) -> None:
+        self._k = self._v = None
+        self.length = 0
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("SlabLayer is the decoder's own cache; it is not cropped.")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("SlabLayer is the decoder's own cache; its rows change through BatchDecoder only.")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("SlabLayer is the decoder's own cache; its rows change through BatchDecoder only.")
+
+
+def kv_cache(model) -> DynamicCache:
+    """An empty cache of :class:`SlabLayer` for ``model``, or a ValueError when a layer is not full attention."""
+    cache = DynamicCache(config=model.config)
+    kinds = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer})
+    if kinds:
+        raise ValueError(f"The decoder needs a full-attention KV cache in every layer; this model's cache has {kinds}. "
+                         "Use a model with full attention in every layer.")
+    if cache.layers:
+        cache.layers = [SlabLayer() for _ in cache.layers]
+    else:
+        cache.layer_class_to_replicate = SlabLayer
+    return cache
 
 
 @dataclass
@@ -107,16 +176,19 @@ class BatchDecoder:
         composition: a :class:`LiveComposition` over the pool, or None for a model without adapters.
         eos_ids: token ids that end a sequence.
         context_length: the model's maximum sequence length; a row reaching it ends with ``length``.
+        live_text: keep each row's ``text`` decoded as it grows (what streaming and stop strings read); without it,
+            a row's text is decoded once, when it finishes (a batch run: one tokenizer call per row, not per step).
     """
 
     def __init__(self, model, tokenizer, composition=None, eos_ids: set[int] | None = None,
-                 context_length: int | None = None, tokenizer_lock: threading.Lock | None = None):
+                 context_length: int | None = None, tokenizer_lock: threading.Lock | None = None, live_text: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.composition = composition
         self.eos_ids = set(eos_ids or ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
         self.context_length = context_length
         self.lock = tokenizer_lock or threading.Lock()
+        self.live_text = live_text
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.rows: list[Sequence] = []
@@ -165,13 +237,13 @@ class BatchDecoder:
             mask[i, length - len(s.prompt_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         self._set_composition(seqs)
+        cache = kv_cache(self.model)
         if any(s.prompt_logprobs is not None for s in seqs):
-            logits, cache, every = self._forward(ids, mask, None, all_logits=True)
+            logits, cache, every = self._forward(ids, mask, cache, all_logits=True)
             self._prompt_logprobs(seqs, every, length)
             del every
         else:
-            logits, cache = self._forward(ids, mask, None)
-        self._check_cache(cache)
+            logits, cache = self._forward(ids, mask, cache)
         tokens = self._pick(logits, seqs)
         for s in seqs:
             if s.max_new_tokens == 0:  # scoring only (echo with max_tokens 0): nothing is generated
@@ -207,8 +279,8 @@ class BatchDecoder:
         self.last = self.last.index_select(0, index)
         trim = int(self.mask.argmax(dim=1).min().item())  # leading columns that are padding in every row
         for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))[:, :, trim:, :]
-            layer.values = layer.values.index_select(0, index.to(layer.values.device))[:, :, trim:, :]
+            at = index.to(layer.keys.device)
+            layer.replace(layer.keys.index_select(0, at)[:, :, trim:, :], layer.values.index_select(0, at)[:, :, trim:, :])
         self.mask = self.mask[:, trim:]
         self.rows = [self.rows[i] for i in keep]
 
@@ -224,15 +296,22 @@ class BatchDecoder:
         self.add([probe])
         self.reset()
 
-    # -- internals -----------------------------------------------------------------------------------------
-    @staticmethod
-    def _check_cache(cache) -> None:
-        layers = getattr(cache, "layers", None)
-        if layers is None or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
-            kinds = sorted({type(layer).__name__ for layer in (layers or [])}) or [type(cache).__name__]
-            raise ValueError(f"Continuous batching needs a full-attention KV cache (DynamicLayer); this model's cache "
-                             f"has {kinds}. Serve a model with full attention in every layer.")
+    def generate(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Decode ``seqs`` as one batch until every row has finished (greedy rows: what ``model.generate`` gives
+        them); finished rows leave the batch after each step. The decoder must hold no other rows."""
+        if self.rows:
+            raise RuntimeError("BatchDecoder.generate runs a batch of its own; this decoder already holds rows.")
+        try:
+            self.add(seqs)
+            self.drop([s for s in self.rows if s.finished])
+            while self.rows:
+                self.step()
+                self.drop([s for s in self.rows if s.finished])
+        finally:
+            self.reset()
+        return seqs
 
+    # -- internals -----------------------------------------------------------------------------------------
     def _merge(self, seqs, cache, mask, tokens) -> None:
         if not self.rows:
             self.rows, self.cache, self.mask, self.last = list(seqs), cache, mask, tokens.to(self.device)
@@ -248,8 +327,9 @@ class BatchDecoder:
             return torch.nn.functional.pad(x, (0, 0, length - t, 0))
 
         for run_layer, new_layer in zip(self.cache.layers, cache.layers):
-            run_layer.keys = torch.cat([pad(run_layer.keys, t_run), pad(new_layer.keys, t_new).to(run_layer.keys.device)], 0)
-            run_layer.values = torch.cat([pad(run_layer.values, t_run), pad(new_layer.values, t_new).to(run_layer.values.device)], 0)
+            dev = run_layer.keys.device
+            run_layer.replace(torch.cat([pad(run_layer.keys, t_run), pad(new_layer.keys, t_new).to(dev)], 0),
+                              torch.cat([pad(run_layer.values, t_run), pad(new_layer.values, t_new).to(dev)], 0))
         self.mask = torch.cat([pad(self.mask, t_run), pad(mask, t_new)], 0)
         self.last = torch.cat([self.last, tokens.to(self.device)], 0)
         self.rows = self.rows + list(seqs)
@@ -295,6 +375,7 @@ class BatchDecoder:
             if t in self.eos_ids and not s.ignore_eos:
                 s.finish_reason = "stop"
                 if s.logprobs is None:
+                    self._final_text(s)
                     continue
                 # with logprobs the end-of-sequence token is an output token too, as vLLM returns it (its text is "")
             if s.logprobs is not None and logits is not None:
@@ -303,9 +384,11 @@ class BatchDecoder:
                 s.top_logprobs.append(self._top(lp, s.logprobs))
             s.generated.append(t)
             if s.finished:
+                self._final_text(s)
                 continue
-            with self.lock:
-                s.text = self.tokenizer.decode(s.generated, skip_special_tokens=True)
+            if self.live_text or s.stop:
+                with self.lock:
+                    s.text = self.tokenizer.decode(s.generated, skip_special_tokens=True)
             cut = min((s.text.find(x) for x in s.stop if x and x in s.text), default=-1)
             if cut >= 0:
                 s.text = s.text[:cut]
@@ -314,3 +397,10 @@ class BatchDecoder:
                 s.finish_reason = "length"
             elif self.context_length is not None and len(s.prompt_ids) + len(s.generated) >= self.context_length:
                 s.finish_reason = "length"
+            if s.finished:
+                self._final_text(s)
+
+    def _final_text(self, s: Sequence) -> None:
+        if not self.live_text and not s.stop:
+            with self.lock:
+                s.text = self.tokenizer.decode(s.generated, skip_special_tokens=True)
