@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ood", action="store_true", help="out-of-domain: remove the row's own task adapter before taking the top k")
     a("--best_selection", action="store_true", help="perfect selection: use the row's own task adapter (k=1, weight 1)")
     add_baseline_flags(p)
+    flags.add_task_routing_flags(p)
     # Models and retrieval.
     flags.add_model_flags(p)
     flags.add_engine_flags(p)

@@ -133,7 +133,7 @@ CASES = {
     "k too large": (lambda ws: ["--lora_num", "4"], "larger than the 3 candidate adapters"),
     "k too large after ood": (lambda ws: ["--lora_num", "3", "--ood"], "left after OOD exclusion"),
     "duplicate adapter": (lambda ws: ["--config_path", str(bad(ws, "p.json", json.dumps([{"model_name": "a", "sample": ["x"], "path": str(ws["loras"]["alpha"])}] * 2)))], "duplicate adapter name"),
-    "no samples": (lambda ws: ["--config_path", str(bad(ws, "p.json", json.dumps([{"model_name": "a", "sample": [], "path": "."}])))], "has no 'sample'"),
+    "no samples": (lambda ws: ["--config_path", str(bad(ws, "p.json", json.dumps([{"model_name": "a", "sample": [], "path": str(ws["loras"]["alpha"])}])))], "has a 'sample' card; add cards"),
     "missing adapter": (lambda ws: ["--config_path", str(bad(ws, "p.json", json.dumps([{"model_name": "a", "sample": ["x"], "path": str(ws["dir"] / "none")}])))], "does not exist or has no adapter_config.json"),
     "unknown template": (lambda ws: ["--template", "nosuch"], "Unknown template 'nosuch'"),
     "unwritable results": (lambda ws: ["--res_path", str(bad(ws, "file", "x") / "sub" / "r.json")], "not writable"),

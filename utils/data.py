@@ -122,9 +122,9 @@ def load_pool_config(path: str | Path, adapter_pattern: str | None = None, check
         seen.add(name)
         if not isinstance(entry.get("domain", ""), str):
             raise InputError(f"{where} ({name!r}): 'domain' is a {type(entry['domain']).__name__}, expected a string.")
-        samples = entry.get("sample")
-        if not isinstance(samples, list) or not samples:
-            raise InputError(f"{where} ({name!r}) has no 'sample' inputs; the retriever needs example inputs to represent the LoRA.")
+        samples = entry.get("sample", [])  # no card: routed through the task library (LoRAuter) or by name, never retrieved
+        if not isinstance(samples, list):
+            raise InputError(f"{where} ({name!r}): 'sample' must be a list of example inputs (or left out for an adapter without a card).")
         texts, targets = [], []
         for s in samples:
             text = s.get("inputs") if isinstance(s, dict) else s

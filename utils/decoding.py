@@ -58,7 +58,7 @@ class SlabLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        n, total = key_states.shape[-2], self.length + key_states.shape[-2]
+        total = self.length + key_states.shape[-2]
         if self._k is None or total > self._k.shape[2]:
             spare = max(64, total // 2)
             k = key_states.new_empty(*key_states.shape[:2], total + spare, key_states.shape[3])

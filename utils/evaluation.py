@@ -20,13 +20,14 @@ from pathlib import Path
 from utils.data import InputError
 from utils.retrieval import embedding_cache_dir
 
-EVAL_TYPES = ("mixture", "fusion", "base", "soup", "arrow", "lorahub")
+EVAL_TYPES = ("mixture", "fusion", "base", "soup", "arrow", "lorahub", "lorauter")
 # Flags of one evaluation type only; the results of other types do not record them.
 OWN_FLAGS = {
     "soup": ("soup",),
     "arrow": ("arrow_top_k", "arrow_temperature", "arrow_general_adapters"),
     "lorahub": ("lorahub_scope", "lorahub_examples", "lorahub_budget", "lorahub_candidates", "lorahub_optimizer", "lorahub_l1",
                 "lorahub_dtype"),
+    "lorauter": ("task_library", "lorauter_k", "lorauter_temperature", "task_scorer", "task_search", "task_rows"),
 }
 
 logger = logging.getLogger(__name__)
@@ -63,10 +64,18 @@ def validate(args: argparse.Namespace) -> None:
                 raise InputError(f"--{flag} must be at least {low} (got {getattr(args, flag)}).")
         if args.lorahub_l1 < 0:
             raise InputError(f"--lorahub_l1 must be 0 or more (got {args.lorahub_l1}).")
-    if args.engine == "vllm" and args.eval_type in ("arrow", "lorahub"):
+    if args.engine == "vllm" and args.eval_type in ("arrow", "lorahub", "lorauter"):
         raise InputError(f"--eval_type {args.eval_type} needs the model in this process ("
-                         + ("Arrow routes every token inside the model" if args.eval_type == "arrow" else "LoraHub's search evaluates its loss here")
+                         + {"arrow": "Arrow routes every token inside the model", "lorahub": "LoraHub's search evaluates its loss here",
+                            "lorauter": "LoRAuter scores the adapters on its tasks here"}[args.eval_type]
                          + "); run it with --engine local.")
+    if args.eval_type == "lorauter":
+        if args.lorauter_k < 1:
+            raise InputError(f"--lorauter_k must be at least 1 (got {args.lorauter_k}).")
+        if args.lorauter_temperature <= 0:
+            raise InputError(f"--lorauter_temperature must be above 0 (got {args.lorauter_temperature}).")
+        if args.task_rows is not None and args.task_rows < 1:
+            raise InputError(f"--task_rows must be at least 1 (got {args.task_rows}).")
     if args.best_selection and args.ood:
         raise InputError("--best_selection uses the row's own adapter, which --ood removes; drop one of them.")
 
@@ -77,7 +86,7 @@ def resolved_settings(args: argparse.Namespace) -> dict:
          if k not in ("log_level", "no_resume", "settings", "batch_size", "device", "device_map", "embedding_cache",
                       "max_loras", "max_cpu_loras", "eager_load", "engine", "vllm_url", "vllm_api_key", "vllm_model",
                       "vllm_max_lora_rank", "vllm_timeout", "composed_dir", "max_composed",
-                      "runs", "res_dir", "force")}
+                      "runs", "res_dir", "force", "task_scores")}
     for eval_type, keys in OWN_FLAGS.items():
         if args.eval_type != eval_type:
             for key in keys:
@@ -140,8 +149,12 @@ def prepare(args: argparse.Namespace) -> Plan:
             if missing:
                 raise InputError(f"--best_selection needs each row's own adapter, but the pool has none for tasks {missing}; add them to {args.config_path}.")
         elif args.eval_type in ("mixture", "fusion") or (args.eval_type == "lorahub" and args.lorahub_candidates == "retrieved"):
-            own_in_pool = args.ood and any(r["task"] in names for r in rows)
-            available = len(pool) - (1 if own_in_pool else 0)
+            carded = [e for e in pool if e.samples]
+            if not carded:
+                raise InputError(f"--eval_type {args.eval_type} retrieves adapters by their cards, but no entry of {args.config_path} "
+                                 "has a 'sample' card; add cards, or route through tasks with --eval_type lorauter.")
+            own_in_pool = args.ood and any(r["task"] in {e.name for e in carded} for r in rows)
+            available = len(carded) - (1 if own_in_pool else 0)
             if k > available:
                 raise InputError(
                     f"--lora_num {k} is larger than the {available} candidate adapters"
@@ -175,6 +188,12 @@ def check_baseline(args: argparse.Namespace, rows: list[dict], pool: list) -> No
 
         own_in_pool = args.ood and any(r["task"] in names for r in rows)
         check_arrow_pool(pool, args.arrow_top_k, args.arrow_general_adapters, left_out=1 if own_in_pool else 0)
+    if args.eval_type == "lorauter":
+        from utils.task_library import task_library
+
+        if not task_library(pool, args.task_library):
+            raise InputError(f"--eval_type lorauter routes through tasks, but no entry of {args.config_path} has a card with targets "
+                             "and no --task_library was given; add 'sample' rows with 'targets', or a task library.")
     if args.eval_type == "lorahub":
         from utils.baselines.lorahub import few_shot_examples
 
@@ -203,6 +222,8 @@ def routes_of(plan: Plan) -> list:
     own = [(r["task"],) if args.ood else () for r in rows]
     if args.eval_type == "soup":
         return [Route("soup" if args.soup == "domain" else "soup_all", exclude=e) for e in own]
+    if args.eval_type == "lorauter":
+        return [Route("lorauter", k=args.lorauter_k, temperature=args.lorauter_temperature, exclude=e) for e in own]
     return [Route("auto", k=plan.k, weighting=args.weighting, temperature=args.temperature, exclude=e, mode=args.eval_type)
             for e in own]
 
@@ -220,6 +241,14 @@ def route(plan: Plan, session, adapter_pool, tokenizer, device: str):
                        cache_dir=embedding_cache_dir(args.embedding_cache))
     router, retriever = loras.router, loras.retriever
     queries = [r["inputs"] for r in rows]
+    if args.eval_type == "lorauter":
+        from utils.task_scores import build_task_index
+
+        router.tasks, matrix, seconds = build_task_index(session, pool, args, adapter_pool, tokenizer, plan.prompter, device,
+                                                         embedding_cache_dir(args.embedding_cache))
+        routing = router.route(queries, routes_of(plan))
+        routing.meta["lorauter"] = dict(matrix.as_json(), seconds=round(seconds, 2), scorer=args.task_scorer, search=args.task_search)
+        return routing
     if args.eval_type != "lorahub":
         return router.route(queries, routes_of(plan))
     from dataclasses import asdict

@@ -154,7 +154,8 @@ def check_engine(args) -> None:
 
 def add_composition_flags(p: argparse.ArgumentParser, eval_types: tuple[str, ...]) -> None:
     """--eval_type, --lora_num, --weighting, --temperature."""
-    extra = {"base": "base (no adapter)", "soup": "soup (Adapter Soup)", "arrow": "arrow (PEFT's Arrow)", "lorahub": "lorahub (LoraHub)"}
+    extra = {"base": "base (no adapter)", "soup": "soup (Adapter Soup)", "arrow": "arrow (PEFT's Arrow)", "lorahub": "lorahub (LoraHub)",
+             "lorauter": "lorauter (routing through tasks)"}
     others = [extra[t] for t in eval_types if t in extra]
     p.add_argument("--eval_type", default="mixture", choices=eval_types,
                    help="mixture / fusion of the top-k adapters" + (f"; or {', '.join(others)}" if others else ""))
@@ -162,6 +163,24 @@ def add_composition_flags(p: argparse.ArgumentParser, eval_types: tuple[str, ...
     p.add_argument("--weighting", default="uniform", choices=("uniform", "softmax"),
                    help="composition weights: uniform 1/k (paper) or softmax of similarities")
     p.add_argument("--temperature", type=float, default=0.1, help="softmax temperature for --weighting softmax (> 0)")
+
+
+def add_task_routing_flags(p: argparse.ArgumentParser) -> None:
+    """LoRAuter's flags: the task library, its scoring and the routing's K and temperature."""
+    g = p.add_argument_group("routing through tasks (LoRAuter, --eval_type lorauter)")
+    a = g.add_argument
+    a("--task_library", default=None, metavar="FILE",
+      help="more tasks (JSON list of {name, domain, metric, rows: [{inputs, targets}]}) beside the pool entries' cards")
+    a("--lorauter_k", type=int, default=3, help="tasks each input is routed through (K)")
+    a("--lorauter_temperature", type=float, default=0.2, help="softmax temperature over the K tasks' similarities (tau)")
+    a("--task_scorer", default="loglik", choices=("loglik", "metric"),
+      help="how an adapter is scored on a task: mean log-likelihood of the targets (one forward per row), or the task's "
+           "metric on greedy answers")
+    a("--task_search", default="halving", choices=("halving", "full"),
+      help="score every adapter on every row of every task (full), or narrow the candidates by successive halving")
+    a("--task_rows", type=int, default=None, help="validation rows per task scored at most (default: all)")
+    a("--task_scores", default=None, metavar="FILE",
+      help="the score cache (default: <cache>/task_scores.json; 'none': no cache)")
 
 
 def add_prompt_flags(p: argparse.ArgumentParser, max_new_tokens: int = 50) -> None:

@@ -99,8 +99,9 @@ def build_pool(session, entries: list, args, *, device: str, weights: bool = Tru
         else:
             adapters = session.adapter_pool(entries, args.max_loras, args.max_cpu_loras, args.eager_load)
     retriever = None
-    if retrieval and entries:
-        retriever = session.retriever(entries, args.retriever, args.instruction, exclude_prompt_choice(args.exclude_prompt_from_pooling),
+    carded = [e for e in entries if e.samples]  # an adapter without a card is not retrieved (LoRAuter routes to it)
+    if retrieval and carded:
+        retriever = session.retriever(carded, args.retriever, args.instruction, exclude_prompt_choice(args.exclude_prompt_from_pooling),
                                       device, cache_dir, args.adapter_vector)
         if own:
             retriever = copy.copy(retriever)

@@ -13,10 +13,13 @@ what it asks for:
     soup      Adapter Soup: the adapters of the domain nearest to the input (:mod:`utils.baselines.soup`), uniform
               weights, fused
     soup_all  every adapter of the pool but ``exclude``, uniform weights, fused
+    lorauter  through tasks (LoRAuter, :mod:`utils.task_library`): the top k tasks of the task library for the input's
+              embedding, softmax weights at ``temperature``, each task replaced by its best-scoring adapter; with
+              ``exclude`` removed as tasks and masked as adapters (OOD)
 
 LoraHub's learned vectors (:mod:`utils.baselines.lorahub`) reach their rows as ``mix`` routes.
 
-All inputs that need an embedding (auto, soup) are embedded in ONE call of the retriever's embedder, in input order;
+All inputs that need an embedding (auto, soup, lorauter) are embedded in ONE call of the retriever's embedder, in input order;
 auto inputs are searched in one FAISS call per (k, weighting, temperature). The answer is one :class:`Routing`.
 """
 
@@ -29,7 +32,7 @@ import numpy as np
 
 from utils.data import InputError
 
-METHODS = ("auto", "mix", "base", "own", "soup", "soup_all")
+METHODS = ("auto", "mix", "base", "own", "soup", "soup_all", "lorauter")
 
 
 @dataclass(frozen=True)
@@ -81,15 +84,26 @@ class Router:
 
     Args:
         names: the pool's adapter names, in pool order.  domains: each adapter's domain, in the same order.
-        retriever: a :class:`utils.retrieval.LoraRetriever` over the pool, or None (then ``auto`` and ``soup``
-            are refused).
+        retriever: a :class:`utils.retrieval.LoraRetriever` over the pool's adapters with a card, or None (then
+            ``auto`` and ``soup`` are refused).
+        tasks: a :class:`utils.task_library.TaskIndex` (the task library and each task's adapter ranking), or None
+            (then ``lorauter`` is refused); settable later, as scoring it takes a while.
     """
 
-    def __init__(self, names: list[str], domains: list[str] | None = None, retriever=None, cache_queries: bool = True):
+    def __init__(self, names: list[str], domains: list[str] | None = None, retriever=None, cache_queries: bool = True,
+                 tasks=None):
         self.cache_queries = cache_queries  # False for a server: its query lists never repeat, so none is written to the cache
         self.names = list(names)
         self.domains = list(domains) if domains is not None else [""] * len(self.names)
         self.retriever = retriever
+        self.tasks = tasks
+
+    @property
+    def embedder(self):
+        """The sentence embedder of inputs: the retriever's, else the task library's."""
+        if self.retriever is not None:
+            return self.retriever.embedder
+        return getattr(self.tasks, "embedder", None)
 
     @property
     def domain_of(self) -> dict[str, str]:
@@ -113,6 +127,8 @@ class Router:
         self.domains = self.domains[:j] + self.domains[j + 1:]
         if self.retriever is not None and name in self.retriever.names:
             self.retriever.remove(name)
+        if self.tasks is not None:
+            self.tasks.drop_adapter(name)
 
     def retrievable(self, name: str) -> bool:
         return self.retriever is not None and name in self.retriever.names
@@ -123,21 +139,26 @@ class Router:
             raise ValueError(f"{len(queries)} queries but {len(routes)} routes.")
         n = len(routes)
         out = Routing([[] for _ in range(n)], [[] for _ in range(n)], [None] * n, ["mixture"] * n, [{} for _ in range(n)])
-        embedded = [i for i, r in enumerate(routes) if r.method in ("auto", "soup")]
+        embedded = [i for i, r in enumerate(routes) if r.method in ("auto", "soup", "lorauter")]
         emb = None
         t0 = time.perf_counter()
         if embedded:
-            if self.retriever is None:
-                raise InputError("Retrieval was asked for, but no retriever is loaded (the pool is empty or named adapters only).")
+            if any(routes[i].method in ("auto", "soup") for i in embedded) and self.retriever is None:
+                raise InputError("Retrieval was asked for, but no retriever is loaded (the pool is empty, or its adapters have no "
+                                 "cards: route through tasks with 'lorauter', or by name).")
+            if any(routes[i].method == "lorauter" for i in embedded) and self.tasks is None:
+                raise InputError("Routing through tasks (lorauter) was asked for, but no task library is loaded; start with "
+                                 "--routing lorauter or give --task_library.")
             texts = [queries[i] for i in embedded]
-            encode = self.retriever.embedder.encode
+            encode = self.embedder.encode
             emb = encode(texts) if self.cache_queries else encode(texts, cache=False)  # [len(embedded), d]
             row_of = {i: j for j, i in enumerate(embedded)}
             self._auto(out, routes, emb, row_of)
             self._soup(out, routes, emb, row_of)
+            self._lorauter(out, routes, emb, row_of)
             out.meta["retrieval_s"] = time.perf_counter() - t0
         for i, r in enumerate(routes):
-            if r.method in ("auto", "soup", "base"):  # answered above, or no adapter
+            if r.method in ("auto", "soup", "base", "lorauter"):  # answered above, or no adapter
                 continue
             if r.method == "mix":
                 names, weights = [n for n, _ in r.mix], [float(w) for _, w in r.mix]
@@ -171,6 +192,18 @@ class Router:
                 out.adapters[i] = names[j]
                 out.weights[i] = [float(w) for w in weights[j]]
                 out.similarities[i] = [float(s) for s in scores[j]]
+                out.modes[i] = routes[i].mode
+
+    def _lorauter(self, out: Routing, routes: list[Route], emb: np.ndarray, row_of: dict) -> None:
+        """Through the nearest tasks to their best adapters (:func:`utils.task_library.route_through_tasks`)."""
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(routes):
+            if r.method == "lorauter":
+                groups.setdefault((r.k, r.temperature), []).append(i)
+        for (k, temperature), members in groups.items():
+            answers = self.tasks.route(emb[[row_of[i] for i in members]], k, temperature, [routes[i].exclude for i in members])
+            for i, (names, weights, extra) in zip(members, answers):
+                out.adapters[i], out.weights[i], out.extra[i] = names, weights, extra
                 out.modes[i] = routes[i].mode
 
     def _soup(self, out: Routing, routes: list[Route], emb: np.ndarray, row_of: dict) -> None:

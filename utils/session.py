@@ -85,7 +85,19 @@ class Session:
     def retriever(self, entries, retriever: str, instruction: str, exclude_prompt: bool | None, device: str, cache_dir,
                   adapter_vector: str = "normalized_mean"):
         """A :class:`LoraRetriever` over ``entries``; the embedder and the pool's index are kept across runs."""
-        from utils.retrieval import Embedder, LoraRetriever
+        from utils.retrieval import LoraRetriever
+
+        self.embedder(retriever, instruction, exclude_prompt, device, cache_dir)
+        rkey = (adapter_vector, tuple((e.name, tuple(str(s) for s in e.samples)) for e in entries))
+        if rkey != self._retriever_key:
+            self._retriever = LoraRetriever(self._embedder, [e.name for e in entries], [e.samples for e in entries],
+                                            adapter_vector=adapter_vector)
+            self._retriever_key = rkey
+        return self._retriever
+
+    def embedder(self, retriever: str, instruction: str, exclude_prompt: bool | None, device: str, cache_dir):
+        """The sentence embedder of retrieval and of the task library, kept across runs."""
+        from utils.retrieval import Embedder
 
         ekey = (retriever, instruction, exclude_prompt, device, str(cache_dir))
         if ekey != self._embedder_key:
@@ -93,12 +105,7 @@ class Session:
                                       cache_dir=cache_dir)
             self._embedder_key = ekey
             self._retriever = self._retriever_key = None
-        rkey = (adapter_vector, tuple((e.name, tuple(str(s) for s in e.samples)) for e in entries))
-        if rkey != self._retriever_key:
-            self._retriever = LoraRetriever(self._embedder, [e.name for e in entries], [e.samples for e in entries],
-                                            adapter_vector=adapter_vector)
-            self._retriever_key = rkey
-        return self._retriever
+        return self._embedder
 
     def _drop_models(self):
         if self.pool is not None:

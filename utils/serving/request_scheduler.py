@@ -37,8 +37,8 @@ import logging
 import time
 from contextlib import nullcontext
 
-from utils.routing import Router
 from utils.decoding import BatchDecoder
+from utils.routing import Router
 from utils.serving.scheduling import Job, RequestQueue
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,312 @@
+"""Stage: scoring adapters on tasks. The task x adapter score matrix that LoRAuter routes with.
+
+Each adapter alone (selection, weight 1) is scored on a task's validation rows by one of two scorers:
+
+    loglik   the mean over rows of the mean log-likelihood per target token (the target and EOS after the prompt,
+             the same encoding as LoRA training and LoraHub's loss): one forward pass per row, no generation
+    metric   the task's own metric (EM, BLEU or ROUGE-L) on greedy answers (what LoRAuter's authors score with):
+             up to ``max_new_tokens`` decoding steps per row
+
+Pairs (row, adapter) of one task are batched together, each row composed with its own adapter
+(:class:`utils.composition.LiveComposition`), so a batch mixes adapters.
+
+**Successive halving** (``halving=True``) narrows the candidates instead of scoring every pair on every row: all
+candidates are scored on the first n0 rows, the better half (rounded up) is kept, n doubles, until one candidate is
+left or n reaches the task's rows; the survivors are scored on every row. With A adapters, R rows and n0 rows at the
+first rung, that costs about n0 * A * (1 + log2(min(A, R / n0))) row forwards against R * A for the full matrix
+(:func:`halving_cost`). An adapter's place in a task's ranking is decided by the last rung it reached, then by its score
+there; the rung (rows scored) is kept beside the score.
+
+**The cache** (a JSON file, written atomically) keys each score by the scorer, the adapter's content (a hash of its
+config and weight files), the task's content (metric and rows) and the number of rows, so that an unchanged pair is
+never scored twice, a pool that gains an adapter or a library that gains a task scores only the new pairs, and a
+changed adapter or task is scored again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+SCORERS = ("loglik", "metric")
+
+
+def adapter_digest(path: str | Path) -> str:
+    """A hash of an adapter directory's config and weight files (their bytes), or of the path for a hub id."""
+    p = Path(path)
+    if not p.is_dir():
+        return hashlib.sha256(f"hub:{path}".encode()).hexdigest()[:24]
+    h = hashlib.sha256()
+    for f in sorted(p.iterdir()):
+        if f.is_file() and (f.suffix in (".safetensors", ".bin") or f.name == "adapter_config.json"):
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:24]
+
+
+class ScoreCache:
+    """Scores on disk (module docstring); ``path`` None keeps them in memory only. Thread-safe."""
+
+    VERSION = 1
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path else None
+        self.scores: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self.dirty = False
+        if self.path is not None and self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text())
+                if data.get("version") == self.VERSION:
+                    self.scores = {k: float(v) for k, v in data.get("scores", {}).items()}
+            except (OSError, ValueError) as err:
+                logger.warning("Ignoring the unreadable score cache %s (%s); scores are recomputed", self.path, err)
+
+    @staticmethod
+    def key(scorer: str, adapter: str, task: str, rows: int, setting: str = "") -> str:
+        return f"{scorer}|{adapter}|{task}|{rows}|{setting}"
+
+    def get(self, key: str) -> float | None:
+        with self._lock:
+            return self.scores.get(key)
+
+    def put(self, key: str, value: float) -> None:
+        with self._lock:
+            self.scores[key] = float(value)
+            self.dirty = True
+
+    def save(self) -> None:
+        if self.path is None or not self.dirty:
+            return
+        with self._lock:
+            payload = json.dumps({"version": self.VERSION, "scores": self.scores}, indent=0, sort_keys=True)
+            self.dirty = False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(payload)
+        os.replace(tmp, self.path)
+
+
+@dataclass
+class ScoreMatrix:
+    """Scores [T, A] of adapters on tasks (NaN where a pair was not scored) and rows [T, A], the rows each score is on."""
+
+    tasks: list[str]
+    adapters: list[str]
+    scores: np.ndarray
+    rows: np.ndarray
+    forwards: int = 0  # row forwards (loglik) or generated rows (metric) computed now, cache hits excluded
+    pairs: int = 0  # (task, adapter, rows) scores computed now
+    cached: int = 0  # scores read from the cache
+
+    def ranking(self, task: str) -> list[str]:
+        """The task's scored adapters, best first: by rows scored (the last rung reached), then score, then name."""
+        t = self.tasks.index(task)
+        scored = [a for a in range(len(self.adapters)) if not np.isnan(self.scores[t, a])]
+        return [self.adapters[a] for a in sorted(scored, key=lambda a: (-self.rows[t, a], -self.scores[t, a], self.adapters[a]))]
+
+    def rankings(self) -> dict[str, list[str]]:
+        return {t: self.ranking(t) for t in self.tasks}
+
+    def best(self) -> dict[str, str | None]:
+        return {t: (r[0] if r else None) for t, r in self.rankings().items()}
+
+    def as_json(self) -> dict:
+        return {"tasks": self.tasks, "adapters": self.adapters,
+                "scores": [[None if np.isnan(x) else round(float(x), 6) for x in row] for row in self.scores],
+                "rows": self.rows.astype(int).tolist(), "best": self.best(), "forwards": self.forwards, "pairs": self.pairs,
+                "cached": self.cached}
+
+
+def halving_cost(adapters: int, rows: int, first: int) -> int:
+    """Row forwards successive halving needs for one task (module docstring), without the cache."""
+    total, n, cands = 0, min(first, rows), adapters
+    while True:
+        total += n * cands
+        if cands <= 1 or n >= rows:
+            return total
+        cands, n = math.ceil(cands / 2), min(rows, n * 2)
+
+
+class TaskScorer:
+    """Scores adapters of ``pool`` (an :class:`utils.adapter_pool.AdapterPool`) on tasks (module docstring).
+
+    Args:
+        pool: the adapters' weights on the base model.  tokenizer, prompter: how rows become prompts.
+        scorer: ``loglik`` or ``metric``.  cache: a :class:`ScoreCache`.  batch_size: rows per forward.
+        max_length: tokens of prompt and target (loglik).  max_new_tokens: tokens generated per row (metric).
+        paths: adapter name -> its directory (what the cache keys its content by).
+    """
+
+    def __init__(self, pool, tokenizer, prompter, paths: dict[str, str], scorer: str = "loglik", cache: ScoreCache | None = None,
+                 batch_size: int = 16, max_length: int = 256, max_new_tokens: int = 40):
+        if scorer not in SCORERS:
+            raise ValueError(f"Unknown task scorer {scorer!r}; use one of {', '.join(SCORERS)}.")
+        self.pool, self.tokenizer, self.prompter, self.scorer = pool, tokenizer, prompter, scorer
+        self.paths = dict(paths)
+        self.cache = cache or ScoreCache(None)
+        self.batch_size, self.max_length, self.max_new_tokens = batch_size, max_length, max_new_tokens
+        self._digests: dict[str, str] = {}
+        self.forwards = 0
+
+    def digest(self, name: str) -> str:
+        if name not in self._digests:
+            self._digests[name] = adapter_digest(self.paths[name])
+        return self._digests[name]
+
+    def _key(self, name: str, task, rows: int) -> str:
+        setting = f"len{self.max_length}" if self.scorer == "loglik" else f"new{self.max_new_tokens}"
+        return ScoreCache.key(self.scorer, self.digest(name), task.digest, rows, setting)
+
+    def scores(self, task, adapters: list[str], rows: int) -> tuple[list[float], int]:
+        """Each adapter's score on the first ``rows`` rows of ``task`` (cached ones read back); and how many were cached."""
+        rows = min(rows, len(task.inputs))
+        keys = [self._key(a, task, rows) for a in adapters]
+        out = [self.cache.get(k) for k in keys]
+        missing = [i for i, v in enumerate(out) if v is None]
+        if missing:
+            new = self._compute(task, [adapters[i] for i in missing], rows)
+            for i, v in zip(missing, new):
+                out[i] = v
+                self.cache.put(keys[i], v)
+        return [float(v) for v in out], len(adapters) - len(missing)
+
+    def _compute(self, task, adapters: list[str], rows: int) -> list[float]:
+        pairs = [(a, j) for a in adapters for j in range(rows)]
+        if self.scorer == "loglik":
+            per_pair = self._loglik(task, pairs)
+        else:
+            per_pair = self._answers(task, pairs)
+        self.forwards += len(pairs)
+        out = []
+        for n, a in enumerate(adapters):
+            got = per_pair[n * rows:(n + 1) * rows]
+            if self.scorer == "loglik":
+                out.append(float(np.mean(got)))
+            else:
+                out.append(metric_score(task.metric, got, task.targets[:rows]))
+        return out
+
+    @torch.inference_mode()
+    def _loglik(self, task, pairs: list[tuple[str, int]]) -> list[float]:
+        """Mean log-likelihood per target token of each (adapter, row) pair."""
+        from utils.composition import LiveComposition
+        from utils.prompter import collate_supervised, encode_supervised
+
+        encoded = {j: encode_supervised(self.tokenizer, self.prompter, task.inputs[j], task.targets[j], self.max_length)
+                   for j in {j for _, j in pairs}}
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        order = sorted(range(len(pairs)), key=lambda i: len(encoded[pairs[i][1]][0]))  # similar lengths together
+        out = [0.0] * len(pairs)
+        live = LiveComposition(self.pool)
+        device = next(self.pool.model.parameters()).device
+        with live.active() as model:
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start:start + self.batch_size]
+                ids, labels, mask = collate_supervised([encoded[pairs[i][1]] for i in chunk], pad, left=True)
+                live.set_rows([(i, [pairs[i][0]], [1.0], "mixture") for i in chunk])
+                keep = min(int((labels != -100).sum(1).max()) + 1, ids.shape[1])
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                               logits_to_keep=keep).logits[:, :-1].float()
+                target = labels[:, -(keep - 1):].to(device)
+                lp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
+                valid = target != -100
+                per_row = (lp * valid).sum(1) / valid.sum(1).clamp(min=1)
+                for i, v in zip(chunk, per_row.tolist()):
+                    out[i] = v
+                live.forget(chunk)
+        return out
+
+    def _answers(self, task, pairs: list[tuple[str, int]]) -> list[str]:
+        """Greedy answers of each (adapter, row) pair."""
+        from utils.composition import LiveComposition
+        from utils.generation import generate_batch, length_sorted_batches
+
+        prompts = [self.prompter.generate_prompt(task.inputs[j]) for _, j in pairs]
+        lengths = [len(x) for x in self.tokenizer(prompts).input_ids]
+        out = [""] * len(pairs)
+        live = LiveComposition(self.pool)
+        with live.active() as model:
+            for batch in length_sorted_batches(lengths, self.batch_size):
+                texts, _ = generate_batch(model, self.tokenizer, [prompts[i] for i in batch], self.max_new_tokens,
+                                          composition=live, compositions=[([pairs[i][0]], [1.0], "mixture") for i in batch])
+                for i, t in zip(batch, texts):
+                    out[i] = t
+        return out
+
+
+def metric_score(metric: str, preds: list[str], targets: list[str]) -> float:
+    """A task's own metric on answers: EM, the paper's BLEU, or ROUGE-L."""
+    from utils.metrics import score_task
+
+    scores, _ = score_task(metric, preds, targets)
+    return float(scores[{"em": "em", "bleu": "bleu", "rouge": "rougeL"}[metric]])
+
+
+def score_matrix(scorer: TaskScorer, tasks: list, adapters: list[str], rows: int | None = None, halving: bool = True,
+                 first: int = 2, progress: bool = True) -> ScoreMatrix:
+    """The task x adapter :class:`ScoreMatrix` of ``adapters`` on ``tasks`` (at most ``rows`` rows of each), by
+    successive halving from ``first`` rows (module docstring) or on every pair."""
+    from tqdm.auto import tqdm
+
+    T, A = len(tasks), len(adapters)
+    scores = np.full((T, A), np.nan)
+    used = np.zeros((T, A), dtype=np.int64)
+    forwards0, pairs, cached = scorer.forwards, 0, 0
+    for t, task in enumerate(tqdm(tasks, desc=f"Scoring adapters on tasks ({scorer.scorer})", unit="task", disable=not progress)):
+        n_rows = min(rows or len(task.inputs), len(task.inputs))
+        cands = list(range(A))
+        n = min(first, n_rows) if halving else n_rows
+        while cands:
+            got, hits = scorer.scores(task, [adapters[a] for a in cands], n)
+            pairs += len(cands) - hits
+            cached += hits
+            for a, v in zip(cands, got):
+                scores[t, a], used[t, a] = v, n
+            if not halving or len(cands) <= 1 or n >= n_rows:
+                break
+            keep = sorted(cands, key=lambda a: (-scores[t, a], adapters[a]))[:math.ceil(len(cands) / 2)]
+            cands, n = keep, min(n_rows, n * 2)
+    scorer.cache.save()
+    return ScoreMatrix([t.name for t in tasks], list(adapters), scores, used, scorer.forwards - forwards0, pairs, cached)
+
+
+def build_task_index(session, entries, args, adapter_pool, tokenizer, prompter, device: str, cache_dir):
+    """The :class:`utils.task_library.TaskIndex` of a run or a server: the task library of ``entries`` and
+    ``--task_library``, embedded with the retriever's embedder, each task's adapters ranked by the score matrix of
+    ``entries`` (scored here, or read from ``--task_scores``). Returns (index, matrix, seconds)."""
+    import time
+
+    from utils.model_loading import cache_dir as default_cache
+    from utils.retrieval import exclude_prompt_choice
+    from utils.task_library import TaskIndex, task_library
+
+    t0 = time.time()
+    tasks = task_library(entries, args.task_library)
+    where = args.task_scores if args.task_scores is not None else str(default_cache() / "task_scores.json")
+    cache = ScoreCache(None if where.lower() == "none" else where)
+    scorer = TaskScorer(adapter_pool, tokenizer, prompter, {e.name: e.path for e in entries}, args.task_scorer, cache,
+                        max_new_tokens=args.max_new_tokens)
+    matrix = score_matrix(scorer, tasks, [e.name for e in entries], args.task_rows, halving=args.task_search == "halving")
+    embedder = session.embedder(args.retriever, args.instruction, exclude_prompt_choice(args.exclude_prompt_from_pooling),
+                                device, cache_dir)
+    index = TaskIndex.build(embedder, tasks, matrix.rankings())
+    seconds = time.time() - t0
+    logger.info("Task library: %d tasks x %d adapters scored in %.1f s (%d pairs computed, %d cached, %d row %s)",
+                len(tasks), len(entries), seconds, matrix.pairs, matrix.cached, matrix.forwards,
+                "forwards" if args.task_scorer == "loglik" else "generations")
+    return index, matrix, seconds
