@@ -5,8 +5,8 @@
 #
 # Runs: base (no adapter), perfect selection, then selection (top-1), mixture and fusion (top-3),
 # each in-domain and OOD; then the comparison rows: mixture with softmax weights, Adapter Soup,
-# LoraHub (one vector for the mixed set; one per task) and PEFT's Arrow, in-domain and OOD where OOD
-# means something. All in one process. A finished run (its results file exists) is skipped unless
+# LoraHub (one vector for the mixed set; one per task), LoRAuter (routing through tasks) and PEFT's Arrow,
+# in-domain and OOD where OOD means something. All in one process. A finished run (its results file exists) is skipped unless
 # FORCE=1; an interrupted one resumes from its checkpoint.
 # Environment: PYTHON (interpreter), LAUNCH (how main.py starts, e.g. "torchrun --nproc_per_node 4";
 # default: $PYTHON), DATA (evaluation file), OUT (results folder),
@@ -47,6 +47,8 @@ RUNS=(
   "lorahub          --eval_type lorahub --lorahub_scope all"
   "lorahub_task     --eval_type lorahub --lorahub_scope task"
   "lorahub_task_ood --eval_type lorahub --lorahub_scope task --ood"
+  "lorauter         --eval_type lorauter"
+  "lorauter_ood     --eval_type lorauter --ood"
   "arrow            --eval_type arrow"
   "arrow_ood        --eval_type arrow --ood"
 )
@@ -57,8 +59,8 @@ RUNS=(
 if [[ -n "${VLLM_URL:-}" ]]; then
   for url in $VLLM_URL; do EXTRA_ARGS="${EXTRA_ARGS:-} --vllm_url $url"; done
   EXTRA_ARGS="$EXTRA_ARGS --engine vllm"
-  SKIP="${SKIP:-} lorahub lorahub_task lorahub_task_ood arrow arrow_ood"
-  echo "eval_all.sh: generating on vLLM at $VLLM_URL; the LoraHub and Arrow runs need the model in-process and are left out." >&2
+  SKIP="${SKIP:-} lorahub lorahub_task lorahub_task_ood lorauter lorauter_ood arrow arrow_ood"
+  echo "eval_all.sh: generating on vLLM at $VLLM_URL; the LoraHub, LoRAuter and Arrow runs need the model in-process and are left out." >&2
 fi
 if [[ -n "${SKIP:-}" ]]; then
   KEPT=()

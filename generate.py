@@ -3,6 +3,7 @@
     python generate.py --prompt "Is this sarcastic? ..."                     # retrieve top-3, mixture
     python generate.py --prompt "..." --eval_type fusion --lora_num 2
     python generate.py --prompt "..." --adapters snarks=0.7,winowhy=0.8     # named adapters and weights
+    python generate.py --prompt "..." --eval_type lorauter                 # through the nearest tasks (LoRAuter)
     python generate.py                                                     # interactive: one prompt per line
 
 Retrieval shows the chosen adapters with their similarity and weight. Named adapters are applied with
@@ -51,6 +52,12 @@ class Generator:
         self.tokenizer, self.model = session.base(args.base_model, args.dtype, args.device, None)
         self.loras = build_pool(session, self.pool_entries, args, device=args.device, retrieval=not args.adapters)
         self.pool, self.router = self.loras.adapters, self.loras.router
+        if args.eval_type == "lorauter" and not args.adapters and self.pool is not None:
+            from utils.retrieval import embedding_cache_dir
+            from utils.task_scores import build_task_index
+
+            self.router.tasks, _, _ = build_task_index(session, self.pool_entries, args, self.pool, self.tokenizer, self.prompter,
+                                                       args.device, embedding_cache_dir(args.embedding_cache))
         self.named = parse_adapters(args.adapters) if args.adapters else None
         if self.named and self.pool is not None:
             self.pool.indices([[n for n, _ in self.named]])  # unknown names fail here, before any prompt
@@ -66,8 +73,12 @@ class Generator:
             out, _ = generate_batch(self.model, self.tokenizer, [prompt], self.args.max_new_tokens)
             return out[0], []
         a = self.args
-        route = Route("mix", mix=tuple(self.named), mode=a.eval_type) if self.named else \
-            Route("auto", k=a.lora_num, weighting=a.weighting, temperature=a.temperature, mode=a.eval_type)
+        if self.named:
+            route = Route("mix", mix=tuple(self.named), mode="mixture" if a.eval_type == "lorauter" else a.eval_type)
+        elif a.eval_type == "lorauter":
+            route = Route("lorauter", k=a.lorauter_k, temperature=a.lorauter_temperature)
+        else:
+            route = Route("auto", k=a.lora_num, weighting=a.weighting, temperature=a.temperature, mode=a.eval_type)
         routing = self.router.route([text], [route])
         names, weights = routing.adapters[0], routing.weights[0]
         live = LiveComposition(self.pool)
@@ -93,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="the instruction to answer (default: read prompts from stdin, one per line)")
     p.add_argument("--adapters", default=None, help="named adapters and weights, e.g. snarks=0.7,winowhy=0.8 (default: retrieve)")
     p.add_argument("--no_adapters", action="store_true", help="the base model alone (no pool, no retrieval)")
-    flags.add_composition_flags(p, ("mixture", "fusion"))
+    flags.add_composition_flags(p, ("mixture", "fusion", "lorauter"))
+    flags.add_task_routing_flags(p)
     flags.add_model_flags(p)
     flags.add_pool_flags(p)
     flags.add_retrieval_flags(p)

@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     flags.add_pool_flags(p)
     flags.add_retrieval_flags(p)
     flags.add_composition_flags(p, ("mixture", "fusion"))
+    a("--routing", default="retrieval", choices=("retrieval", "lorauter"),
+      help="what model 'auto' does by default (a request's 'routing' field overrides it): retrieval of the top-k adapters by "
+           "their cards, or lorauter, through the nearest tasks of the task library to their best adapters")
+    flags.add_task_routing_flags(p)
     flags.add_prompt_flags(p)
     a("--no_adapters", action="store_true", help="serve the base model alone (no pool, no retrieval)")
     flags.add_engine_flags(p)

@@ -63,11 +63,12 @@ def load_runs(pairs: list[tuple[str, Path]], broken: list[str] | None = None) ->
 
 def summarize(runs: dict[str, list[dict]]) -> tuple[list[str], dict, dict]:
     """(run names, per-run task scores, tables {name: rows}); pure apart from logging."""
-    from utils.tables import domain_rows, task_rows, task_scores
+    from utils.tables import domain_rows, oracle_rows, task_rows, task_scores
 
     names = list(runs)
     per_run = {name: task_scores(rows, name) for name, rows in runs.items()}
-    tables = {"domain": domain_rows(per_run, names), "tasks": task_rows(per_run, names)}
+    domain = domain_rows(per_run, names)
+    tables = {"domain": domain + oracle_rows(domain, names), "tasks": task_rows(per_run, names)}
     return names, per_run, tables
 
 
@@ -82,7 +83,11 @@ def write_outputs(out_dir: Path, names: list[str], per_run: dict, tables: dict, 
         (out_dir / f"{key}.csv").write_text(to_csv(rows, names, firsts[key]), encoding="utf-8")
     (out_dir / "scores.json").write_text(json.dumps({"runs": names, "tasks": per_run}, indent=1, ensure_ascii=False), encoding="utf-8")
     if charts:
-        write_charts(out_dir / "charts", names, tables["domain"])
+        rows = [r for r in tables["domain"] if not r[0].startswith("% of oracle: ")]
+        write_charts(out_dir / "charts", names, rows)
+        overall = dict(tables["domain"]).get("% of oracle: Average")
+        if overall is not None:
+            write_oracle_chart(out_dir / "charts" / "oracle_overview.png", names, overall)
 
 
 def write_charts(chart_dir: Path, names: list[str], rows) -> list[Path]:
@@ -120,6 +125,46 @@ def write_charts(chart_dir: Path, names: list[str], rows) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def oracle_pairs(names: list[str], values: list) -> list[tuple[str, float | None, float | None]]:
+    """(method, in-domain %, OOD %) for every run but the oracle: run X and its X_ood side by side, in run order."""
+    from utils.tables import ORACLE
+
+    by_name = dict(zip(names, values))
+    out, seen = [], set()
+    for name in names:
+        method = name[:-4] if name.endswith("_ood") else name
+        if method in seen or method == ORACLE:
+            continue
+        seen.add(method)
+        out.append((method, by_name.get(method), by_name.get(method + "_ood")))
+    return out
+
+
+def write_oracle_chart(path: Path, names: list[str], values: list) -> Path:
+    """Every method's overall % of oracle, in-domain and OOD side by side (horizontal bars, 100% marked)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = oracle_pairs(names, values)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.4, 0.9 + 0.42 * len(pairs)))
+    ys = list(range(len(pairs)))[::-1]
+    for offset, col, label, color in ((0.2, 1, "in-domain", "tab:blue"), (-0.2, 2, "OOD (own task's adapter left out)", "tab:orange")):
+        pts = [(y + offset, p[col]) for y, p in zip(ys, pairs) if p[col] is not None]
+        bars = ax.barh([y for y, _ in pts], [v for _, v in pts], 0.38, label=label, color=color)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
+    ax.axvline(100, color="black", linewidth=0.8, linestyle="--")
+    ax.set_yticks(ys, [p[0] for p in pairs])
+    ax.set_xlabel("overall score, % of perfect selection (oracle)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:

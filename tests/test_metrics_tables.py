@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from utils import metrics
-from utils.tables import domain_rows, task_rows, task_scores, to_csv, to_latex, to_markdown
+from utils.tables import domain_rows, oracle_rows, task_rows, task_scores, to_csv, to_latex, to_markdown
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -137,3 +137,40 @@ def test_summarize_cli(tmp_path):
     (tmp_path / "paper").mkdir()
     (tmp_path / "paper" / "run.json").write_text(json.dumps(runs["base"]))
     assert summarize_results.main(["--results_dir", str(tmp_path / "paper"), "--no_charts"]) == 0
+
+
+def oracle_tables():
+    runs = golden_runs()
+    runs = {"best_selection": runs["mixture"], "base": runs["base"], "partial": runs["partial"]}
+    names = list(runs)
+    per_run = {n: task_scores(r, n) for n, r in runs.items()}
+    dom = domain_rows(per_run, names)
+    return names, dom, oracle_rows(dom, names)
+
+
+def test_percent_of_oracle_rows_hand_checked_and_against_golden():
+    names, dom, rows = oracle_tables()
+    table = dict(rows)
+    assert table["% of oracle: sentiment (EM)"] == pytest.approx([100.0, 25.0, None], nan_ok=False)  # 25 / 100
+    assert table["% of oracle: translation (BLEU)"][1] == pytest.approx(53.73, abs=0.01)  # 53.73 / 100
+    assert table["% of oracle: struct to text (ROUGE-1)"] == [None, None, None]  # the oracle scored 0: no ratio
+    assert table["% of oracle: Average"][:2] == pytest.approx([100.0, 100 * 57.17 / 40.0], abs=0.02)
+    assert oracle_rows(dom, ["base", "mixture", "partial"]) == []  # no oracle run, no rows
+    for kind, render in (("md", to_markdown), ("tex", to_latex), ("csv", to_csv)):
+        assert render(dom + rows, names) == (GOLDEN / f"oracle.{kind}").read_text(encoding="utf-8"), kind
+
+
+def test_summary_has_oracle_rows_and_the_overview_chart(tmp_path):
+    import summarize_results
+
+    runs = golden_runs()
+    for name, rows in (("best_selection", runs["mixture"]), ("mixture", runs["mixture"]), ("mixture_ood", runs["base"]),
+                       ("base", runs["base"])):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"settings": {}, "rows": rows}))
+    assert summarize_results.main(["--results_dir", str(tmp_path), "--out_dir", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "domain.md").read_text()
+    assert "| % of oracle: Average |" in md and "% of oracle" in (tmp_path / "out" / "domain.csv").read_text()
+    assert (tmp_path / "out" / "charts" / "oracle_overview.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "out" / "charts" / "of_oracle_sentiment.png").exists()  # no per-domain chart of the % rows
+    names = ["best_selection", "mixture", "mixture_ood", "base"]
+    assert summarize_results.oracle_pairs(names, [100, 90, 70, 50]) == [("mixture", 90, 70), ("base", 50, None)]

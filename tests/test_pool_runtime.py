@@ -256,3 +256,65 @@ def test_pool_routes_need_the_key_or_a_loopback_bind(tiny_base, wild, tmp_path):
     keyed = create_app(engine, api_key="secret", bind_host="0.0.0.0")
     assert post(keyed, "/v1/load_lora_adapter", body).status_code == 401
     assert engine.pool.names == list(CARDS)
+
+
+def test_a_card_less_adapter_loaded_at_run_time_is_scored_in_the_background_and_routed_to(tiny_base, wild, tmp_path):
+    """--routing lorauter: an adapter loaded without samples is scored on the task library between decoding steps,
+    while requests are served, then joins the rankings. Here it is a copy of the adapter that ranks first on the first
+    task, under a name that sorts before it: the same scores (read from the cache, which keys scores by content), so it
+    takes the first place on every task its original led, and a request for that task is routed to it."""
+    from utils.serving.http_api import create_app
+
+    root, paths, _ = wild
+    engine = make_engine(tiny_base, pool_config(tmp_path / "pool.json", paths, list(CARDS)), "--routing", "lorauter",
+                         "--task_scores", str(tmp_path / "scores.json"))
+    index = engine.router.tasks
+    first = index.names[0]
+    leader = index.rankings[first][0]
+    led = [t for t, r in index.rankings.items() if r[0] == leader]
+    copy = shutil.copytree(paths[leader], root / "aa_copy")
+    app = create_app(engine)
+    engine.scheduler.start()
+    try:
+        prompt = CARDS[first][1][0]
+        r = post(app, "/v1/completions", {"prompt": prompt, "max_tokens": 2})  # the server's default: through tasks
+        assert r.status_code == 200 and r.json()["adapters"][0]["name"] == leader
+        streams = [{"prompt": f"the movie {i}", "model": "auto", "routing": "retrieval", "max_tokens": 30, "ignore_eos": True}
+                   for i in range(3)]
+        replies, loaded = run(while_running(app, engine, streams, "/v1/load_lora_adapter",
+                                            {"lora_name": "aa_copy", "lora_path": str(copy)}))
+        assert loaded.status_code == 200 and loaded.json()["task_scoring"] == "queued" and loaded.json()["retrievable"] is False
+        assert all(x.status_code == 200 for x in replies)
+        assert engine.scoring.wait_idle(120)
+        health = run(send_all(app, [("GET", "/health", None, 0)]))[0].json()["task_scoring"]
+        assert health["scored"] == {"aa_copy": led} and health["queued"] == [] and health["scoring"] is None
+        assert health["failed"] == {}
+        m = index.matrix
+        np_scores = {a: m.scores[:, m.adapters.index(a)].tolist() for a in (leader, "aa_copy")}
+        assert np_scores["aa_copy"] == np_scores[leader]
+        r = post(app, "/v1/completions", {"prompt": prompt, "max_tokens": 2, "routing": "lorauter"})
+        assert [a["name"] for a in r.json()["adapters"]][0] == "aa_copy"
+        metrics = run(send_all(app, [("GET", "/metrics", None, 0)]))[0].text
+        assert "lora_retriever_task_scored_total 1.0" in metrics
+        # unloaded: no task routes to it any more
+        assert post(app, "/v1/unload_lora_adapter", {"lora_name": "aa_copy"}).status_code == 200
+        assert all("aa_copy" not in r for r in index.rankings.values())
+        r = post(app, "/v1/completions", {"prompt": prompt, "max_tokens": 2, "routing": "lorauter"})
+        assert r.json()["adapters"][0]["name"] == leader
+        r = post(app, "/v1/completions", {"prompt": prompt, "max_tokens": 2, "routing": "tasks"})
+        assert r.status_code == 400
+        # an adapter of new content is scored for real, through the decoder's composition, while requests run
+        replies, loaded = run(while_running(app, engine, streams, "/v1/load_lora_adapter",
+                                            {"lora_name": "fresh", "lora_path": str(paths["extra0"])}))
+        assert loaded.status_code == 200 and all(x.status_code == 200 for x in replies)
+        assert engine.scoring.wait_idle(120) and "fresh" in engine.scoring.status()["scored"]
+        live = index.matrix.scores[:, index.matrix.adapters.index("fresh")].tolist()
+    finally:
+        engine.scoring.close()
+        engine.scheduler.stop()
+    # the same scores computed alone, outside the server, with a composition of their own
+    from utils.task_scores import TaskScorer
+
+    alone = TaskScorer(engine.pool, engine.tokenizer, engine.prompter, {"fresh": str(paths["extra0"])}, "loglik")
+    want = [alone.scores(t, ["fresh"], index.matrix.top_rows(t.name))[0][0] for t in index.tasks]
+    assert live == pytest.approx(want, abs=1e-5)

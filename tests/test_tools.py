@@ -93,7 +93,7 @@ def test_loss_covers_only_the_response():
 
 SWEEP_RUNS = ["base", "best_selection", "selection", "selection_ood", "mixture", "mixture_ood", "fusion", "fusion_ood",
               "mixture_softmax", "mixture_softmax_ood", "soup", "soup_ood", "lorahub", "lorahub_task", "lorahub_task_ood",
-              "arrow", "arrow_ood"]
+              "lorauter", "lorauter_ood", "arrow", "arrow_ood"]
 
 
 def test_eval_all_sweep_on_tiny_model(tmp_path, tiny_base, equal_loras, tiny_loras):
@@ -119,7 +119,7 @@ def test_eval_all_sweep_on_tiny_model(tmp_path, tiny_base, equal_loras, tiny_lor
     assert json.loads((out / "lorahub.json").read_text())["settings"]["lorahub_budget"] == 20  # from the embedded profile
     assert (out / "summary" / "domain.tex").is_file()
     assert done.stdout.splitlines()[0].startswith("| Domain (metric) | base | best_selection |")
-    assert "| lorahub | lorahub_task | lorahub_task_ood | arrow | arrow_ood |" in done.stdout.splitlines()[0]
+    assert "| lorahub | lorahub_task | lorahub_task_ood | lorauter | lorauter_ood | arrow | arrow_ood |" in done.stdout.splitlines()[0]
     again = subprocess.run(["bash", str(ROOT / "eval_all.sh"), "embedded"], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert again.returncode == 0 and again.stderr.count("skipping") == len(SWEEP_RUNS)
     # A pool of mixed ranks: Arrow refuses it before any run starts, and SKIP leaves its rows out.

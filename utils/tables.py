@@ -5,6 +5,8 @@
                                         metric (a domain's score is the mean of its tasks' scores),
                                         then an "Average" row (the mean of the rows above)
     task_rows(per_run, runs, extra)  -> [(label, [...])]: one row per task x metric
+    oracle_rows(rows, runs, oracle)  -> [(label, [...])]: each row of ``rows`` as % of the oracle run's value
+                                        (100 * score / score of perfect selection, ``best_selection``)
     to_markdown / to_latex / to_csv  -> text. A missing score is shown as missing, never as 0.
 """
 
@@ -108,6 +110,26 @@ def task_rows(per_run: dict, runs: list[str], extra: bool = True) -> list[Row]:
     return rows
 
 
+ORACLE = "best_selection"
+
+
+def oracle_rows(rows: list[Row], runs: list[str], oracle: str = ORACLE) -> list[Row]:
+    """``rows`` (the domain rows and their Average) as "% of oracle" rows: 100 * v / v_oracle, run by run.
+
+    The field's summary of a router (LoRAuter reports it): the score relative to perfect selection, the run that
+    gives every input its own task's adapter. Empty when no run is named ``oracle``; a row whose oracle value is
+    missing or 0 has no percentages (missing, not 0).
+    """
+    if oracle not in runs:
+        return []
+    j = runs.index(oracle)
+    out: list[Row] = []
+    for label, values in rows:
+        ref = values[j]
+        out.append((f"% of oracle: {label}", [None if v is None or not ref else 100.0 * v / ref for v in values]))
+    return out
+
+
 def _fmt(value, missing: str, digits: int = 2) -> str:
     return missing if value is None else f"{value:.{digits}f}"
 
@@ -133,7 +155,7 @@ def to_latex(rows: list[Row], runs: list[str], first: str = "Domain (metric)", c
     out = ["\\begin{table}[t]", "\\centering", f"\\begin{{tabular}}{{{cols}}}", "\\toprule",
            " & ".join([_latex_escape(first)] + [_latex_escape(r) for r in runs]) + " \\\\", "\\midrule"]
     for label, values in rows:
-        if label == "Average":
+        if label == "Average" or label == f"% of oracle: {rows[0][0]}":
             out.append("\\midrule")
         present = [v for v in values if v is not None]
         best = max(present) if present else None

@@ -166,6 +166,8 @@ class TaskIndex:
     rankings: dict[str, list[str]] = field(default_factory=dict)
     embedder: object = None
     tasks: list[Task] = field(default_factory=list)
+    matrix: object = None  # the utils.task_scores.ScoreMatrix the rankings come from (None: rankings given as they are)
+    scorer: object = None  # the utils.task_scores.TaskScorer that scored it (scores adapters that join later)
 
     @classmethod
     def build(cls, embedder, tasks: list[Task], rankings: dict[str, list[str]] | None = None) -> "TaskIndex":
@@ -180,6 +182,8 @@ class TaskIndex:
 
     def drop_adapter(self, name: str) -> None:
         """An adapter left the pool: no task routes to it any more."""
+        if self.matrix is not None and name in self.matrix.adapters:
+            self.matrix = self.matrix.without_adapter(name)
         self.rankings = {t: [a for a in r if a != name] for t, r in self.rankings.items()}
 
     def route(self, emb: np.ndarray, k: int, temperature: float, excludes: list) -> list[tuple[list[str], list[float], dict]]:

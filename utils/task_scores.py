@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +113,25 @@ class ScoreMatrix:
     pairs: int = 0  # (task, adapter, rows) scores computed now
     cached: int = 0  # scores read from the cache
 
+    def with_adapter(self, name: str, scores: list[float], rows: list[int]) -> "ScoreMatrix":
+        """This matrix with one more adapter's column (its score and rows on each task); a new object."""
+        if name in self.adapters:
+            keep = [i for i, a in enumerate(self.adapters) if a != name]
+            base = ScoreMatrix(self.tasks, [self.adapters[i] for i in keep], self.scores[:, keep], self.rows[:, keep])
+            return base.with_adapter(name, scores, rows)
+        return ScoreMatrix(self.tasks, self.adapters + [name], np.concatenate([self.scores, np.asarray(scores, dtype=float)[:, None]], 1),
+                           np.concatenate([self.rows, np.asarray(rows, dtype=np.int64)[:, None]], 1), self.forwards, self.pairs, self.cached)
+
+    def without_adapter(self, name: str) -> "ScoreMatrix":
+        keep = [i for i, a in enumerate(self.adapters) if a != name]
+        return ScoreMatrix(self.tasks, [self.adapters[i] for i in keep], self.scores[:, keep], self.rows[:, keep],
+                           self.forwards, self.pairs, self.cached)
+
+    def top_rows(self, task: str) -> int:
+        """The rows the task's best adapter was scored on (what a newcomer is scored on to compete with it)."""
+        t = self.tasks.index(task)
+        return int(self.rows[t].max()) if self.rows.shape[1] else 0
+
     def ranking(self, task: str) -> list[str]:
         """The task's scored adapters, best first: by rows scored (the last rung reached), then score, then name."""
         t = self.tasks.index(task)
@@ -149,18 +169,29 @@ class TaskScorer:
         scorer: ``loglik`` or ``metric``.  cache: a :class:`ScoreCache`.  batch_size: rows per forward.
         max_length: tokens of prompt and target (loglik).  max_new_tokens: tokens generated per row (metric).
         paths: adapter name -> its directory (what the cache keys its content by).
+        composition: an active :class:`utils.composition.LiveComposition` to score through (a server's, whose hooks
+            stay on the model: scoring then runs on the thread that owns the model, between decoding steps, under
+            serials of its own); None: one of its own for each call. Only ``loglik`` scores through a shared one.
     """
 
     def __init__(self, pool, tokenizer, prompter, paths: dict[str, str], scorer: str = "loglik", cache: ScoreCache | None = None,
-                 batch_size: int = 16, max_length: int = 256, max_new_tokens: int = 40):
+                 batch_size: int = 16, max_length: int = 256, max_new_tokens: int = 40, composition=None):
         if scorer not in SCORERS:
             raise ValueError(f"Unknown task scorer {scorer!r}; use one of {', '.join(SCORERS)}.")
+        if composition is not None and scorer != "loglik":
+            raise ValueError("Scoring through a shared composition (a server's) takes the loglik scorer.")
+        self.composition = composition
+        self._serial = -1  # serials below 0: never a decoder's
         self.pool, self.tokenizer, self.prompter, self.scorer = pool, tokenizer, prompter, scorer
         self.paths = dict(paths)
         self.cache = cache or ScoreCache(None)
         self.batch_size, self.max_length, self.max_new_tokens = batch_size, max_length, max_new_tokens
         self._digests: dict[str, str] = {}
         self.forwards = 0
+
+    def add_path(self, name: str, path: str) -> None:
+        self.paths[name] = path
+        self._digests.pop(name, None)
 
     def digest(self, name: str) -> str:
         if name not in self._digests:
@@ -211,13 +242,15 @@ class TaskScorer:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         order = sorted(range(len(pairs)), key=lambda i: len(encoded[pairs[i][1]][0]))  # similar lengths together
         out = [0.0] * len(pairs)
-        live = LiveComposition(self.pool)
+        live = self.composition or LiveComposition(self.pool)
         device = next(self.pool.model.parameters()).device
-        with live.active() as model:
+        with (nullcontext(self.pool.model) if self.composition is not None else live.active()) as model:
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start:start + self.batch_size]
                 ids, labels, mask = collate_supervised([encoded[pairs[i][1]] for i in chunk], pad, left=True)
-                live.set_rows([(i, [pairs[i][0]], [1.0], "mixture") for i in chunk])
+                serials = list(range(self._serial, self._serial - len(chunk), -1))
+                self._serial -= len(chunk)
+                live.set_rows([(sr, [pairs[i][0]], [1.0], "mixture") for sr, i in zip(serials, chunk)])
                 keep = min(int((labels != -100).sum(1).max()) + 1, ids.shape[1])
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
@@ -228,7 +261,7 @@ class TaskScorer:
                 per_row = (lp * valid).sum(1) / valid.sum(1).clamp(min=1)
                 for i, v in zip(chunk, per_row.tolist()):
                     out[i] = v
-                live.forget(chunk)
+                live.forget(serials)
         return out
 
     def _answers(self, task, pairs: list[tuple[str, int]]) -> list[str]:
@@ -305,6 +338,7 @@ def build_task_index(session, entries, args, adapter_pool, tokenizer, prompter, 
     embedder = session.embedder(args.retriever, args.instruction, exclude_prompt_choice(args.exclude_prompt_from_pooling),
                                 device, cache_dir)
     index = TaskIndex.build(embedder, tasks, matrix.rankings())
+    index.matrix, index.scorer = matrix, scorer
     seconds = time.time() - t0
     logger.info("Task library: %d tasks x %d adapters scored in %.1f s (%d pairs computed, %d cached, %d row %s)",
                 len(tasks), len(entries), seconds, matrix.pairs, matrix.cached, matrix.forwards,

@@ -44,6 +44,8 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1 << 20
         yield
         if training is not None:  # a stop cancels the jobs cleanly: no partial adapter, the pool as it is
             await asyncio.to_thread(training.close)
+        if engine.scoring is not None:
+            engine.scoring.close()
         await asyncio.to_thread(engine.scheduler.stop)
 
     app = FastAPI(title="LoraRetriever server", lifespan=lifespan, docs_url="/docs", redoc_url=None)
@@ -87,6 +89,8 @@ def add_service_routes(app: FastAPI, engine, requests: Requests) -> None:
         ok = engine.scheduler.alive
         body = {"status": "ok" if ok else "unavailable", "model": engine.model_name, "adapters": len(engine.entries),
                 **engine.scheduler.stats()}
+        if engine.scoring is not None:
+            body["task_scoring"] = engine.scoring.status()
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
@@ -118,7 +122,8 @@ def add_service_routes(app: FastAPI, engine, requests: Requests) -> None:
         data += [{"id": e.name, "object": "model", "created": created, "owned_by": "lora-retriever", "domain": e.domain,
                   "description": f"the {e.name} adapter alone"} for e in engine.entries]
         return {"object": "list", "data": data, "base_model": engine.model_name,
-                "defaults": {"composition": engine.defaults.composition, "lora_num": engine.defaults.lora_num,
+                "defaults": {"composition": engine.defaults.composition, "lora_num": engine.defaults.lora_num, "routing": engine.defaults.routing,
+                             "task_routing": engine.router.tasks is not None if engine.pool is not None else False,
                              "weighting": engine.defaults.weighting, "max_tokens": engine.defaults.max_tokens,
                              "max_tokens_cap": engine.defaults.max_tokens_cap}}
 

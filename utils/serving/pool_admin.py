@@ -151,8 +151,13 @@ class PoolAdmin:
         self._on_scheduler(lambda: self._add(entry, samples, weights))
         self.loaded[name] = {"lora_name": name, "lora_path": str(real), "domain": domain, "samples": samples}
         self.save()
-        logger.info("Loaded adapter %s from %s (%s)", name, real, "retrievable" if samples else "by name only")
+        scoring = getattr(self.engine, "scoring", None)
+        if scoring is not None:  # routed through the task library once scored on it, in the background
+            scoring.submit(name, str(real))
+        logger.info("Loaded adapter %s from %s (%s)", name, real, "retrievable" if samples else
+                    "by name; routed through tasks once scored" if scoring is not None else "by name only")
         return {"object": "lora_adapter", "lora_name": name, "lora_path": str(real), "domain": domain, "retrievable": bool(samples),
+                "task_scoring": "queued" if scoring is not None else None,
                 "rank": weights.rank, "bytes": weights.nbytes, "message": f"Success: LoRA adapter '{name}' added successfully."}
 
     def _unload(self, body: dict) -> dict:

@@ -4,8 +4,10 @@ A request that passes :meth:`Requests.accept` and :meth:`Requests.build_job` is 
 choices are checked here against the server's limits and its pool, each failure an :class:`APIError` with a 4xx
 status whose message names the field and the fix (``{"error": {"message", "type", "param", "code"}}``).
 
-``model`` is ``auto`` (retrieve the top-k adapters for the input and compose them), ``base`` (no adapter) or
+``model`` is ``auto`` (route the input to adapters and compose them), ``base`` (no adapter) or
 an adapter's name (that adapter alone). Extra body fields, sent by the ``openai`` client with ``extra_body``:
+``routing`` (how ``auto`` routes: ``retrieval``, the top-k adapters by their cards, or ``lorauter``, through the
+nearest tasks of the task library; default: the server's ``--routing``),
 ``adapters`` ({name: weight}, used as given), ``composition`` (mixture | fusion), ``lora_num``, ``weighting``
 (uniform | softmax), ``exclude`` ([names]), ``chat_format`` / ``prompt_format``, ``ignore_eos`` (vLLM's: always generate
 ``max_tokens``).
@@ -23,8 +25,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from utils.routing import Route
 from utils.decoding import Sampling
+from utils.routing import Route
 from utils.serving.scheduling import Job
 
 UNSUPPORTED = {"suffix": None, "tools": None, "functions": None, "logit_bias": None, "tool_choice": None}
@@ -66,6 +68,7 @@ class _Common(BaseModel):
     # extra_body
     adapters: dict[str, FiniteFloat] | None = None
     composition: Literal["mixture", "fusion"] | None = None
+    routing: Literal["retrieval", "lorauter"] | None = None
     lora_num: int | None = None
     weighting: Literal["uniform", "softmax"] | None = None
     exclude: list[str] | None = None
@@ -270,6 +273,15 @@ class Requests:
             return Route("mix", mix=tuple(adapters.items()), mode=composition)
         if target != "auto":
             return Route("base")
+        if (req.routing or d.routing) == "lorauter":
+            tasks = eng.router.tasks
+            if tasks is None:
+                raise APIError(400, "'routing' lorauter: this server has no task library; start it with --routing lorauter or "
+                                    "--task_library FILE.", param="routing", code="unsupported")
+            if not any(tasks.rankings.get(t) for t in tasks.names):
+                raise APIError(503, "The task library's adapters are still being scored; retry shortly or use 'routing': 'retrieval'.",
+                               param="routing", code="not_ready")
+            return Route("lorauter", k=d.lorauter_k, temperature=d.lorauter_temperature, exclude=tuple(exclude), mode=composition)
         retrievable = eng.router.retriever.names if eng.router.retriever is not None else []
         available = len(retrievable) - len(set(exclude) & set(retrievable))
         if not 1 <= lora_num <= available:

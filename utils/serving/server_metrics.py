@@ -25,6 +25,9 @@ class ServerMetrics:
         self.batch_size = Histogram("lora_retriever_batch_size", "Rows per decoding step", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128))
         self.prompt_tokens = Counter("lora_retriever_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.task_scoring_queue = Gauge("lora_retriever_task_scoring_queue", "Runtime-loaded adapters waiting for or in scoring on "
+                                        "the task library", registry=r)
+        self.task_scored = Counter("lora_retriever_task_scored", "Runtime-loaded adapters scored on the task library", registry=r)
         self.generation_tokens = Counter("lora_retriever_generation_tokens", "Tokens generated", registry=r)
         self.latency = Histogram("lora_retriever_request_latency_seconds", "Arrival to last token", registry=r,
                                  buckets=LATENCY_BUCKETS)

@@ -35,6 +35,9 @@ class Defaults:
     prompt_logprobs_refusal: str | None = None  # why requests needing prompt logprobs are refused (None: they are served)
     chat_format: str = "template"
     prompt_format: str = "template"
+    routing: str = "retrieval"  # what model "auto" does: retrieval by cards, or lorauter (through tasks)
+    lorauter_k: int = 3
+    lorauter_temperature: float = 0.2
 
 
 @dataclass
@@ -52,6 +55,7 @@ class Engine:
     model_name: str
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
     started: float = field(default_factory=time.time)
+    scoring: object = None  # utils.serving.task_scoring.LiveScoring where a task library routes (None: none)
 
     @property
     def pool(self):
@@ -188,11 +192,29 @@ def load_engine(args, session=None) -> Engine:
                               max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, policy=args.batching)
     defaults = Defaults(composition=args.eval_type, lora_num=args.lora_num, weighting=args.weighting, softmax_temperature=args.temperature,
                         max_tokens=args.max_new_tokens, max_tokens_cap=args.max_tokens_cap, max_logprobs=args.max_logprobs,
-                        prompt_logprobs_refusal=refusal, chat_format=args.chat_format, prompt_format=args.prompt_format)
+                        prompt_logprobs_refusal=refusal, chat_format=args.chat_format, prompt_format=args.prompt_format,
+                        routing=args.routing, lorauter_k=args.lorauter_k, lorauter_temperature=args.lorauter_temperature)
+    if pool is not None and (args.routing == "lorauter" or args.task_library):
+        if on_vllm:
+            raise InputError("--routing lorauter scores the adapters on the model in this process; serve it with --engine local.")
+        from utils.retrieval import embedding_cache_dir as cache_of
+        from utils.task_scores import build_task_index
+
+        if args.task_scorer != "loglik":
+            raise InputError("--routing lorauter on a server scores adapters loaded at run time between decoding steps, which takes "
+                             "--task_scorer loglik.")
+        router.tasks, _, _ = build_task_index(session, entries, args, pool, tokenizer, prompter, args.device, cache_of(args.embedding_cache))
     logger.info("Loaded %s with %d adapters in %.1f s (context %d tokens)", args.base_model, len(entries), time.time() - t0, ctx)
-    return Engine(tokenizer=tokenizer, model=model, loras=loras, prompter=prompter,
-                  scheduler=scheduler, metrics=metrics, context_length=ctx, defaults=defaults, model_name=args.base_model,
-                  tokenizer_lock=lock)
+    engine = Engine(tokenizer=tokenizer, model=model, loras=loras, prompter=prompter,
+                    scheduler=scheduler, metrics=metrics, context_length=ctx, defaults=defaults, model_name=args.base_model,
+                    tokenizer_lock=lock)
+    if router.tasks is not None:
+        from utils.serving.task_scoring import LiveScoring
+
+        # adapters loaded at run time are scored through the decoder's own composition, between decoding steps
+        router.tasks.scorer.composition = decoder.composition
+        engine.scoring = LiveScoring(engine, metrics)
+    return engine
 
 
 def vllm_scheduler(args, pool, router, metrics, eos):
