@@ -26,7 +26,7 @@ OWN_FLAGS = {
     "soup": ("soup",),
     "arrow": ("arrow_top_k", "arrow_temperature", "arrow_general_adapters"),
     "lorahub": ("lorahub_scope", "lorahub_examples", "lorahub_budget", "lorahub_candidates", "lorahub_optimizer", "lorahub_l1",
-                "lorahub_dtype"),
+                "lorahub_dtype", "task_library"),
     "lorauter": ("task_library", "lorauter_k", "lorauter_temperature", "task_scorer", "task_search", "task_rows"),
 }
 
@@ -87,9 +87,10 @@ def resolved_settings(args: argparse.Namespace) -> dict:
                       "max_loras", "max_cpu_loras", "eager_load", "engine", "vllm_url", "vllm_api_key", "vllm_model",
                       "vllm_max_lora_rank", "vllm_timeout", "composed_dir", "max_composed",
                       "runs", "res_dir", "force", "task_scores")}
+    mine = set(OWN_FLAGS.get(args.eval_type, ()))
     for eval_type, keys in OWN_FLAGS.items():
         if args.eval_type != eval_type:
-            for key in keys:
+            for key in set(keys) - mine:
                 s.pop(key, None)
     if args.best_selection:
         s["lora_num"] = 1
@@ -207,7 +208,14 @@ def check_baseline(args: argparse.Namespace, rows: list[dict], pool: list) -> No
             if args.ood and len(pool) < 2:
                 raise InputError("--lorahub_scope task --ood needs at least two adapters in the pool.")
         else:
-            few_shot_examples(pool, args.lorahub_examples)
+            from utils.baselines.lorahub import labelled_entries
+            from utils.task_library import load_task_library
+
+            labelled = labelled_entries(pool, load_task_library(args.task_library) if args.task_library else [])
+            if not labelled:
+                raise InputError(f"--eval_type lorahub learns from labelled examples, but no entry of {args.config_path} has a card "
+                                 "with targets; give them cards, or --task_library FILE.")
+            few_shot_examples(labelled, args.lorahub_examples)
 
 
 def routes_of(plan: Plan) -> list:
@@ -258,7 +266,10 @@ def route(plan: Plan, session, adapter_pool, tokenizer, device: str):
 
     store = WeightStore(args.res_path, fingerprint(plan.settings))
     t0 = time.time()
-    key_of = learn_scope_vectors(args, rows, pool, plan.k, plan.prompter, adapter_pool, tokenizer, retriever, store)
+    from utils.task_library import load_task_library
+
+    library = load_task_library(args.task_library) if args.task_library else []
+    key_of = learn_scope_vectors(args, rows, pool, plan.k, plan.prompter, adapter_pool, tokenizer, retriever, store, library)
     vectors = store.vectors
     plan.cleanup.append(store.remove)
     routing = router.route(queries, [Route("mix", mix=tuple(zip(vectors[key].adapters, vectors[key].weights)), mode="fusion")

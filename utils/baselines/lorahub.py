@@ -209,17 +209,25 @@ class WeightStore:
             self.path.unlink()
 
 
+def labelled_entries(pool: list[PoolEntry], library=()) -> list[PoolEntry]:
+    """What ``--lorahub_scope all`` learns from: the pool entries whose cards have targets, then the task library's
+    tasks (:class:`utils.task_library.Task`) as entries of their own, for a pool whose adapters come without cards."""
+    out = [e for e in pool if any(t is not None for t in e.sample_targets)]
+    return out + [PoolEntry(t.name, t.domain, list(t.inputs), "", {}, list(t.targets)) for t in library]
+
+
 def learn_scope_vectors(args, rows: list[dict], pool: list[PoolEntry], k: int, prompter, adapter_pool, tokenizer, retriever,
-                        store: WeightStore) -> list[str]:
+                        store: WeightStore, library=()) -> list[str]:
     """One weight vector per scope (``--lorahub_scope all``: the whole mixed set; ``task``: each task), kept in ``store``.
 
     A scope already in ``store`` (an interrupted run) is not searched again. With ``--ood`` a task's vector is learned
     without that task's adapter. Candidates are the whole pool, or (``--lorahub_candidates retrieved``) the ``k``
-    adapters nearest to the mean embedding of the scope's examples. Returns each row's scope key.
+    adapters nearest to the mean embedding of the scope's examples. ``library``: the task library's tasks, examples
+    of the ``all`` scope beside the pool's cards (:func:`labelled_entries`). Returns each row's scope key.
     """
     by_name = {e.name: e for e in pool}
     if args.lorahub_scope == "all":
-        scopes = {"all": (pool, None)}
+        scopes = {"all": (labelled_entries(pool, library), None)}
         key_of = ["all"] * len(rows)
     else:
         tasks = list(dict.fromkeys(r["task"] for r in rows))
