@@ -32,7 +32,12 @@ pool: suite
 sweep: pool
 	PYTHON=$(PY) bash eval_all.sh embedded
 
-demo: sweep
+# make demo names the CPU it runs on first and prints its measured time last (install included when it ran).
+CPU_NAME = $$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo 2>/dev/null | head -1), $$(nproc) cores ($$(grep -o -w -m1 -e avx512f /proc/cpuinfo 2>/dev/null | head -1 || true)$$(grep -q -w avx2 /proc/cpuinfo 2>/dev/null && echo ' avx2'))
+demo:
+	@echo "make demo on $(CPU_NAME)"
+	@start=$$(date +%s); $(MAKE) --no-print-directory sweep || exit $$?; \
+	s=$$(( $$(date +%s) - start )); echo "make demo: done in $$((s / 60)) min $$((s % 60)) s on $(CPU_NAME)"
 
 # The web page's tests drive Debian's Chromium (never a downloaded browser build).
 browser:

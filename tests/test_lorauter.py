@@ -88,6 +88,23 @@ def test_halving_finds_the_full_matrix_best_when_one_adapter_leads_on_every_pref
     assert halved.ranking("t")[0] == "a7" and len(halved.ranking("t")) == 11
 
 
+def test_narrowing_by_embedding_keeps_the_nearest_cards_and_every_card_less_adapter():
+    from tests.helpers import FakeEmbedder
+    from utils.data import PoolEntry
+    from utils.task_scores import nearest_candidates
+
+    entries = [PoolEntry("cats", "", ["the cat sat", "a cat ran"], "p"), PoolEntry("dogs", "", ["the dog barked", "a dog ran"], "p"),
+               PoolEntry("soup", "", ["boil the soup", "stir the soup"], "p"), PoolEntry("mystery", "", [], "p")]
+    tasks = [Task("cat_task", "", "em", ["my cat sat", "the cat ran"], ["y", "n"])]
+    got = nearest_candidates(FakeEmbedder(), tasks, entries, 1)
+    assert got == {"cat_task": ["cats", "mystery"]}
+    assert nearest_candidates(FakeEmbedder(), tasks, entries, 0)["cat_task"] == ["cats", "dogs", "soup", "mystery"]
+    scorer = TableScorer({"cats": [-1.0] * 4, "dogs": [-0.5] * 4, "soup": [-3.0] * 4, "mystery": [-2.0] * 4})
+    m = score_matrix(scorer, [Task("cat_task", "", "em", ["x"] * 4, ["y"] * 4)], ["cats", "dogs", "soup", "mystery"],
+                     candidates=got, progress=False)
+    assert m.ranking("cat_task") == ["cats", "mystery"] and scorer.forwards == 2 * 2  # two candidates: one rung decides
+
+
 def test_ranking_orders_by_rung_then_score():
     m = ScoreMatrix(["t"], ["a", "b", "c"], np.array([[-1.0, -2.0, -0.5]]), np.array([[8, 8, 2]]))
     assert m.ranking("t") == ["a", "b", "c"]  # c scored best but was dropped at the first rung

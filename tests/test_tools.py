@@ -44,6 +44,17 @@ def test_generate_retrieval_and_stdin_loop(pool_file, tiny_base, capsys, monkeyp
     assert lines[0].startswith("adapters: beta (similarity ") and "weight 0.500" in lines[0]
 
 
+def test_generate_through_tasks(pool_file, tiny_base, capsys, tmp_path):
+    import generate
+
+    code = generate.main(["--prompt", "beta example 1", "--eval_type", "lorauter", "--lorauter_k", "2", "--base_model", str(tiny_base),
+                          "--config_path", str(pool_file), "--max_new_tokens", "3", "--task_scores", str(tmp_path / "s.json")])
+    assert code == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith("adapters: ") and "weight" in line and "similarity" not in line  # weights from the two nearest tasks
+    assert (tmp_path / "s.json").is_file()
+
+
 def test_generate_unknown_adapter(pool_file, tiny_base, caplog):
     import generate
 

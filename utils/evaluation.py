@@ -27,7 +27,8 @@ OWN_FLAGS = {
     "arrow": ("arrow_top_k", "arrow_temperature", "arrow_general_adapters"),
     "lorahub": ("lorahub_scope", "lorahub_examples", "lorahub_budget", "lorahub_candidates", "lorahub_optimizer", "lorahub_l1",
                 "lorahub_dtype", "task_library"),
-    "lorauter": ("task_library", "lorauter_k", "lorauter_temperature", "task_scorer", "task_search", "task_rows"),
+    "lorauter": ("task_library", "lorauter_k", "lorauter_temperature", "task_scorer", "task_search", "task_rows",
+                 "task_candidates"),
 }
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ def validate(args: argparse.Namespace) -> None:
             raise InputError(f"--lorauter_temperature must be above 0 (got {args.lorauter_temperature}).")
         if args.task_rows is not None and args.task_rows < 1:
             raise InputError(f"--task_rows must be at least 1 (got {args.task_rows}).")
+        if args.task_candidates < 0:
+            raise InputError(f"--task_candidates must be 0 (every adapter) or more (got {args.task_candidates}).")
     if args.best_selection and args.ood:
         raise InputError("--best_selection uses the row's own adapter, which --ood removes; drop one of them.")
 

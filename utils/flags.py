@@ -179,6 +179,9 @@ def add_task_routing_flags(p: argparse.ArgumentParser) -> None:
     a("--task_search", default="halving", choices=("halving", "full"),
       help="score every adapter on every row of every task (full), or narrow the candidates by successive halving")
     a("--task_rows", type=int, default=None, help="validation rows per task scored at most (default: all)")
+    a("--task_candidates", type=int, default=0,
+      help="narrow each task's candidates by embedding first: the N adapters whose cards embed nearest to the task, plus "
+           "every adapter without a card (0: every adapter is a candidate)")
     a("--task_scores", default=None, metavar="FILE",
       help="the score cache (default: <cache>/task_scores.json; 'none': no cache)")
 

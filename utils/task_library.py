@@ -114,6 +114,18 @@ def task_library(entries, path: str | Path | None = None) -> list[Task]:
     return tasks
 
 
+def mean_embeddings(embedder, groups: list[list[str]]) -> np.ndarray:
+    """The plain mean embedding [len(groups), d] of each group of texts (cached per group where the embedder can)."""
+    if hasattr(embedder, "card_means"):
+        return embedder.card_means(groups)
+    flat = [x for g in groups for x in g]
+    emb, out, start = embedder.encode(flat), [], 0
+    for g in groups:
+        out.append(emb[start:start + len(g)].mean(0))
+        start += len(g)
+    return np.stack(out).astype(np.float32)
+
+
 def softmax(x: np.ndarray, temperature: float) -> np.ndarray:
     z = (np.asarray(x, dtype=np.float64) / temperature)
     z = np.exp(z - z.max())
@@ -171,7 +183,7 @@ class TaskIndex:
 
     @classmethod
     def build(cls, embedder, tasks: list[Task], rankings: dict[str, list[str]] | None = None) -> "TaskIndex":
-        means = embedder.card_means([t.inputs for t in tasks]) if tasks else np.zeros((0, 1), dtype=np.float32)
+        means = mean_embeddings(embedder, [t.inputs for t in tasks]) if tasks else np.zeros((0, 1), dtype=np.float32)
         norms = np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
         return cls([t.name for t in tasks], np.ascontiguousarray(means / norms, dtype=np.float32), dict(rankings or {}),
                    embedder, list(tasks))

@@ -156,7 +156,7 @@ def halving_cost(adapters: int, rows: int, first: int) -> int:
     total, n, cands = 0, min(first, rows), adapters
     while True:
         total += n * cands
-        if cands <= 1 or n >= rows:
+        if cands <= 2 or n >= rows:  # the better of the last two is the winner: no rung for a lone survivor
             return total
         cands, n = math.ceil(cands / 2), min(rows, n * 2)
 
@@ -291,9 +291,10 @@ def metric_score(metric: str, preds: list[str], targets: list[str]) -> float:
 
 
 def score_matrix(scorer: TaskScorer, tasks: list, adapters: list[str], rows: int | None = None, halving: bool = True,
-                 first: int = 2, progress: bool = True) -> ScoreMatrix:
+                 first: int = 2, progress: bool = True, candidates: dict[str, list[str]] | None = None) -> ScoreMatrix:
     """The task x adapter :class:`ScoreMatrix` of ``adapters`` on ``tasks`` (at most ``rows`` rows of each), by
-    successive halving from ``first`` rows (module docstring) or on every pair."""
+    successive halving from ``first`` rows (module docstring) or on every pair; ``candidates[task]``, where given,
+    the only adapters scored on that task (:func:`nearest_candidates`)."""
     from tqdm.auto import tqdm
 
     T, A = len(tasks), len(adapters)
@@ -302,7 +303,8 @@ def score_matrix(scorer: TaskScorer, tasks: list, adapters: list[str], rows: int
     forwards0, pairs, cached = scorer.forwards, 0, 0
     for t, task in enumerate(tqdm(tasks, desc=f"Scoring adapters on tasks ({scorer.scorer})", unit="task", disable=not progress)):
         n_rows = min(rows or len(task.inputs), len(task.inputs))
-        cands = list(range(A))
+        allowed = set(candidates[task.name]) if candidates is not None and task.name in candidates else None
+        cands = [a for a in range(A) if allowed is None or adapters[a] in allowed]
         n = min(first, n_rows) if halving else n_rows
         while cands:
             got, hits = scorer.scores(task, [adapters[a] for a in cands], n)
@@ -310,12 +312,27 @@ def score_matrix(scorer: TaskScorer, tasks: list, adapters: list[str], rows: int
             cached += hits
             for a, v in zip(cands, got):
                 scores[t, a], used[t, a] = v, n
-            if not halving or len(cands) <= 1 or n >= n_rows:
+            if not halving or len(cands) <= 2 or n >= n_rows:  # of the last two, the better one wins
                 break
             keep = sorted(cands, key=lambda a: (-scores[t, a], adapters[a]))[:math.ceil(len(cands) / 2)]
             cands, n = keep, min(n_rows, n * 2)
     scorer.cache.save()
     return ScoreMatrix([t.name for t in tasks], list(adapters), scores, used, scorer.forwards - forwards0, pairs, cached)
+
+
+def nearest_candidates(embedder, tasks: list, entries, keep: int) -> dict[str, list[str]]:
+    """Each task's candidate adapters when the pool is narrowed by embedding first: the ``keep`` adapters whose card
+    embeds nearest to the task (cosine of the mean embeddings), and every adapter without a card (nothing to embed)."""
+    carded = [e for e in entries if e.samples]
+    cardless = [e.name for e in entries if not e.samples]
+    if not carded or keep <= 0:
+        return {t.name: [e.name for e in entries] for t in tasks}
+    def unit(m):
+        return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
+    from utils.task_library import mean_embeddings
+
+    sims = unit(mean_embeddings(embedder, [t.inputs for t in tasks])) @ unit(mean_embeddings(embedder, [e.samples for e in carded])).T
+    return {t.name: [carded[j].name for j in np.argsort(-sims[i], kind="stable")[:keep]] + cardless for i, t in enumerate(tasks)}
 
 
 def build_task_index(session, entries, args, adapter_pool, tokenizer, prompter, device: str, cache_dir):
@@ -334,9 +351,11 @@ def build_task_index(session, entries, args, adapter_pool, tokenizer, prompter, 
     cache = ScoreCache(None if where.lower() == "none" else where)
     scorer = TaskScorer(adapter_pool, tokenizer, prompter, {e.name: e.path for e in entries}, args.task_scorer, cache,
                         max_new_tokens=args.max_new_tokens)
-    matrix = score_matrix(scorer, tasks, [e.name for e in entries], args.task_rows, halving=args.task_search == "halving")
     embedder = session.embedder(args.retriever, args.instruction, exclude_prompt_choice(args.exclude_prompt_from_pooling),
                                 device, cache_dir)
+    narrowed = nearest_candidates(embedder, tasks, entries, args.task_candidates) if args.task_candidates else None
+    matrix = score_matrix(scorer, tasks, [e.name for e in entries], args.task_rows, halving=args.task_search == "halving",
+                          candidates=narrowed)
     index = TaskIndex.build(embedder, tasks, matrix.rankings())
     index.matrix, index.scorer = matrix, scorer
     seconds = time.time() - t0
