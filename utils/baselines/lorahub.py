@@ -210,9 +210,10 @@ class WeightStore:
 
 
 def labelled_entries(pool: list[PoolEntry], library=()) -> list[PoolEntry]:
-    """What ``--lorahub_scope all`` learns from: the pool entries whose cards have targets, then the task library's
-    tasks (:class:`utils.task_library.Task`) as entries of their own, for a pool whose adapters come without cards."""
-    out = [e for e in pool if any(t is not None for t in e.sample_targets)]
+    """What ``--lorahub_scope all`` learns from: the pool entries with a card (whose samples must then carry targets:
+    :func:`few_shot_examples` refuses them otherwise), then the task library's tasks
+    (:class:`utils.task_library.Task`) as entries of their own, for a pool whose adapters come without cards."""
+    out = [e for e in pool if e.samples]
     return out + [PoolEntry(t.name, t.domain, list(t.inputs), "", {}, list(t.targets)) for t in library]
 
 
