@@ -101,6 +101,8 @@ def main(argv=None) -> int:
         else:
             out = ROOT / "loras" / task
         rows = json.loads(train_file.read_text(encoding="utf-8"))
+        if not rows:
+            raise SystemExit(f"The training file {train_file} of task {task!r} holds no rows; add rows or leave the task out.")
         if (out / "adapter_model.safetensors").is_file() and not args.force:
             logger.info("Reusing the trained adapter %s (pass --force to retrain)", out)
         else:

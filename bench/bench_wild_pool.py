@@ -37,11 +37,16 @@ logger = logging.getLogger("bench_wild_pool")
 
 
 def train_useful(args, work: Path) -> list[dict]:
-    """The first ``--adapters`` retrieval-training tasks' adapters (trained if missing), with their cards."""
-    pool = json.loads((ROOT / "data/retrieval_train/pool.json").read_text())[:args.adapters]
+    """The first ``--adapters`` retrieval-training tasks with at least 8 training rows: their adapters (trained if
+    missing), with their cards. train_lora.py registers what it trains in the pool config it is given: a copy here."""
+    train = ROOT / "data/retrieval_train/train"
+    pool = [e for e in json.loads((ROOT / "data/retrieval_train/pool.json").read_text())
+            if len(json.loads((train / f"{e['model_name']}.json").read_text())) >= 8][:args.adapters]
+    config = work / "training_pool.json"
+    config.write_text(json.dumps(pool, indent=1))
     missing = [e["model_name"] for e in pool if not (work / "useful" / e["model_name"] / "adapter_config.json").is_file()]
     if missing:
-        cmd = [sys.executable, "train_lora.py", "--config_path", "data/retrieval_train/pool.json", "--train_dir", "data/retrieval_train/train",
+        cmd = [sys.executable, "train_lora.py", "--config_path", str(config), "--train_dir", str(train),
                "--adapter_dir", str(work / "useful"), "--steps", str(args.steps)]
         for t in missing:
             cmd += ["--task", t]
@@ -87,7 +92,8 @@ def main(argv=None) -> int:
     p.add_argument("--adapters", type=int, default=40)
     p.add_argument("--steps", type=int, default=8, help="training steps of each useful adapter")
     p.add_argument("--noise", type=float, nargs="+", default=[0, 1, 4], help="noise adapters per useful adapter")
-    p.add_argument("--rows_per_task", type=int, default=5)
+    p.add_argument("--rows_per_task", type=int, default=5, help="test rows per task")
+    p.add_argument("--task_rows", type=int, default=None, help="validation rows per task LoRAuter scores on (default: all 20)")
     p.add_argument("--routers", nargs="+", default=["lorauter", "arrow", "lorahub", "soup_all", "base", "mixture_with_cards"])
     p.add_argument("--out", default="docs/bench_wild_pool")
     args = p.parse_args(argv)
@@ -117,7 +123,8 @@ def main(argv=None) -> int:
     def sweep(res_dir: Path, pool_config: Path, runs: list[str]) -> None:
         cmd = [sys.executable, "main.py", "--settings", "config/embedded.json", "--data_path", str(data), "--config_path", str(pool_config),
                "--res_dir", str(res_dir), "--task_library", str(library), "--task_scores", str(work / "task_scores.json"),
-               "--lorahub_examples", "2", "--lorahub_budget", "20", "--runs", *runs]
+               "--lorahub_examples", "2", "--lorahub_budget", "20", "--task_candidates", "0",
+               *(["--task_rows", str(args.task_rows)] if args.task_rows else []), "--runs", *runs]
         subprocess.run(cmd, cwd=ROOT, check=True)
 
     results: dict = {"oracle": None, "levels": {}}
@@ -143,7 +150,7 @@ def main(argv=None) -> int:
         results["levels"][f"{lvl:g}"] = {"noise_adapters": n_noise[lvl], "scores": level}
     out = {"command": "python bench/bench_wild_pool.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "machine": {"cpu": cpu_name(), "python": platform.python_version()}, "useful_adapters": len(useful),
-           "training_steps": args.steps, "rows": len(subset), "rows_per_task": args.rows_per_task,
+           "training_steps": args.steps, "rows": len(subset), "rows_per_task": args.rows_per_task, "task_rows": args.task_rows,
            "seconds": round(time.time() - t_start, 1), **results}
     Path(args.out + ".json").write_text(json.dumps(out, indent=1))
     Path(args.out + ".md").write_text(table(out))

@@ -55,6 +55,18 @@ def test_generate_through_tasks(pool_file, tiny_base, capsys, tmp_path):
     assert (tmp_path / "s.json").is_file()
 
 
+def test_train_lora_refuses_a_task_without_training_rows(tmp_path, tiny_base):
+    import train_lora
+
+    (tmp_path / "train").mkdir()
+    write_json(tmp_path / "train" / "empty.json", [])
+    pool = write_json(tmp_path / "pool.json", [])
+    with pytest.raises(SystemExit, match="holds no rows"):
+        train_lora.main(["--config_path", str(pool), "--train_dir", str(tmp_path / "train"), "--adapter_dir", str(tmp_path / "loras"),
+                         "--base_model", str(tiny_base), "--task", "empty", "--settings", str(tmp_path / "none.yaml")])
+    assert json.loads(pool.read_text()) == []  # nothing registered
+
+
 def test_generate_unknown_adapter(pool_file, tiny_base, caplog):
     import generate
 

@@ -106,6 +106,10 @@ def train_one(task: str, rows: list[dict], out_dir: Path, settings: TrainSetting
 
     from utils.prompter import Prompter, collate_supervised, encode_supervised
 
+    if not rows:
+        from utils.data import InputError
+
+        raise InputError(f"Task {task!r} has no training rows; give it rows in its training file or leave it out (--task).")
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
     prompter = Prompter(settings.template)
