@@ -12,6 +12,22 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def cpu_name(default: str | None = None) -> str:
+    """The CPU's model name from /proc/cpuinfo (``platform.processor()`` is only the architecture on Linux); where it
+    cannot be read, ``default``, else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if default is not None:
+        return default
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def free_port() -> int:
     import socket
 

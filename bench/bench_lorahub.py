@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.bench_helpers import cpu_name  # noqa: E402
 from utils.adapter_pool import AdapterPool  # noqa: E402
 from utils.composition import compose_shared  # noqa: E402
 from utils.data import load_pool_config  # noqa: E402
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     idx = list(range(len(entries)))
     real = sum(int(m.sum()) for _, _, m, _ in loss.batches)
     padded = sum(int(m.numel()) for _, _, m, _ in loss.batches)
-    out = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "examples": loss.n_examples, "target_tokens": loss.n_tokens,
+    out = {"cpu": cpu_name("unknown"), "threads": torch.get_num_threads(), "examples": loss.n_examples, "target_tokens": loss.n_tokens,
            "batches": len(loss.batches), "prompt_tokens": real, "padded_tokens": padded}
     rng = np.random.RandomState(0)
     vectors = [np.zeros(len(idx))] + [rng.uniform(-1.5, 1.5, len(idx)) for _ in range(args.vectors)]
@@ -120,16 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     return 0
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_helpers import free_port, random_pool, stop, wait_for  # noqa: E402
+from bench.bench_helpers import cpu_name, free_port, random_pool, stop, wait_for  # noqa: E402
 
 CLIENT = r"""
 import json, sys
@@ -183,8 +183,6 @@ def main(argv=None) -> int:
                 stop(sproc)
             stop(vproc)
 
-    import platform
-
     import torch
 
     out = {"command": "python bench/bench_vs_vllm.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -204,19 +202,6 @@ NAMES = {"a": "(a) serve.py, `model: auto` (retrieval + top-k mixture, generated
          "c": "(c) vLLM alone, one random adapter per request",
          "d": "(d) vLLM, base model",
          "e": "(e) serve.py `--no_adapters`, base model (generated here)"}
-
-
-def cpu_name() -> str:
-    """The CPU's model name (``platform.processor()`` is only the architecture on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def cpu_flags() -> list[str]:

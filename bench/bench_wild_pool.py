@@ -33,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_helpers import cpu_name  # noqa: E402
+
 logger = logging.getLogger("bench_wild_pool")
 
 
@@ -165,16 +167,6 @@ def average(path: Path) -> float:
     rows = json.loads(path.read_text())["rows"]
     per_run = {"run": task_scores(rows, "run")}
     return float(dict(domain_rows(per_run, ["run"]))["Average"][0])
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def table(out: dict) -> str:
