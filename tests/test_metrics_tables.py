@@ -173,4 +173,6 @@ def test_summary_has_oracle_rows_and_the_overview_chart(tmp_path):
     assert (tmp_path / "out" / "charts" / "oracle_overview.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "out" / "charts" / "of_oracle_sentiment.png").exists()  # no per-domain chart of the % rows
     names = ["best_selection", "mixture", "mixture_ood", "base"]
-    assert summarize_results.oracle_pairs(names, [100, 90, 70, 50]) == [("mixture", 90, 70), ("base", 50, None)]
+    from utils.charts import oracle_pairs
+
+    assert oracle_pairs(names, [100, 90, 70, 50]) == [("mixture", 90, 70), ("base", 50, None)]
