@@ -49,7 +49,7 @@ class Generator:
         self.prompter = Prompter(args.template)
         self.pool_entries = [] if args.no_adapters else load_pool_config(args.config_path, args.adapter_pattern)
         session = Session()
-        self.tokenizer, self.model = session.base(args.base_model, args.dtype, args.device, None)
+        self.tokenizer, self.model = session.base(args.base_model, args.dtype, args.device, None, args.linear_kernels)
         self.loras = build_pool(session, self.pool_entries, args, device=args.device, retrieval=not args.adapters)
         self.pool, self.router = self.loras.adapters, self.loras.router
         if args.eval_type == "lorauter" and not args.adapters and self.pool is not None:

@@ -119,7 +119,8 @@ def main(argv=None) -> int:
 
     tokenizer = load_tokenizer(settings.base_model)
     tokenizer.padding_side = "right"
-    base = load_base_model(settings.base_model, dtype=settings.dtype, device=settings.device)
+    base = load_base_model(settings.base_model, dtype=settings.dtype, device=settings.device,
+                           linear_kernels="torch")  # training: gradients take F.linear anyway
     logger.info("Training %d adapter(s) with %s", len(todo), asdict(settings))
     for task, rows, out in todo:
         record = train_one(task, rows, out, settings, tokenizer, base)  # seeds itself: order of tasks does not matter

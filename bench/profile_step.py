@@ -1,6 +1,7 @@
 """Where one decoding step of the server's decoder spends its time, at batch 1, 16 and 32, base and composed.
 
     python bench/profile_step.py --out docs/profile_step        # writes docs/profile_step.{json,md}
+    python bench/profile_step.py --linear_kernels torch onednn --out docs/profile_step_kernels
 
 The step is the server's own (:class:`utils.decoding.BatchDecoder.step`, the path every request
 takes) on the embedded SmolLM2 in float32 with the pool of ``--config_path``: ``base`` rows use no adapter,
@@ -8,10 +9,12 @@ takes) on the embedded SmolLM2 in float32 with the pool of ``--config_path``: ``
 :class:`utils.composition.LiveComposition`). Each batch is prefilled with prompts of ``--prompt_tokens`` tokens and
 decodes ``--warmup`` steps before ``--steps`` steps are profiled with ``torch.profiler`` (CPU); configurations run
 ``--repeats`` times, interleaved, and the fastest is kept (the first batch of a size pays for fresh memory as its KV
-cache grows). The operators' own
+cache grows). ``--linear_kernels`` profiles each configuration with each kernel of the linear layers
+(:mod:`utils.linear_kernels`), interleaved too. The operators' own
 (self) CPU time is grouped:
 
-    matmul       the projections and the LM head (aten::mm, addmm, linear, matmul, bmm, baddbmm)
+    matmul       the projections and the LM head (aten::mm, addmm, linear, matmul, bmm, baddbmm; oneDNN's
+                 mkldnn::_linear_pointwise from packed weights)
     attention    scaled dot-product attention and softmax
     cache        growing the KV cache and the mask (cat, copy, index, pad)
     elementwise  norms, activations, rotary embeddings, adds and multiplies
@@ -38,12 +41,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils.adapter_pool import AdapterPool  # noqa: E402
 from utils.composition import LiveComposition  # noqa: E402
 from utils.data import load_pool_config  # noqa: E402
+from utils.linear_kernels import use_linear_kernels  # noqa: E402
 from utils.model_loading import load_base_model, load_tokenizer  # noqa: E402
 from utils.decoding import BatchDecoder, Sequence  # noqa: E402
 
 logger = logging.getLogger("bench")
 GROUPS = {
-    "matmul": ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::bmm", "aten::baddbmm"),
+    "matmul": ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::bmm", "aten::baddbmm",
+               "mkldnn::_linear_pointwise"),
     "attention": ("aten::scaled_dot_product_attention", "aten::_scaled_dot_product", "aten::softmax", "aten::_softmax"),
     "cache": ("aten::cat", "aten::copy_", "aten::index", "aten::pad", "aten::constant_pad_nd", "aten::index_select",
               "aten::slice", "aten::narrow", "aten::clone"),
@@ -87,6 +92,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=16, help="steps profiled")
     p.add_argument("--repeats", type=int, default=2, help="runs of each configuration, interleaved; the fastest is kept")
     p.add_argument("--modes", nargs="+", default=["base", "mixture"], choices=("base", "mixture"), help="rows, in the order profiled")
+    p.add_argument("--linear_kernels", nargs="+", default=["auto"], choices=("auto", "onednn", "torch"),
+                   help="kernels of the linear layers to profile, interleaved (utils/linear_kernels.py)")
     p.add_argument("--out", default="docs/profile_step", help="writes OUT.json and OUT.md")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -102,8 +109,9 @@ def main(argv=None) -> int:
         for b in args.batch_sizes:
             # The first batch of a size pays for fresh memory as its KV cache grows (page faults in aten::cat and copy):
             # every configuration runs --repeats times, interleaved, and the fastest step is kept.
-            best: dict[str, dict] = {}
-            for mode in [m for _ in range(args.repeats) for m in args.modes]:
+            best: dict[tuple, dict] = {}
+            for kernels, mode in [(k, m) for _ in range(args.repeats) for k in args.linear_kernels for m in args.modes]:
+                used = use_linear_kernels(model, kernels)
                 decoder = BatchDecoder(model, tok, composition, context_length=4096)
                 seqs = []
                 for i in range(b):
@@ -115,19 +123,19 @@ def main(argv=None) -> int:
                 for _ in range(args.warmup):
                     decoder.step()
                 r = profile(decoder, args.steps)
-                r.update(batch=b, mode=mode, threads=torch.get_num_threads())
-                logger.info("batch %d %s: %.1f ms per step %s", b, mode, r["step_ms"], r["ms"])
-                if mode not in best or r["step_ms"] < best[mode]["step_ms"]:
-                    best[mode] = r
+                r.update(batch=b, mode=mode, threads=torch.get_num_threads(), linear_kernels=used)
+                logger.info("batch %d %s, %s linears: %.1f ms per step %s", b, mode, used, r["step_ms"], r["ms"])
+                if (used, mode) not in best or r["step_ms"] < best[used, mode]["step_ms"]:
+                    best[used, mode] = r
                 decoder.reset()
                 composition.forget([s.serial for s in seqs])
-            results += [best[m] for m in args.modes]
+            results += [best[key] for key in best]
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     groups = ["matmul", "attention", "cache", "elementwise", "sampling", "other ops", "outside ops"]
-    lines = ["| batch | rows | ms per step | " + " | ".join(groups) + " |", "|---:|---|---:|" + "---:|" * len(groups)]
+    lines = ["| batch | rows | linears | ms per step | " + " | ".join(groups) + " |", "|---:|---|---|---:|" + "---:|" * len(groups)]
     for r in results:
-        lines.append(f"| {r['batch']} | {r['mode']} | {r['step_ms']} | " + " | ".join(f"{r['ms'].get(g, 0.0):.2f}" for g in groups) + " |")
+        lines.append(f"| {r['batch']} | {r['mode']} | {r['linear_kernels']} | {r['step_ms']} | " + " | ".join(f"{r['ms'].get(g, 0.0):.2f}" for g in groups) + " |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0

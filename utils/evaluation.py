@@ -88,7 +88,7 @@ def resolved_settings(args: argparse.Namespace) -> dict:
     s = {k: v for k, v in vars(args).items()
          if k not in ("log_level", "no_resume", "settings", "batch_size", "device", "device_map", "embedding_cache",
                       "max_loras", "max_cpu_loras", "eager_load", "engine", "vllm_url", "vllm_api_key", "vllm_model",
-                      "vllm_max_lora_rank", "vllm_timeout", "composed_dir", "max_composed",
+                      "vllm_max_lora_rank", "vllm_timeout", "composed_dir", "max_composed", "linear_kernels",
                       "runs", "res_dir", "force", "task_scores")}
     mine = set(OWN_FLAGS.get(args.eval_type, ()))
     for eval_type, keys in OWN_FLAGS.items():
@@ -345,7 +345,8 @@ def execute(plan: Plan, session) -> Path:
     dtype = args.dtype or default_dtype(device)
     on_vllm = args.engine == "vllm"
     # With vLLM generating, this process needs the model's architecture only: a skeleton on the meta device.
-    tokenizer, model = session.base(args.base_model, dtype, "meta" if on_vllm else device, None if on_vllm else args.device_map)
+    tokenizer, model = session.base(args.base_model, dtype, "meta" if on_vllm else device, None if on_vllm else args.device_map,
+                                    args.linear_kernels)
     adapter_pool = (session.adapter_pool(pool, args.max_loras, args.max_cpu_loras, args.eager_load)
                     if args.eval_type not in ("base", "arrow") else None)
 
@@ -404,6 +405,8 @@ def execute(plan: Plan, session) -> Path:
     meta["generated_tokens"] = n_tokens
     meta["device"], meta["dtype"] = ("vllm", dtype) if on_vllm else (device, dtype)
     meta["engine"] = way.describe()
+    if not on_vllm:
+        meta["linear_kernels"] = getattr(model, "linear_kernels", "torch")
     if routing is not None:
         meta.update({k: v for k, v in routing.meta.items() if k != "retrieval_s"})
     result = {"format": "lora_retriever.results/1", "settings": settings, "meta": meta,

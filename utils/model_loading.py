@@ -140,12 +140,17 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def load_base_model(name_or_path: str, dtype: str = "float32", device: str = "cpu", device_map: str | None = None):
+def load_base_model(name_or_path: str, dtype: str = "float32", device: str = "cpu", device_map: str | None = None,
+                    linear_kernels: str = "auto"):
     """Load a causal LM in eval mode.
 
     ``device_map`` (e.g. ``"auto"``) spreads a large model over the visible devices through accelerate;
     otherwise the whole model goes to ``device``. ``device="meta"`` builds the architecture alone, without weights.
+    ``linear_kernels`` picks the kernel of the linear layers on CPU (:func:`utils.linear_kernels.use_linear_kernels`);
+    the one used is ``model.linear_kernels``.
     """
+    from utils.linear_kernels import use_linear_kernels
+
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
@@ -172,4 +177,5 @@ def load_base_model(name_or_path: str, dtype: str = "float32", device: str = "cp
     if not device_map:
         model.to(device)
     model.eval()
+    model.linear_kernels = use_linear_kernels(model, linear_kernels)
     return model

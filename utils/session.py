@@ -29,16 +29,16 @@ class Session:
         self._retriever = None
         self._retriever_key = None
 
-    def base(self, name: str, dtype: str, device: str, device_map: str | None):
+    def base(self, name: str, dtype: str, device: str, device_map: str | None, linear_kernels: str = "auto"):
         """(tokenizer, base model), loaded unless the last run used the same ones."""
         from utils.model_loading import load_base_model, load_tokenizer
 
-        key = (name, dtype, device, device_map)
+        key = (name, dtype, device, device_map, linear_kernels)
         if key != self._base_key:
             self._drop_models()
             t0 = time.time()
             self.tokenizer = load_tokenizer(name)
-            self.model = load_base_model(name, dtype=dtype, device=device, device_map=device_map)
+            self.model = load_base_model(name, dtype=dtype, device=device, device_map=device_map, linear_kernels=linear_kernels)
             self._base_key = key
             logger.info("Base model %s loaded in %.1f s", name, time.time() - t0)
         return self.tokenizer, self.model

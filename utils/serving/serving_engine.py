@@ -166,7 +166,7 @@ def load_engine(args, session=None) -> Engine:
     on_vllm = getattr(args, "engine", "local") == "vllm"
     # With vLLM generating, this process needs the model's architecture only (the pool checks adapters against its
     # module shapes and composes on the host): a skeleton on the meta device, no weights.
-    tokenizer, model = session.base(args.base_model, args.dtype, "meta" if on_vllm else args.device, None)
+    tokenizer, model = session.base(args.base_model, args.dtype, "meta" if on_vllm else args.device, None, args.linear_kernels)
     # The served pool changes at run time (utils/serving/pool_admin.py): this engine's own, not the session's.
     loras = build_pool(session, entries, args, device=args.device, cache_dir=embedding_cache_dir(args.embedding_cache), own=True,
                        cache_queries=False)
@@ -204,6 +204,9 @@ def load_engine(args, session=None) -> Engine:
             raise InputError("--routing lorauter on a server scores adapters loaded at run time between decoding steps, which takes "
                              "--task_scorer loglik.")
         router.tasks, _, _ = build_task_index(session, entries, args, pool, tokenizer, prompter, args.device, cache_of(args.embedding_cache))
+    if router is not None and router.embedder is not None:
+        # every request embeds its input: the sentence model loads now, not inside the first request's latency
+        router.embedder.model
     logger.info("Loaded %s with %d adapters in %.1f s (context %d tokens)", args.base_model, len(entries), time.time() - t0, ctx)
     engine = Engine(tokenizer=tokenizer, model=model, loras=loras, prompter=prompter,
                     scheduler=scheduler, metrics=metrics, context_length=ctx, defaults=defaults, model_name=args.base_model,

@@ -1,0 +1,92 @@
+"""The linear layers' CPU kernel (utils/linear_kernels.py): oneDNN-packed weights give F.linear's results up to float
+rounding, keep the modules nn.Linear for peft and the pool, follow a weight changed in place, leave gradients to
+F.linear, compose exactly as on the plain model, and are refused or skipped with a reason where they cannot run."""
+
+import pytest
+import torch
+from torch import nn
+
+from tests.test_composition import load_base
+from utils.data import InputError
+from utils.linear_kernels import PackedLinear, onednn_supports, use_linear_kernels
+
+pytestmark = pytest.mark.skipif(not onednn_supports(torch.float32), reason="this PyTorch build has no oneDNN")
+
+
+def test_packed_linears_give_f_linears_logits_and_stay_nn_linear(tiny_base):
+    plain, packed = load_base(tiny_base), load_base(tiny_base)
+    keys = list(packed.state_dict())
+    assert use_linear_kernels(packed, "onednn") == "onednn"
+    linears = [m for m in packed.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(type(m) is PackedLinear for m in linears)
+    assert list(packed.state_dict()) == keys  # the packed copies are not state
+    ids = torch.randint(0, plain.config.vocab_size, (3, 11))
+    with torch.no_grad():
+        want, got = plain(input_ids=ids).logits, packed(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert use_linear_kernels(packed, "torch") == "torch"
+    assert all(type(m) is nn.Linear for m in packed.modules() if isinstance(m, nn.Linear))
+    with torch.no_grad():
+        assert torch.equal(packed(input_ids=ids).logits, want)
+
+
+def test_a_weight_changed_in_place_or_replaced_is_packed_again():
+    layer = nn.Linear(8, 5)
+    use_linear_kernels(layer, "onednn")
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        layer(x)
+        layer.weight.mul_(2.0)  # in place: the version counter moves
+        assert torch.allclose(layer(x), nn.functional.linear(x, layer.weight, layer.bias), atol=1e-6)
+        layer.weight = nn.Parameter(torch.randn(5, 8))  # replaced
+        assert torch.allclose(layer(x), nn.functional.linear(x, layer.weight, layer.bias), atol=1e-6)
+
+
+def test_gradients_flow_through_f_linear():
+    torch.manual_seed(0)
+    packed, plain = nn.Linear(8, 5), nn.Linear(8, 5)
+    plain.load_state_dict(packed.state_dict())
+    use_linear_kernels(packed, "onednn")
+    x1 = torch.randn(4, 8, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    packed(x1).square().sum().backward()
+    plain(x2).square().sum().backward()
+    assert torch.equal(x1.grad, x2.grad) and torch.equal(packed.weight.grad, plain.weight.grad)
+
+
+def test_composed_decoding_on_packed_weights_matches_the_plain_model(tiny_base, tiny_loras):
+    from transformers import AutoTokenizer
+
+    from tests.test_composition import make_pool
+    from utils.composition import LiveComposition
+    from utils.generation import generate_batch
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    prompts = ["the cat sat on the mat", "one two three four", "a"]
+    rows = [(["alpha", "beta"], [0.5, 0.5], "mixture"), (["gamma", "alpha"], [0.3, 0.7], "fusion"), ([], [], "mixture")]
+    texts = {}
+    for kernels in ("torch", "onednn"):
+        pool = make_pool(tiny_base, tiny_loras, ["alpha", "beta", "gamma"])
+        use_linear_kernels(pool.model, kernels)
+        live = LiveComposition(pool)
+        with live.active() as model:
+            texts[kernels] = generate_batch(model, tok, prompts, 24, composition=live, compositions=rows)
+    assert texts["onednn"] == texts["torch"]
+
+
+def test_where_packing_cannot_run(tiny_base, monkeypatch):
+    import utils.linear_kernels as lk
+
+    with torch.device("meta"):
+        meta = nn.Linear(8, 5)
+    assert use_linear_kernels(meta, "auto") == "torch"
+    with pytest.raises(InputError, match=r"--linear_kernels onednn: the model is on meta.*--linear_kernels torch"):
+        use_linear_kernels(meta, "onednn")
+    with pytest.raises(InputError, match="Unknown --linear_kernels 'fast'"):
+        use_linear_kernels(nn.Linear(2, 2), "fast")
+    half = nn.Linear(8, 5).half()
+    assert use_linear_kernels(half, "auto") == "torch"  # no oneDNN kernel for float16
+    monkeypatch.setattr(lk, "available_memory", lambda: 1024)  # the packed copies would not fit: auto keeps F.linear
+    model = load_base(tiny_base)
+    assert use_linear_kernels(model, "auto") == "torch"
+    assert use_linear_kernels(model, "onednn") == "onednn"  # asked for explicitly
