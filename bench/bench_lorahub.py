@@ -8,6 +8,8 @@ labelled samples per task, 13 adapters, fusion). Measured:
 - one loss evaluation split into building the fused factors, the model's forwards and the cross-entropy, with the
   prompt tokens actually computed against the padded ones;
 - one evaluation in float32 against bfloat16 autocast (on a CPU without bf16 instructions autocast is emulated);
+- one evaluation with each kernel of the linear layers (``utils/linear_kernels.py``: PyTorch's F.linear against
+  oneDNN-packed weights), fastest of 3 interleaved;
 - the loss at ``--vectors`` random weight vectors with 1 and with 2 intra-op threads, and in bfloat16: the largest
   difference to the float32 two-thread value, and whether the values are bit-identical;
 - with ``--search``: the whole search (``learn_weights``, the profile's budget) with 1 and 2 threads, and whether
@@ -33,6 +35,7 @@ from utils.adapter_pool import AdapterPool  # noqa: E402
 from utils.composition import compose_shared  # noqa: E402
 from utils.data import load_pool_config  # noqa: E402
 from utils.baselines.lorahub import FewShotLoss, few_shot_examples, learn_weights  # noqa: E402
+from utils.linear_kernels import use_linear_kernels  # noqa: E402
 from utils.model_loading import load_base_model, load_tokenizer  # noqa: E402
 from utils.prompter import Prompter  # noqa: E402
 
@@ -95,6 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     loss(idx, vectors[1])
     out["evaluation_s"] = {"float32": round(t_fp32, 3), "bfloat16_autocast": round(time.perf_counter() - t0, 3)}
     logger.info("One evaluation by precision: %s", out["evaluation_s"])
+    loss.autocast_dtype = None
+    used = model.linear_kernels
+    by_kernels: dict[str, float] = {}
+    for kernels in ["torch", "onednn"] * 3:
+        name = use_linear_kernels(model, kernels)
+        t0 = time.perf_counter()
+        loss(idx, vectors[1])
+        by_kernels[name] = round(min(by_kernels.get(name, float("inf")), time.perf_counter() - t0), 3)
+    use_linear_kernels(model, used)
+    out["evaluation_s_by_linear_kernels"] = by_kernels
+    out["linear_kernels"] = used
+    logger.info("One evaluation by linear kernels: %s (the rest of this run: %s)", by_kernels, used)
 
     values = {}
     for name, threads, dtype in (("fp32_2threads", 2, None), ("fp32_1thread", 1, None), ("bf16_2threads", 2, torch.bfloat16)):

@@ -111,3 +111,59 @@ def test_the_cache_writes_in_place_and_refuses_sliding_windows(tiny_base):
                                                num_attention_heads=2, num_key_value_heads=1, sliding_window=8))
     with pytest.raises(ValueError, match="full-attention KV cache"):
         kv_cache(sliding)
+
+
+def test_compaction_fills_emptied_places_with_the_last_rows():
+    from utils.decoding import compaction
+
+    assert compaction([True, False, True, True, False]) == ([0, 3, 2], [(3, 1)])
+    assert compaction([False, False, True, True]) == ([3, 2], [(3, 0), (2, 1)])
+    assert compaction([True, True, False]) == ([0, 1], [])
+
+
+def test_rows_joining_and_leaving_a_running_batch_keep_their_own_tokens(tiny_base, tok):
+    """Continuous batching on the slab cache: groups join with shorter and longer prompts than the running window
+    (widening it to the left, past its spare columns), rows leave from the middle (the last rows move into their
+    places), and the rows outgrow the buffer's spare rows; every row gets the tokens it gets alone."""
+    model = load_base(tiny_base)
+    prompts = PROMPTS + ["a much longer prompt than any of the others, so that the running window must widen " * 3,
+                         "short", "seven eight nine ten", "the mat sat on the cat", "x y"]
+    want = [reference(model, tok, [p], 12)[0] for p in prompts]
+    ids = tok(prompts).input_ids
+    seqs = [Sequence(prompt_ids=row, max_new_tokens=n) for row, n in zip(ids, (12, 4, 12, 4, 12, 12, 2, 12, 12))]
+    decoder = BatchDecoder(model, tok, live_text=False)
+
+    def run(steps):
+        for _ in range(steps):
+            decoder.step()
+            decoder.drop([s for s in decoder.rows if s.finished])
+
+    decoder.add(seqs[:3])
+    run(2)
+    decoder.add([seqs[3]])
+    decoder.add(seqs[4:6])  # longer than the running window
+    assert decoder.cache.layers[0].keys.shape[0] == 6 and len(decoder.rows) == 6
+    run(3)  # rows 1 and 3 (4 tokens each) leave from the middle
+    assert seqs[1] not in decoder.rows and seqs[3] not in decoder.rows
+    decoder.add(seqs[6:])
+    run(20)
+    assert not decoder.rows
+    for s, n, ref_row in zip(seqs, (12, 4, 12, 4, 12, 12, 2, 12, 12), want):
+        assert s.generated == ref_row[:n], s.prompt_ids
+
+
+def test_the_slab_widens_in_place_and_moves_single_rows():
+    layer = SlabLayer()
+    k = torch.randn(2, 2, 5, 4)
+    layer.update(k, k + 1)
+    buffer, start = layer._k, layer.start
+    assert start >= 2 and layer._k.shape[0] >= 3
+    new = torch.randn(1, 2, 7, 4)  # two columns longer than the window: it widens into the left spare columns
+    layer.append_rows(new, new + 1)
+    assert layer._k is buffer and layer.start == start - 2 and layer.keys.shape == (3, 2, 7, 4)
+    assert torch.equal(layer.keys[:2, :, 2:], k) and torch.equal(layer.keys[:2, :, :2], torch.zeros(2, 2, 2, 4))
+    assert torch.equal(layer.keys[2], new[0]) and torch.equal(layer.values[2], new[0] + 1)
+    layer.move_rows([(2, 0)], 2)  # row 0 left: the last row takes its place
+    assert layer._k is buffer and torch.equal(layer.keys[0], new[0]) and torch.equal(layer.keys[1, :, 2:], k[1])
+    layer.trim(2)
+    assert torch.equal(layer.keys[1], k[1]) and layer.get_seq_length() == 5

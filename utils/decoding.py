@@ -7,17 +7,19 @@ has finished (:meth:`BatchDecoder.generate`), its finished rows leaving the batc
 :class:`BatchDecoder` holds that batch:
 
     rows      the :class:`Sequence` objects, one per request, in batch order
-    cache     the model's KV cache: per layer keys/values [b, heads, T, head_dim], left-padded, each the first T
-              columns of a buffer with spare columns (:class:`SlabLayer`), so that a step writes one column in place
-              instead of copying the whole cache (transformers' ``DynamicLayer`` concatenates at every step)
+    cache     the model's KV cache: per layer keys/values [b, heads, T, head_dim], left-padded, views of buffers
+              with spare rows and columns (:class:`SlabLayer`), so that a step writes one column in place, a
+              joining request writes its own rows and a leaving one costs one row's copy (transformers'
+              ``DynamicLayer`` concatenates at every step; merging and dropping rows used to copy every layer)
     mask      [b, T] attention mask (0 on the left padding of each row)
 
 - :meth:`BatchDecoder.add` prefills new sequences together (left-padded among themselves), picks each one's
   first token, and merges their cache into the running one: the shorter side is left-padded with zeros in the
-  keys, values and mask, then rows are concatenated. Keys were rotated at their true positions (position ids
-  are ``cumsum(mask) - 1``), so padding on the left changes no row's attention.
+  keys, values and mask, and the new rows are written after the running ones. Keys were rotated at their true
+  positions (position ids are ``cumsum(mask) - 1``), so padding on the left changes no row's attention.
 - :meth:`BatchDecoder.step` feeds every row its last token, one forward for the whole batch.
-- :meth:`BatchDecoder.drop` removes rows and trims the columns that have become padding in every row.
+- :meth:`BatchDecoder.drop` removes rows (the last rows fill the places left empty: batch order is not kept) and
+  trims the columns that have become padding in every row.
 
 Per-row composition: before each forward, :class:`utils.composition.LiveComposition` gets the adapter
 names, weights and mode of the rows of that forward (each row's factors are built once; they are restacked
@@ -45,44 +47,103 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 
 class SlabLayer(DynamicLayer):
-    """One layer's KV cache whose keys and values [b, heads, T, head_dim] are the first T columns of buffers
-    [b, heads, C, head_dim] with C >= T. :meth:`update` writes the new columns in place and only reallocates (with
-    half as many spare columns again, at least 64) when C is reached, so a decoding step costs one column's copy, not
-    the whole cache's. ``keys``/``values`` are views of the buffers, what attention reads."""
+    """One layer's KV cache held in buffers with spare rows and spare columns on both sides.
+
+    The buffers are [R, heads, C, head_dim]; the batch's b rows are buffer rows 0..b-1 and its T columns the window
+    ``start..end`` (T = end - start), so ``keys``/``values`` (what attention reads) are the views
+    ``buffer[:b, :, start:end]``. Every change of the batch touches only what changes:
+
+    - :meth:`update` (a forward) writes its new columns at ``end`` in place: a decoding step copies one column;
+    - :meth:`append_rows` writes a new group's rows at row b, left-padded with zeros to T columns; a group longer
+      than T first widens the window to the left (zeros for the running rows), into the spare columns there;
+    - :meth:`move_rows` copies a few rows into the places of rows that left (the decoder keeps rows 0..b-1 dense);
+    - :meth:`trim` drops leading columns (padding in every row) by moving ``start``.
+
+    Only when rows or columns run out are the buffers reallocated, with half as much room again (at least 64 columns
+    on the right and 32 on the left, at least 4 rows), copying the window once."""
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         self._k = self._v = None
-        self.length = 0
+        self.rows = self.start = self.end = 0
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    def _views(self) -> None:
+        self.keys = self._k[:self.rows, :, self.start:self.end]
+        self.values = self._v[:self.rows, :, self.start:self.end]
+
+    def _reserve(self, rows: int, left: int, right: int, like: torch.Tensor) -> None:
+        """Room for ``rows`` rows, ``left`` more columns before ``start`` and ``right`` more after ``end``."""
+        if (self._k is not None and rows <= self._k.shape[0] and left <= self.start
+                and self.end + right <= self._k.shape[2]):
+            return
+        t = self.length
+        spare_left = max(32, (t + left) // 4) + left
+        spare_right = max(64, (t + right) // 2) + right
+        r = max(rows, 4) if self._k is None else max(rows, self._k.shape[0] + self._k.shape[0] // 2)
+        shape = (r, like.shape[1], spare_left + t + spare_right, like.shape[3])
+        k, v = like.new_zeros(shape), like.new_zeros(shape)
+        if self._k is not None and self.rows and t:
+            k[:self.rows, :, spare_left:spare_left + t] = self._k[:self.rows, :, self.start:self.end]
+            v[:self.rows, :, spare_left:spare_left + t] = self._v[:self.rows, :, self.start:self.end]
+        self._k, self._v = k, v
+        self.start, self.end = spare_left, spare_left + t
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        total = self.length + key_states.shape[-2]
-        if self._k is None or total > self._k.shape[2]:
-            spare = max(64, total // 2)
-            k = key_states.new_empty(*key_states.shape[:2], total + spare, key_states.shape[3])
-            v = value_states.new_empty(*value_states.shape[:2], total + spare, value_states.shape[3])
-            if self.length:
-                k[:, :, :self.length] = self._k[:, :, :self.length]
-                v[:, :, :self.length] = self._v[:, :, :self.length]
-            self._k, self._v = k, v
-        self._k[:, :, self.length:total] = key_states
-        self._v[:, :, self.length:total] = value_states
-        self.length = total
-        self.keys, self.values = self._k[:, :, :total], self._v[:, :, :total]
+        if self._k is None:
+            self.rows = key_states.shape[0]
+        elif key_states.shape[0] != self.rows:
+            raise RuntimeError(f"SlabLayer holds {self.rows} rows; a forward of {key_states.shape[0]} cannot update it.")
+        t = key_states.shape[-2]
+        self._reserve(self.rows, 0, t, key_states)
+        self._k[:self.rows, :, self.end:self.end + t] = key_states
+        self._v[:self.rows, :, self.end:self.end + t] = value_states
+        self.end += t
+        self._views()
         return self.keys, self.values
 
-    def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Hold ``keys``/``values`` instead (rows merged or dropped: the batch dimension changes)."""
-        self._k = self._v = None
-        self.length = 0
-        self.update(keys, values)
+    def append_rows(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Add rows whose keys/values [n, heads, t, head_dim] end at the same position as the running rows'."""
+        n, t = keys.shape[0], keys.shape[-2]
+        wider = max(t - self.length, 0)
+        self._reserve(self.rows + n, wider, 0, keys)
+        if wider:  # the running rows get zeros (masked) in the new leading columns
+            self._k[:self.rows, :, self.start - wider:self.start] = 0
+            self._v[:self.rows, :, self.start - wider:self.start] = 0
+            self.start -= wider
+        rows = slice(self.rows, self.rows + n)
+        self._k[rows, :, self.start:self.end - t] = 0  # the new rows' left padding; stale rows may lie there
+        self._v[rows, :, self.start:self.end - t] = 0
+        self._k[rows, :, self.end - t:self.end] = keys.to(self._k.device)
+        self._v[rows, :, self.end - t:self.end] = values.to(self._v.device)
+        self.rows += n
+        self._views()
+
+    def move_rows(self, moves: list[tuple[int, int]], rows: int) -> None:
+        """Copy row ``src`` over row ``dst`` for each (src, dst), then keep the first ``rows`` rows."""
+        for src, dst in moves:
+            self._k[dst, :, self.start:self.end] = self._k[src, :, self.start:self.end]
+            self._v[dst, :, self.start:self.end] = self._v[src, :, self.start:self.end]
+        self.rows = rows
+        self._views()
+
+    def trim(self, columns: int) -> None:
+        """Drop the first ``columns`` columns of the window."""
+        self.start += columns
+        self._views()
 
     def reset(self) -> None:
         self._k = self._v = None
-        self.length = 0
+        self.rows = self.start = self.end = 0
         super().reset()
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return self.length if self.is_initialized else 0
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("SlabLayer is the decoder's own cache; it is not cropped.")
@@ -106,6 +167,20 @@ def kv_cache(model) -> DynamicCache:
     else:
         cache.layer_class_to_replicate = SlabLayer
     return cache
+
+
+def compaction(keep: list[bool]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Where the kept rows of a batch go when the others leave: (order, moves). ``order[p]`` is the old index of the
+    row now at place p; ``moves`` are the (src, dst) copies that bring it there: a kept row beyond the new size fills
+    an emptied place, the last first, and every other kept row stays where it is."""
+    n = sum(keep)
+    holes = [i for i in range(n) if not keep[i]]
+    movers = [i for i in range(len(keep) - 1, n - 1, -1) if keep[i]]
+    order = list(range(n))
+    moves = list(zip(movers, holes))
+    for src, dst in moves:
+        order[dst] = src
+    return order, moves
 
 
 @dataclass
@@ -263,26 +338,31 @@ class BatchDecoder:
         self.last = tokens.to(self.device)
         self._record(self.rows, tokens, logits)
 
+    @torch.inference_mode()
     def drop(self, seqs) -> None:
-        """Remove ``seqs`` from the batch (finished, cancelled or failed) and trim all-padding columns."""
+        """Remove ``seqs`` from the batch (finished, cancelled or failed) and trim all-padding columns.
+
+        The rows that stay keep the first places: each place left empty among them takes one of the last rows (its
+        cache row copied once), so a row leaving costs one row's copy, not the whole cache's."""
         gone = {id(s) for s in seqs}
         if self.composition is not None:
             self.composition.forget([s.serial for s in seqs])
-        keep = [i for i, s in enumerate(self.rows) if id(s) not in gone]
-        if len(keep) == len(self.rows):
+        if not any(id(s) in gone for s in self.rows):
             return
-        if not keep:
+        if all(id(s) in gone for s in self.rows):
             self.reset()
             return
-        index = torch.as_tensor(keep, dtype=torch.long, device=self.device)
+        order, moves = compaction([id(s) not in gone for s in self.rows])
+        index = torch.as_tensor(order, dtype=torch.long, device=self.device)
         self.mask = self.mask.index_select(0, index)
         self.last = self.last.index_select(0, index)
+        self.rows = [self.rows[i] for i in order]
         trim = int(self.mask.argmax(dim=1).min().item())  # leading columns that are padding in every row
         for layer in self.cache.layers:
-            at = index.to(layer.keys.device)
-            layer.replace(layer.keys.index_select(0, at)[:, :, trim:, :], layer.values.index_select(0, at)[:, :, trim:, :])
+            layer.move_rows(moves, len(order))
+            if trim:
+                layer.trim(trim)
         self.mask = self.mask[:, trim:]
-        self.rows = [self.rows[i] for i in keep]
 
     def reset(self) -> None:
         """Forget every row (after a failed forward the cache may be inconsistent)."""
@@ -318,19 +398,10 @@ class BatchDecoder:
             return
         t_run, t_new = self.mask.shape[1], mask.shape[1]
         length = max(t_run, t_new)
-
-        def pad(x, t):  # left-pad dim -2 (keys/values) or -1 (mask) to ``length``
-            if t == length:
-                return x
-            if x.dim() == 2:
-                return torch.nn.functional.pad(x, (length - t, 0))
-            return torch.nn.functional.pad(x, (0, 0, length - t, 0))
-
         for run_layer, new_layer in zip(self.cache.layers, cache.layers):
-            dev = run_layer.keys.device
-            run_layer.replace(torch.cat([pad(run_layer.keys, t_run), pad(new_layer.keys, t_new).to(dev)], 0),
-                              torch.cat([pad(run_layer.values, t_run), pad(new_layer.values, t_new).to(dev)], 0))
-        self.mask = torch.cat([pad(self.mask, t_run), pad(mask, t_new)], 0)
+            run_layer.append_rows(new_layer.keys, new_layer.values)
+        pad = torch.nn.functional.pad  # the masks, left-padded to ``length`` columns
+        self.mask = torch.cat([pad(self.mask, (length - t_run, 0)), pad(mask, (length - t_new, 0))], 0)
         self.last = torch.cat([self.last, tokens.to(self.device)], 0)
         self.rows = self.rows + list(seqs)
 
