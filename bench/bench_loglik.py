@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="docs/bench_loglik")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     import random
 
     from utils.prompter import Prompter
