@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils.adapter_pool import AdapterPool  # noqa: E402
 from utils.composition import LiveComposition  # noqa: E402
 from utils.data import load_pool_config  # noqa: E402
+from utils.flags import LINEAR_KERNEL_CHOICES  # noqa: E402
 from utils.linear_kernels import use_linear_kernels  # noqa: E402
 from utils.model_loading import load_base_model, load_tokenizer  # noqa: E402
 from utils.decoding import BatchDecoder, Sequence  # noqa: E402
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=16, help="steps profiled")
     p.add_argument("--repeats", type=int, default=2, help="runs of each configuration, interleaved; the fastest is kept")
     p.add_argument("--modes", nargs="+", default=["base", "mixture"], choices=("base", "mixture"), help="rows, in the order profiled")
-    p.add_argument("--linear_kernels", nargs="+", default=["auto"], choices=("auto", "onednn", "torch"),
+    p.add_argument("--linear_kernels", nargs="+", default=["auto"], choices=LINEAR_KERNEL_CHOICES,
                    help="kernels of the linear layers to profile, interleaved (utils/linear_kernels.py)")
     p.add_argument("--out", default="docs/profile_step", help="writes OUT.json and OUT.md")
     args = p.parse_args(argv)

@@ -20,6 +20,9 @@ def test_packed_linears_give_f_linears_logits_and_stay_nn_linear(tiny_base):
     linears = [m for m in packed.modules() if isinstance(m, nn.Linear)]
     assert linears and all(type(m) is PackedLinear for m in linears)
     assert list(packed.state_dict()) == keys  # the packed copies are not state
+    first = linears[0]._packed
+    use_linear_kernels(packed, "onednn")
+    assert linears[0]._packed is first  # asked again: weights already packed are not packed again
     ids = torch.randint(0, plain.config.vocab_size, (3, 11))
     with torch.no_grad():
         want, got = plain(input_ids=ids).logits, packed(input_ids=ids).logits

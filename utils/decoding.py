@@ -142,9 +142,6 @@ class SlabLayer(DynamicLayer):
         self.rows = self.start = self.end = 0
         super().reset()
 
-    def get_seq_length(self, *args, **kwargs) -> int:
-        return self.length if self.is_initialized else 0
-
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("SlabLayer is the decoder's own cache; it is not cropped.")
 
@@ -347,12 +344,13 @@ class BatchDecoder:
         gone = {id(s) for s in seqs}
         if self.composition is not None:
             self.composition.forget([s.serial for s in seqs])
-        if not any(id(s) in gone for s in self.rows):
+        keep = [id(s) not in gone for s in self.rows]
+        if all(keep):
             return
-        if all(id(s) in gone for s in self.rows):
+        if not any(keep):
             self.reset()
             return
-        order, moves = compaction([id(s) not in gone for s in self.rows])
+        order, moves = compaction(keep)
         index = torch.as_tensor(order, dtype=torch.long, device=self.device)
         self.mask = self.mask.index_select(0, index)
         self.last = self.last.index_select(0, index)

@@ -19,6 +19,7 @@ DEFAULT_RETRIEVER = "embedded:all-minilm-l6-v2"
 DEFAULT_POOL = "config/bigbench_pool.json"
 PAPER_INSTRUCTION = "Represent the sentence for similar task retrieval: "
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+LINEAR_KERNEL_CHOICES = ("auto", "onednn", "torch")  # utils/linear_kernels.py
 ENGINES = ("local", "vllm")
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the --max-lora-rank values vLLM accepts
 # Settings-file keys that only main.py (an evaluation run) has flags for: a profile such as config/embedded.json
@@ -81,7 +82,7 @@ def add_model_flags(p: argparse.ArgumentParser, device_default: str | None = Non
     p.add_argument("--base_model", default=DEFAULT_BASE_MODEL, help="causal LM: hub id, local dir or embedded:NAME")
     p.add_argument("--device", default=device_default, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--linear_kernels", default="auto", choices=("auto", "onednn", "torch"),
+    p.add_argument("--linear_kernels", default="auto", choices=LINEAR_KERNEL_CHOICES,
                    help="CPU kernel of the linear layers: onednn multiplies from weights packed once at load (faster; as "
                         "much memory again as the linears' weights), torch is PyTorch's F.linear; auto: onednn where it "
                         "fits in a quarter of the available memory (docs/benchmarks.md)")

@@ -31,9 +31,10 @@ import logging
 import torch
 from torch import nn
 
+from utils.flags import LINEAR_KERNEL_CHOICES as CHOICES
+
 logger = logging.getLogger(__name__)
 
-CHOICES = ("auto", "onednn", "torch")
 # auto packs when the packed copies take at most this share of the memory available at load time
 AUTO_MEMORY_SHARE = 0.25
 
@@ -59,6 +60,10 @@ class PackedLinear(nn.Linear):
         w = self.weight
         return (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
 
+    def stale(self) -> bool:
+        """Whether the packed copy is missing or no longer the weight's (replaced, or changed in place)."""
+        return self._packed is None or self._packed_of != self._key()
+
     def pack(self) -> None:
         with torch.no_grad():
             self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())  # no batch hint: the layout that serves 1 row and 256 alike
@@ -69,7 +74,7 @@ class PackedLinear(nn.Linear):
         if (w.device.type != "cpu" or x.dtype != w.dtype
                 or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
             return nn.functional.linear(x, w, self.bias)
-        if self._packed is None or self._packed_of != self._key():
+        if self.stale():
             self.pack()
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
 
@@ -110,9 +115,9 @@ def use_linear_kernels(model: nn.Module, choice: str = "auto") -> str:
     elif not onednn_supports(weight.dtype):
         reason = (f"this CPU or PyTorch build has no oneDNN kernel for {weight.dtype} (float32 always; bfloat16 needs "
                   f"AVX512-BF16 or AMX)")
-    elif choice == "auto" and linear_bytes(model) > AUTO_MEMORY_SHARE * available_memory():
-        reason = (f"the packed copies ({linear_bytes(model) / 2**30:.1f} GiB) would take more than a quarter of the "
-                  f"memory available ({available_memory() / 2**30:.1f} GiB); pass --linear_kernels onednn to pack anyway")
+    elif choice == "auto" and (need := linear_bytes(model)) > AUTO_MEMORY_SHARE * (free := available_memory()):
+        reason = (f"the packed copies ({need / 2**30:.1f} GiB) would take more than a quarter of the memory available "
+                  f"({free / 2**30:.1f} GiB); pass --linear_kernels onednn to pack anyway")
     if choice == "torch" or reason:
         if choice == "onednn" and reason:
             raise InputError(f"--linear_kernels onednn: {reason}. Pass --linear_kernels torch (or auto).")
@@ -123,10 +128,12 @@ def use_linear_kernels(model: nn.Module, choice: str = "auto") -> str:
                 m.__class__ = nn.Linear
                 del m._packed, m._packed_of
         return "torch"
-    for m in linears:
+    for m in linears:  # packed once: a module packed already is packed again only if its weight changed
         if type(m) is nn.Linear:
             m.__class__ = PackedLinear
-        m.pack()
+            m._packed = None
+        if m.stale():
+            m.pack()
     logger.info("Linear layers multiply from oneDNN-packed weights (%d layers, %.0f MiB packed)", len(linears),
                 linear_bytes(model) / 2**20)
     return "onednn"
