@@ -60,16 +60,18 @@ def test_task_index_routes_each_query_and_forgets_removed_adapters():
 # --- Successive halving and the cache ---------------------------------------------------------------------------
 
 class TableScorer:
-    """Scores from a fixed table [adapter][row] (mean over the first n rows), counting what is computed; the same
-    interface as TaskScorer.scores."""
+    """Scores from a fixed table [adapter][row] (mean over the first n rows), counting the (adapter, row) pairs not
+    seen before, as TaskScorer's row cache does; the same interface as TaskScorer.scores."""
 
     scorer = "loglik"
 
     def __init__(self, table):
-        self.table, self.forwards, self.cache = table, 0, ScoreCache(None)
+        self.table, self.forwards, self.cache, self.seen = table, 0, ScoreCache(None), set()
 
     def scores(self, task, adapters, rows):
-        self.forwards += len(adapters) * rows
+        new = {(a, j) for a in adapters for j in range(rows)} - self.seen
+        self.forwards += len(new)
+        self.seen |= new
         return [float(np.mean(self.table[a][:rows])) for a in adapters], 0
 
 
@@ -152,7 +154,20 @@ def test_cache_reuses_unchanged_pairs_scores_new_ones_and_rescores_changed_adapt
     third = TaskScorer(pool, tok, prompter, paths, "loglik", ScoreCache(cache_file), batch_size=4)
     m3 = score_matrix(third, tasks, ["alpha", "beta", "gamma"], halving=False, progress=False)
     assert m3.pairs == 1 + 3  # beta on t1; every adapter on the changed t2
+    assert third.forwards == 3 + (1 + 3 + 1)  # beta everywhere; alpha and gamma only on t2's new row
     assert m3.scores[0, 0] == m2.scores[0, 0]
+
+
+def test_halving_scores_each_row_once_and_a_rung_reuses_the_rows_before_it(scorer_parts, tiny_loras):
+    pool, tok, prompter = scorer_parts
+    names = ["alpha", "beta", "gamma"]
+    task = Task("t", "", "em", ["the cat", "a dog", "one two", "the book", "which"], ["yes", "no", "yes", "no", "yes"])
+    scorer = TaskScorer(pool, tok, prompter, {n: tiny_loras[n] for n in names}, "loglik", batch_size=4)
+    halved = score_matrix(scorer, [task], names, halving=True, first=2, progress=False)
+    assert scorer.forwards == halving_cost(3, 5, 2) == 3 * 2 + 2 * 2  # rung 2 adds rows 3-4 for the better two
+    full, _ = TaskScorer(pool, tok, prompter, {n: tiny_loras[n] for n in names}, "loglik", batch_size=4).scores(task, names, 4)
+    survivors = [a for a in range(3) if halved.rows[0, a] == 4]
+    np.testing.assert_allclose(halved.scores[0, survivors], np.asarray(full)[survivors], atol=1e-5)
 
 
 def test_loglik_score_is_the_mean_target_log_likelihood_of_the_composed_model(scorer_parts):

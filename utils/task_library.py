@@ -54,6 +54,11 @@ class Task:
         """What a score of this task depends on: its metric and rows (not its name)."""
         return hashlib.sha256(json.dumps([self.metric, self.inputs, self.targets]).encode()).hexdigest()[:24]
 
+    def row_digest(self, j: int, with_target: bool = True) -> str:
+        """What one row's score depends on: its input, and its target where the scorer reads it (a log-likelihood
+        does; a greedy answer does not). Rows shared by two tasks, or kept when a task changes, share their scores."""
+        return hashlib.sha256(json.dumps([self.inputs[j], self.targets[j] if with_target else None]).encode()).hexdigest()[:24]
+
 
 def tasks_from_pool(entries) -> list[Task]:
     """One task per pool entry whose card has targets (each sample with a string ``targets``), named after the

@@ -13,14 +13,15 @@ Pairs (row, adapter) of one task are batched together, each row composed with it
 **Successive halving** (``halving=True``) narrows the candidates instead of scoring every pair on every row: all
 candidates are scored on the first n0 rows, the better half (rounded up) is kept, n doubles, until one candidate is
 left or n reaches the task's rows; the survivors are scored on every row. With A adapters, R rows and n0 rows at the
-first rung, that costs about n0 * A * (1 + log2(min(A, R / n0))) row forwards against R * A for the full matrix
-(:func:`halving_cost`). An adapter's place in a task's ranking is decided by the last rung it reached, then by its score
+first rung, and every row scored once (the cache keeps rows, so a rung scores only the rows it adds), that costs
+about n0 * A * (1 + log2(min(A, R / n0)) / 2) row forwards against R * A for the full matrix (:func:`halving_cost`). An adapter's place in a task's ranking is decided by the last rung it reached, then by its score
 there; the rung (rows scored) is kept beside the score.
 
-**The cache** (a JSON file, written atomically) keys each score by the scorer, the adapter's content (a hash of its
-config and weight files), the task's content (metric and rows) and the number of rows, so that an unchanged pair is
-never scored twice, a pool that gains an adapter or a library that gains a task scores only the new pairs, and a
-changed adapter or task is scored again.
+**The cache** (a JSON file, written atomically) keeps each row's score (the loglik scorer) or greedy answer (the metric
+scorer), keyed by the scorer and its setting, the adapter's content (a hash of its config and weight files) and the
+row's content (input, and target for loglik), so that an unchanged (adapter, row) pair is never scored twice: a
+halving rung scores only the rows it adds, a pool that gains an adapter or a library that gains a task scores only
+the new pairs, a changed adapter is scored again, and a task that changes scores only its changed rows.
 """
 
 from __future__ import annotations
@@ -59,41 +60,49 @@ def adapter_digest(path: str | Path) -> str:
 
 
 class ScoreCache:
-    """Scores on disk (module docstring); ``path`` None keeps them in memory only. Thread-safe."""
+    """Per-row scores on disk (module docstring); ``path`` None keeps them in memory only. Thread-safe.
 
-    VERSION = 1
+    Layout: ``{"version": 2, "rows": {group: {row: value}}}`` where a group is a scorer, its setting and an
+    adapter's content digest, a row is :meth:`utils.task_library.Task.row_digest`, and a value is the row's mean
+    target log-likelihood (``loglik``) or its greedy answer (``metric``)."""
+
+    VERSION = 2
 
     def __init__(self, path: str | Path | None):
         self.path = Path(path) if path else None
-        self.scores: dict[str, float] = {}
+        self.rows: dict[str, dict[str, float | str]] = {}
         self._lock = threading.Lock()
         self.dirty = False
         if self.path is not None and self.path.is_file():
             try:
                 data = json.loads(self.path.read_text())
                 if data.get("version") == self.VERSION:
-                    self.scores = {k: float(v) for k, v in data.get("scores", {}).items()}
-            except (OSError, ValueError) as err:
+                    self.rows = {g: dict(v) for g, v in data.get("rows", {}).items()}
+                else:
+                    logger.info("The score cache %s has an older layout (version %s); scores are recomputed", self.path,
+                                data.get("version"))
+            except (OSError, ValueError, AttributeError) as err:
                 logger.warning("Ignoring the unreadable score cache %s (%s); scores are recomputed", self.path, err)
 
     @staticmethod
-    def key(scorer: str, adapter: str, task: str, rows: int, setting: str = "") -> str:
-        return f"{scorer}|{adapter}|{task}|{rows}|{setting}"
+    def group(scorer: str, adapter: str, setting: str = "") -> str:
+        return f"{scorer}|{setting}|{adapter}"
 
-    def get(self, key: str) -> float | None:
+    def get(self, group: str, rows: list[str]) -> list[float | str | None]:
         with self._lock:
-            return self.scores.get(key)
+            got = self.rows.get(group, {})
+            return [got.get(r) for r in rows]
 
-    def put(self, key: str, value: float) -> None:
+    def put(self, group: str, values: dict[str, float | str]) -> None:
         with self._lock:
-            self.scores[key] = float(value)
+            self.rows.setdefault(group, {}).update(values)
             self.dirty = True
 
     def save(self) -> None:
         if self.path is None or not self.dirty:
             return
         with self._lock:
-            payload = json.dumps({"version": self.VERSION, "scores": self.scores}, indent=0, sort_keys=True)
+            payload = json.dumps({"version": self.VERSION, "rows": self.rows}, indent=0, sort_keys=True)
             self.dirty = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -152,13 +161,14 @@ class ScoreMatrix:
 
 
 def halving_cost(adapters: int, rows: int, first: int) -> int:
-    """Row forwards successive halving needs for one task (module docstring), without the cache."""
-    total, n, cands = 0, min(first, rows), adapters
+    """Row forwards successive halving needs for one task from an empty cache (module docstring): each rung scores its
+    candidates on the rows the previous rung did not."""
+    total, done, n, cands = 0, 0, min(first, rows), adapters
     while True:
-        total += n * cands
+        total += (n - done) * cands
         if cands <= 2 or n >= rows:  # the better of the last two is the winner: no rung for a lone survivor
             return total
-        cands, n = math.ceil(cands / 2), min(rows, n * 2)
+        cands, done, n = math.ceil(cands / 2), n, min(rows, n * 2)
 
 
 class TaskScorer:
@@ -198,38 +208,31 @@ class TaskScorer:
             self._digests[name] = adapter_digest(self.paths[name])
         return self._digests[name]
 
-    def _key(self, name: str, task, rows: int) -> str:
+    def _group(self, name: str) -> str:
         setting = f"len{self.max_length}" if self.scorer == "loglik" else f"new{self.max_new_tokens}"
-        return ScoreCache.key(self.scorer, self.digest(name), task.digest, rows, setting)
+        return ScoreCache.group(self.scorer, self.digest(name), setting)
 
     def scores(self, task, adapters: list[str], rows: int) -> tuple[list[float], int]:
-        """Each adapter's score on the first ``rows`` rows of ``task`` (cached ones read back); and how many were cached."""
-        rows = min(rows, len(task.inputs))
-        keys = [self._key(a, task, rows) for a in adapters]
-        out = [self.cache.get(k) for k in keys]
-        missing = [i for i, v in enumerate(out) if v is None]
-        if missing:
-            new = self._compute(task, [adapters[i] for i in missing], rows)
-            for i, v in zip(missing, new):
-                out[i] = v
-                self.cache.put(keys[i], v)
-        return [float(v) for v in out], len(adapters) - len(missing)
+        """Each adapter's score on the first ``rows`` rows of ``task``, and how many adapters had every row cached.
 
-    def _compute(self, task, adapters: list[str], rows: int) -> list[float]:
-        pairs = [(a, j) for a in adapters for j in range(rows)]
+        Rows are cached one by one, so a later rung of successive halving (more rows) computes only the rows it adds,
+        and a task that gains or changes rows computes only those."""
+        rows = min(rows, len(task.inputs))
+        row_keys = [task.row_digest(j, with_target=self.scorer == "loglik") for j in range(rows)]
+        values = {a: self.cache.get(self._group(a), row_keys) for a in adapters}
+        missing = [(a, j) for a in adapters for j in range(rows) if values[a][j] is None]
+        if missing:
+            new = self._loglik(task, missing) if self.scorer == "loglik" else self._answers(task, missing)
+            self.forwards += len(missing)
+            for (a, j), v in zip(missing, new):
+                values[a][j] = v
+            for a in dict.fromkeys(a for a, _ in missing):
+                self.cache.put(self._group(a), {row_keys[j]: values[a][j] for j in range(rows)})
         if self.scorer == "loglik":
-            per_pair = self._loglik(task, pairs)
+            out = [float(np.mean([float(v) for v in values[a]])) for a in adapters]
         else:
-            per_pair = self._answers(task, pairs)
-        self.forwards += len(pairs)
-        out = []
-        for n, a in enumerate(adapters):
-            got = per_pair[n * rows:(n + 1) * rows]
-            if self.scorer == "loglik":
-                out.append(float(np.mean(got)))
-            else:
-                out.append(metric_score(task.metric, got, task.targets[:rows]))
-        return out
+            out = [metric_score(task.metric, [str(v) for v in values[a]], task.targets[:rows]) for a in adapters]
+        return out, len(adapters) - len({a for a, _ in missing})
 
     @torch.inference_mode()
     def _loglik(self, task, pairs: list[tuple[str, int]]) -> list[float]:
