@@ -185,6 +185,38 @@ def test_batched_equals_alone(app, engine):
         assert t.json()["choices"][0]["text"] == a["choices"][0]["text"]
 
 
+def test_queries_are_embedded_ahead_off_the_decoding_thread(app, engine, monkeypatch):
+    """Retrieval's embeddings are computed on the queue's embedding thread, never on the scheduler's (which decodes);
+    the answers are those of requests sent alone. An embedding that fails ahead is computed again when routed."""
+    import threading
+
+    embedder = engine.scheduler.router.embedder
+    real, threads = embedder.encode, []
+
+    def recording(texts, *a, **k):
+        threads.append(threading.current_thread().name)
+        return real(texts, *a, **k)
+
+    monkeypatch.setattr(embedder, "encode", recording)
+    alone = [post(app, body).json() for body in MIXES]
+    together = run(post_all(app, MIXES))
+    assert threads and set(threads) == {"lora-embedder"}
+    for a, t in zip(alone, together):
+        assert t.json()["choices"][0]["text"] == a["choices"][0]["text"]
+        assert [x["name"] for x in t.json()["adapters"]] == [x["name"] for x in a["adapters"]]
+    assert together[0].json()["timings"]["retrieval_ms"] > 0  # "auto": the embedding's time and the search's
+
+    def failing_ahead(texts, *a, **k):
+        if threading.current_thread().name == "lora-embedder":
+            raise RuntimeError("embedder busy")
+        return real(texts, *a, **k)
+
+    monkeypatch.setattr(embedder, "encode", failing_ahead)
+    again = post(app, MIXES[0]).json()
+    assert again["choices"][0]["text"] == alone[0]["choices"][0]["text"]
+    assert [x["name"] for x in again["adapters"]] == [x["name"] for x in alone[0]["adapters"]]
+
+
 def test_server_decoding_matches_generate(app, engine, tiny_base, tiny_loras):
     """The server's own decoding loop gives the tokens of transformers' greedy ``generate`` under :func:`compose`
     (on a pool of its own: the server's model carries the server's hooks while it runs)."""

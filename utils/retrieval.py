@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,7 @@ class Embedder:
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._identity = _model_identity(name_or_path, self.path)
         self._model = None
+        self._lock = threading.Lock()  # a server encodes from two threads (embedding ahead, and pool changes)
 
     @property
     def model(self):
@@ -162,7 +164,7 @@ class Embedder:
         return np.stack(means).astype(np.float32) if means else np.zeros((0, d), dtype=np.float32)
 
     def _encode(self, texts: list[str], show_progress: bool) -> np.ndarray:
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():
             emb = self.model.encode(list(texts), prompt=self.instruction or None, batch_size=self.batch_size,
                                     convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=show_progress)
         return np.ascontiguousarray(emb, dtype=np.float32)

@@ -33,6 +33,7 @@ import numpy as np
 from utils.data import InputError
 
 METHODS = ("auto", "mix", "base", "own", "soup", "soup_all", "lorauter")
+EMBEDDED_METHODS = ("auto", "soup", "lorauter")  # the methods that embed the query
 
 
 @dataclass(frozen=True)
@@ -133,13 +134,25 @@ class Router:
     def retrievable(self, name: str) -> bool:
         return self.retriever is not None and name in self.retriever.names
 
-    def route(self, queries: list[str], routes: list[Route]) -> Routing:
-        """Adapters, weights, similarities and mode for each ``queries[i]`` as ``routes[i]`` asks."""
+    @staticmethod
+    def embeds(route: Route) -> bool:
+        """Whether answering ``route`` embeds its query (retrieval, soup, routing through tasks)."""
+        return route.method in EMBEDDED_METHODS
+
+    def embed(self, queries: list[str]) -> np.ndarray:
+        """The queries' embeddings [len(queries), d], as :meth:`route` computes them (a server computes them ahead, off
+        its decoding thread, and hands them to :meth:`route`)."""
+        encode = self.embedder.encode
+        return encode(queries) if self.cache_queries else encode(queries, cache=False)
+
+    def route(self, queries: list[str], routes: list[Route], embeddings: list[np.ndarray | None] | None = None) -> Routing:
+        """Adapters, weights, similarities and mode for each ``queries[i]`` as ``routes[i]`` asks; ``embeddings[i]``,
+        where given, is the query's embedding computed ahead (:meth:`embed`), the others are embedded here."""
         if len(queries) != len(routes):
             raise ValueError(f"{len(queries)} queries but {len(routes)} routes.")
         n = len(routes)
         out = Routing([[] for _ in range(n)], [[] for _ in range(n)], [None] * n, ["mixture"] * n, [{} for _ in range(n)])
-        embedded = [i for i, r in enumerate(routes) if r.method in ("auto", "soup", "lorauter")]
+        embedded = [i for i, r in enumerate(routes) if r.method in EMBEDDED_METHODS]
         emb = None
         t0 = time.perf_counter()
         if embedded:
@@ -149,9 +162,10 @@ class Router:
             if any(routes[i].method == "lorauter" for i in embedded) and self.tasks is None:
                 raise InputError("Routing through tasks (lorauter) was asked for, but no task library is loaded; start with "
                                  "--routing lorauter or give --task_library.")
-            texts = [queries[i] for i in embedded]
-            encode = self.embedder.encode
-            emb = encode(texts) if self.cache_queries else encode(texts, cache=False)  # [len(embedded), d]
+            ahead = embeddings or [None] * n
+            todo = [i for i in embedded if ahead[i] is None]
+            fresh = dict(zip(todo, self.embed([queries[i] for i in todo]))) if todo else {}
+            emb = np.stack([ahead[i] if ahead[i] is not None else fresh[i] for i in embedded])  # [len(embedded), d]
             row_of = {i: j for j, i in enumerate(embedded)}
             self._auto(out, routes, emb, row_of)
             self._soup(out, routes, emb, row_of)

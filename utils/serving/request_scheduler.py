@@ -3,9 +3,9 @@
 The queue, routing and events are :mod:`utils.serving.scheduling`'s (shared with the vLLM engine's scheduler).
 One background thread owns the model. Its loop:
 
-1. Waiting requests whose adapters are not known yet are resolved together: the ``auto`` ones are embedded in
-   one call and searched in the FAISS index (batched retrieval); named adapters and explicit mixes are looked
-   up in the pool.
+1. Waiting requests whose adapters are not known yet are resolved together: the ``auto`` ones, embedded ahead on
+   the queue's embedding thread while the batch decodes, are searched in the FAISS index in one call (batched
+   retrieval); named adapters and explicit mixes are looked up in the pool.
 2. Requests are admitted into the running batch, up to ``max_batch_size`` rows, and prefilled together
    (:meth:`BatchDecoder.add`). Admission depends on the policy:
 
@@ -112,8 +112,8 @@ class Scheduler:
         try:
             while True:
                 with q.cond:
-                    while not q.waiting and not q.running and not q.stopping and not q.control:
-                        q.cond.wait()
+                    while not q.ready() and not q.running and not q.stopping and not q.control:
+                        q.cond.wait()  # (a request still being embedded ahead is not ready)
                     if q.stopping and not q.waiting and not q.running and not q.control:
                         return
                     gone = q.gather_waiting()

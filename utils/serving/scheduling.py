@@ -5,8 +5,11 @@ that does not depend on how it is generated:
   a pool change run on the scheduler thread between two steps;
 - :meth:`RequestQueue.gather_waiting`: when nothing runs, the first request waits up to ``max_wait_ms`` for others
   to arrive, so that requests sent together are routed (and prefilled) together;
-- :meth:`RequestQueue.resolve`: one router call for every waiting request (one embedding call, one FAISS search),
-  each job given its adapters, held in the pool until it leaves, and its ``meta`` event;
+- embedding ahead: a request that retrieval or task routing will embed is embedded on a thread of its own as soon
+  as it arrives (the requests that arrive meanwhile together, in one call), so the decoding thread never waits for the
+  sentence embedder; a request is routed once its embedding is there;
+- :meth:`RequestQueue.resolve`: one router call for every waiting request (one FAISS search), each job given its
+  adapters, held in the pool until it leaves, and its ``meta`` event;
 - the ``done`` event (:meth:`RequestQueue.finish`) with plain data (:class:`Output`), failures, timings and metrics.
 
 The local engine's batch loop (:class:`utils.serving.request_scheduler.Scheduler`) and the vLLM engine's worker
@@ -63,6 +66,9 @@ class Job:
     applied: list[dict] | None = None
     label: str = ""
     retrieval_s: float = 0.0
+    embedding: object = None  # the query's embedding [d], computed ahead (RequestQueue's embedding thread)
+    embed_s: float = 0.0  # the embedding call's time
+    embedding_pending: bool = False  # queued for the embedding thread: not routed until it is done
     t_admitted: float | None = None
     t_first: float | None = None
     sent: int = 0  # characters of text emitted
@@ -101,10 +107,12 @@ class RequestQueue:
         metrics: a :class:`ServerMetrics` or None.
         max_batch_size: rows (requests in flight) at most.  max_wait_ms: how long a first request waits for others.
         max_queue: waiting requests at most; more get :class:`QueueFull`.
+        embed_ahead: embed the queries of retrieval and task routing on a thread of their own as they arrive (False:
+            on the scheduler's thread, when they are routed).
     """
 
     def __init__(self, pool=None, router: Router | None = None, metrics=None, max_batch_size: int = 32, max_wait_ms: float = 10.0,
-                 max_queue: int = 256):
+                 max_queue: int = 256, embed_ahead: bool = True):
         self.pool = pool
         self.router = router or Router([])
         self.metrics = metrics
@@ -117,19 +125,30 @@ class RequestQueue:
         self.cond = threading.Condition()
         self.stopping = False
         self._thread: threading.Thread | None = None
+        self.embed_ahead = embed_ahead
+        self._to_embed: collections.deque[Job] = collections.deque()
+        self._embed_cond = threading.Condition()
+        self._embed_thread: threading.Thread | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def start(self, target: Callable[[], None]) -> None:
         self._thread = threading.Thread(target=target, name="lora-scheduler", daemon=True)
         self._thread.start()
+        if self.embed_ahead:
+            self._embed_thread = threading.Thread(target=self._embed_loop, name="lora-embedder", daemon=True)
+            self._embed_thread.start()
 
     def stop(self, timeout: float | None = 30.0) -> None:
-        """Finish what is waiting and running, then end the thread."""
+        """Finish what is waiting and running, then end the threads."""
         with self.cond:
             self.stopping = True
             self.cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        with self._embed_cond:
+            self._embed_cond.notify_all()
+        if self._embed_thread is not None:
+            self._embed_thread.join(timeout)
 
     @property
     def alive(self) -> bool:
@@ -142,9 +161,45 @@ class RequestQueue:
                 raise QueueFull("the server is shutting down")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (--max_queue {self.max_queue})")
+            ahead = self._embed_thread is not None and self.router.embeds(job.route) and self.router.embedder is not None
+            job.embedding_pending = ahead
             self.waiting.append(job)
             self.gauge()
             self.cond.notify_all()
+        if ahead:
+            with self._embed_cond:
+                self._to_embed.append(job)
+                self._embed_cond.notify()
+
+    def _embed_loop(self) -> None:
+        """The embedding thread: embeds every query queued since its last call in one call, then lets them be routed.
+        A failure leaves the embeddings to :meth:`resolve` (which embeds them again, and reports the error there)."""
+        while True:
+            with self._embed_cond:
+                while not self._to_embed and not self.stopping:
+                    self._embed_cond.wait()
+                if not self._to_embed:
+                    return
+                jobs = list(self._to_embed)
+                self._to_embed.clear()
+            todo = [j for j in jobs if not j.cancelled]
+            try:
+                if todo:
+                    t0 = time.perf_counter()
+                    embeddings = self.router.embed([j.query for j in todo])
+                    for job, e in zip(todo, embeddings):
+                        job.embedding, job.embed_s = e, time.perf_counter() - t0
+            except Exception as err:  # the scheduler embeds them again and reports the error to each request
+                logger.warning("Embedding %d queries ahead failed (%s: %s); they are embedded when routed", len(todo),
+                               type(err).__name__, err)
+            with self.cond:
+                for job in jobs:
+                    job.embedding_pending = False
+                self.cond.notify_all()
+
+    def ready(self) -> bool:
+        """With ``cond`` held: whether a waiting request can be routed or admitted now (not waiting for its embedding)."""
+        return any(not j.embedding_pending for j in self.waiting)
 
     def call(self, fn: Callable[[], object]) -> Future:
         """Run ``fn()`` on the scheduler thread between two steps; the future gets its result or exception.
@@ -206,7 +261,7 @@ class RequestQueue:
             return
         t0 = time.perf_counter()
         try:
-            routing = self.router.route([j.query for j in jobs], [j.route for j in jobs])
+            routing = self.router.route([j.query for j in jobs], [j.route for j in jobs], [j.embedding for j in jobs])
         except Exception as err:
             logger.exception("Retrieval failed")
             for job in jobs:
@@ -219,7 +274,7 @@ class RequestQueue:
             self.metrics.retrieval.observe(time.perf_counter() - t0)
         for i, job in enumerate(jobs):
             if job.route.method == "auto":
-                job.retrieval_s = retrieval_s or 0.0
+                job.retrieval_s = job.embed_s + (retrieval_s or 0.0)  # embedded ahead, then searched
             missing = [n for n in routing.adapters[i] if self.pool is None or n not in self.pool.index]
             if missing:
                 self.remove_waiting(job)
@@ -245,7 +300,7 @@ class RequestQueue:
             pending = list(self.waiting)
         if not pending:
             return False
-        self.resolve([j for j in pending if j.seq is None])
+        self.resolve([j for j in pending if j.seq is None and not j.embedding_pending])
         return True
 
     def remove_waiting(self, job: Job) -> None:

@@ -75,7 +75,7 @@ class VllmScheduler:
         try:
             while True:
                 with q.cond:
-                    while not q.control and not (q.waiting and len(q.running) < self.max_batch_size) \
+                    while not q.control and not (q.ready() and len(q.running) < self.max_batch_size) \
                             and not (q.stopping and not q.waiting):
                         q.cond.wait()
                     if q.stopping and not q.waiting and not q.control:
