@@ -126,6 +126,7 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "main.py", "--settings", "config/embedded.json", "--data_path", str(data), "--config_path", str(pool_config),
                "--res_dir", str(res_dir), "--task_library", str(library), "--task_scores", str(work / "task_scores.json"),
                "--lorahub_examples", "2", "--lorahub_budget", "20", "--task_candidates", "0",
+               "--max_loras", str(max(64, len(useful) + len(noise))),  # LoraHub and Adapter Soup use the whole pool at once
                *(["--task_rows", str(args.task_rows)] if args.task_rows else []), "--runs", *runs]
         subprocess.run(cmd, cwd=ROOT, check=True)
 

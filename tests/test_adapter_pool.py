@@ -191,4 +191,6 @@ def test_grouped_decoding_step_equals_each_rows_own_factors(tiny_base, tiny_lora
     got_f, used_f = step(True, with_fusion)
     want_f, _ = step(False, with_fusion)
     assert used_f == {} and torch.equal(got_f, want_f)
+    alone, used_alone = step(True, rows[:1])  # one row, three distinct adapters: nothing shared, nothing grouped
+    assert used_alone == {} and torch.equal(alone, step(False, rows[:1])[0])
     assert pool.pinned() == set()

@@ -226,6 +226,16 @@ def mixed_selected(A_sel: torch.Tensor, B_sel: torch.Tensor, weights: torch.Tens
     return At.contiguous(), Bt.contiguous()
 
 
+# When a grouped step is worth it. Per module, the stacked step reads b*k*R*(d_in+d_out) factor values (each row's own
+# k adapters) and does 2 flops per value read; the grouped one reads U*R*(d_in+d_out) values (the U distinct adapters)
+# and does 2*b flops per value. With a CPU doing about 32 flops in the time it reads one float32 value (2 cores with
+# AVX-512: about 100 GFLOP/s against about 15 GB/s), the grouped step
+# is bound by memory up to about GROUPED_ROWS rows and by arithmetic beyond, so it is used when
+# U * max(1, b / GROUPED_ROWS) < b * k: in a batch of up to 16 rows whenever two row slots share an adapter, at 32 rows when at most
+# half of the row slots hold distinct adapters.
+GROUPED_ROWS = 16
+
+
 def grouped_weights(rows: list[list[str]], weights: list[list[float]], adapters: list[str]) -> torch.Tensor:
     """S_u [b, U]: row b's total weight on adapter u of ``adapters`` (0 where the row does not use it; weights add up
     where a row names an adapter twice, as the mixture's sum does)."""
@@ -284,7 +294,8 @@ class LiveComposition:
       * for a one-token decoding step of a batch whose composed rows are all mixtures (selection included), the
         batch's distinct adapters' factors side by side and each row's weights on them (:func:`add_grouped_delta`):
         two matrix products per module for the whole batch, reading each distinct adapter once, instead of two
-        batched products over every row's own k*R factors. A batch with a fusion row uses the stacked factors;
+        batched products over every row's own k*R factors. A batch with a fusion row, or whose rows share too few
+        adapters for that to pay (``GROUPED_ROWS``), uses the stacked factors;
     - inside :meth:`active` (entered once for a server's lifetime) one hook per target module adds the delta;
       hooks are added as adapters with new target modules arrive; :meth:`set_base` makes the hooks add nothing, for
       a forward of base rows only.
@@ -354,8 +365,9 @@ class LiveComposition:
         if any(fusion for _, _, fusion in plans):
             return {}
         distinct = tuple(dict.fromkeys(n for names, _, _ in plans for n in names))
-        if not distinct:
-            return {}
+        b, k = len(plans), max(len(names) for names, _, _ in plans)
+        if not distinct or len(distinct) * max(1.0, b / GROUPED_ROWS) >= b * k:
+            return {}  # no adapter shared enough: each row's own factors cost no more (GROUPED_ROWS)
         if self._distinct is None or self._distinct[0] != distinct:
             per_module = {}
             with torch.no_grad():
