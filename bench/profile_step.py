@@ -6,9 +6,7 @@
 The step is the server's own (:class:`utils.decoding.BatchDecoder.step`, the path every request
 takes) on the embedded SmolLM2 in float32 with the pool of ``--config_path``: ``base`` rows use no adapter,
 ``mixture`` rows a top-3 mixture of different adapters per row (the composition hooks of
-:class:`utils.composition.LiveComposition`, whose one-token steps multiply against the batch's distinct adapters at
-once), ``mixture_stacked`` the same rows through each row's own stacked factors (``LiveComposition(grouped=False)``,
-the step before the grouped one). Each batch is prefilled with prompts of ``--prompt_tokens`` tokens and
+:class:`utils.composition.LiveComposition`). Each batch is prefilled with prompts of ``--prompt_tokens`` tokens and
 decodes ``--warmup`` steps before ``--steps`` steps are profiled with ``torch.profiler`` (CPU); configurations run
 ``--repeats`` times, interleaved, and the fastest is kept (the first batch of a size pays for fresh memory as its KV
 cache grows). ``--linear_kernels`` profiles each configuration with each kernel of the linear layers
@@ -94,8 +92,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=8, help="steps decoded before profiling (the cache has grown by this many)")
     p.add_argument("--steps", type=int, default=16, help="steps profiled")
     p.add_argument("--repeats", type=int, default=2, help="runs of each configuration, interleaved; the fastest is kept")
-    p.add_argument("--modes", nargs="+", default=["base", "mixture"], choices=("base", "mixture", "mixture_stacked"),
-                   help="rows, in the order profiled")
+    p.add_argument("--modes", nargs="+", default=["base", "mixture"], choices=("base", "mixture"), help="rows, in the order profiled")
     p.add_argument("--linear_kernels", nargs="+", default=["auto"], choices=LINEAR_KERNEL_CHOICES,
                    help="kernels of the linear layers to profile, interleaved (utils/linear_kernels.py)")
     p.add_argument("--out", default="docs/profile_step", help="writes OUT.json and OUT.md")
@@ -116,12 +113,11 @@ def main(argv=None) -> int:
             best: dict[tuple, dict] = {}
             for kernels, mode in [(k, m) for _ in range(args.repeats) for k in args.linear_kernels for m in args.modes]:
                 used = use_linear_kernels(model, kernels)
-                composition.grouped = mode != "mixture_stacked"
                 decoder = BatchDecoder(model, tok, composition, context_length=4096)
                 seqs = []
                 for i in range(b):
                     ids = torch.randint(100, 40000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(i)).tolist()
-                    adapters = [names[(i + j) % len(names)] for j in range(3)] if mode != "base" else []
+                    adapters = [names[(i + j) % len(names)] for j in range(3)] if mode == "mixture" else []
                     seqs.append(Sequence(prompt_ids=ids, max_new_tokens=args.warmup + args.steps + 4, adapters=adapters,
                                          adapter_w=[1 / 3] * len(adapters), ignore_eos=True))
                 decoder.add(seqs)

@@ -159,38 +159,3 @@ def test_adapters_that_cannot_compose_are_refused_naming_the_adapter(tiny_base, 
         pool.read("newcomer", str(d))
     assert "'newcomer'" in str(err.value)
     assert pool.names == ["a1"]
-
-
-def test_grouped_decoding_step_equals_each_rows_own_factors(tiny_base, tiny_loras, many_loras):
-    """A one-token step against the batch's distinct adapters at once (shared adapters, a repeated adapter, a base row,
-    negative weights, adapters of different ranks and targets) gives each row's own mixture, within float rounding;
-    a batch with a fusion row takes each row's own factors."""
-    loras = {**tiny_loras, **{n: many_loras[n] for n in ("a0", "a1")}}
-    pool = AdapterPool(load_base(tiny_base), entries_of(loras), show_progress=False)
-    rows = [(1, ["alpha", "beta", "gamma"], [0.5, 0.3, 0.2], "mixture"), (2, ["beta"], [1.0], "mixture"), (3, [], [], "mixture"),
-            (4, ["a0", "a0", "gamma"], [0.4, 0.4, -0.7], "mixture"), (5, ["a1", "alpha"], [1.2, 0.1], "mixture")]
-    ids = torch.randint(2, 300, (len(rows), 1), generator=torch.Generator().manual_seed(3))
-
-    def step(grouped: bool, batch):
-        live = LiveComposition(pool, grouped=grouped)
-        with torch.no_grad(), live.active() as model:
-            live.set_rows(batch)
-            logits = model(input_ids=ids[:len(batch)]).logits
-            used = live._batch._grouped
-        live.forget([r[0] for r in batch])
-        return logits, used
-
-    got, used = step(True, rows)
-    want, _ = step(False, rows)
-    assert used, "the grouped step ran"
-    assert len(next(iter(used.values()))[2]) == len(rows)  # S: one row of weights per row
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    base = pool.model(input_ids=ids[2:3]).logits
-    torch.testing.assert_close(got[2:3], base, atol=1e-6, rtol=0)  # the base row adds nothing
-    with_fusion = rows[:2] + [(6, ["alpha", "gamma"], [0.6, 0.4], "fusion")]
-    got_f, used_f = step(True, with_fusion)
-    want_f, _ = step(False, with_fusion)
-    assert used_f == {} and torch.equal(got_f, want_f)
-    alone, used_alone = step(True, rows[:1])  # one row, three distinct adapters: nothing shared, nothing grouped
-    assert used_alone == {} and torch.equal(alone, step(False, rows[:1])[0])
-    assert pool.pinned() == set()

@@ -226,58 +226,6 @@ def mixed_selected(A_sel: torch.Tensor, B_sel: torch.Tensor, weights: torch.Tens
     return At.contiguous(), Bt.contiguous()
 
 
-# When a grouped step is worth it. Per module, the stacked step reads b*k*R*(d_in+d_out) factor values (each row's own
-# k adapters) and does 2 flops per value read; the grouped one reads U*R*(d_in+d_out) values (the U distinct adapters)
-# and does 2*b flops per value. With a CPU doing about 32 flops in the time it reads one float32 value (2 cores with
-# AVX-512: about 100 GFLOP/s against about 15 GB/s), the grouped step
-# is bound by memory up to about GROUPED_ROWS rows and by arithmetic beyond, so it is used when
-# U * max(1, b / GROUPED_ROWS) < b * k: in a batch of up to 16 rows whenever two row slots share an adapter, at 32 rows when at most
-# half of the row slots hold distinct adapters.
-GROUPED_ROWS = 16
-
-
-def grouped_weights(rows: list[list[str]], weights: list[list[float]], adapters: list[str]) -> torch.Tensor:
-    """S_u [b, U]: row b's total weight on adapter u of ``adapters`` (0 where the row does not use it; weights add up
-    where a row names an adapter twice, as the mixture's sum does)."""
-    col = {n: u for u, n in enumerate(adapters)}
-    S = torch.zeros(len(rows), len(adapters), dtype=torch.float32)
-    for i, (names, ws) in enumerate(zip(rows, weights)):
-        for n, w in zip(names, ws):
-            S[i, col[n]] += float(w)
-    return S
-
-
-def add_grouped_delta(x: torch.Tensor, output: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
-    """The mixture's delta for one token per row, every row against the batch's U distinct adapters at once:
-
-        output_b + ((x_b At) * S_b) Bt      x [b, 1, d_in] (or [b, d_in]), At [d_in, U*R], Bt [U*R, d_out], S [b, U*R]
-
-    where At = [A_1^T ... A_U^T], Bt = [s_1 B_1^T; ...; s_U B_U^T] and S_b repeats row b's weight on each adapter R
-    times, so that ((x_b At) * S_b) Bt = sum_u S_bu s_u B_u A_u x_b: the mixture of :func:`compose_selected`, with
-    each distinct adapter's factors read once per step instead of once per row that uses it."""
-    b, d_in = x.shape[0], x.shape[-1]
-    h = (x.reshape(b, d_in).to(At.dtype) @ At) * S  # [b, U*R]
-    return output + (h @ Bt).reshape(output.shape).to(output.dtype)
-
-
-class _Batch:
-    """The factors of one set of rows, each kind built when a forward first needs it: per row stacked (a prefill, or a
-    batch that cannot be grouped) and grouped by distinct adapter (a one-token step, :func:`add_grouped_delta`)."""
-
-    def __init__(self, key: tuple, stack, group):
-        self.key, self._stack, self._group, self._stacked, self._grouped = key, stack, group, None, None
-
-    def stacked(self, m: str):
-        if self._stacked is None:
-            self._stacked = self._stack()
-        return self._stacked.get(m)
-
-    def grouped(self, m: str):
-        if self._grouped is None:
-            self._grouped = self._group()
-        return self._grouped.get(m)
-
-
 class LiveComposition:
     """Per-sample composition for a batch whose rows change between forwards (continuous batching).
 
@@ -287,40 +235,24 @@ class LiveComposition:
     - each row's factors (At_r [d_in, R'_r], Bt_r [R'_r, d_out] per module its adapters target, :func:`build_mixed`)
       are built once, when the row is first set, in one batched call for all new rows, and kept until :meth:`forget`;
       the row's adapters stay pinned on the pool's device tier meanwhile (:meth:`AdapterPool.acquire`);
-    - :meth:`set_rows` prepares, once per change of the batch (not per step), what its forwards add:
-
-      * for a forward of several tokens per row (a prefill), the kept factors of the rows stacked (zero-padded R' to
-        the widest row, zeros for a row whose adapters do not target a module), built on first use;
-      * for a one-token decoding step of a batch whose composed rows are all mixtures (selection included), the
-        batch's distinct adapters' factors side by side and each row's weights on them (:func:`add_grouped_delta`):
-        two matrix products per module for the whole batch, reading each distinct adapter once, instead of two
-        batched products over every row's own k*R factors. A batch with a fusion row, or whose rows share too few
-        adapters for that to pay (``GROUPED_ROWS``), uses the stacked factors;
-    - inside :meth:`active` (entered once for a server's lifetime) one hook per target module adds the delta;
-      hooks are added as adapters with new target modules arrive; :meth:`set_base` makes the hooks add nothing, for
-      a forward of base rows only.
+    - :meth:`set_rows` only stacks the kept factors of the current rows (zero-padding R' to the widest row, and zeros
+      for a row whose adapters do not target a module), once per change of the batch, not per step;
+    - inside :meth:`active` (entered once for a server's lifetime) one hook per target module adds ``(x At) Bt`` with
+      the stacked factors; hooks are added as adapters with new target modules arrive; :meth:`set_base` makes the
+      hooks add nothing, for a forward of base rows only.
 
     Each row has its own adapters, weights and mode; a base row inside a composed batch has weights 0 and gets
     exactly the base output. Same math as :func:`compose` (module docstring).
-
-    Args:
-        pool: the adapters.  grouped: use the grouped step where it applies (False: always the stacked factors).
     """
 
-    def __init__(self, pool: AdapterPool, grouped: bool = True):
+    def __init__(self, pool: AdapterPool):
         self.pool = pool
-        self.grouped = grouped
         self._rows: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # serial -> module -> (At_r, Bt_r)
         self._pins: dict[int, list[str]] = {}  # serial -> adapter names it pins
-        self._plan: dict[int, tuple[list[str], list[float], bool]] = {}  # serial -> (adapter names, weights, fusion)
-        self._distinct: tuple[tuple, dict] | None = None  # (distinct adapters, module -> (At, Bt, R)) of the last batch
-        self._batch: _Batch | None = None
+        self._factors: dict[str, tuple[torch.Tensor, torch.Tensor, object]] | None = None
         self._handles: dict[str, object] = {}
+        self.rows_key = None
         self.is_active = False
-
-    @property
-    def rows_key(self):
-        return self._batch.key if self._batch is not None else None
 
     def set_rows(self, rows: list[tuple[int, list[str], list[float], str]]) -> None:
         """Factors for a batch of rows ``(serial, adapter names, weights, mode)``, in batch order (mode: "mixture" or
@@ -329,7 +261,7 @@ class LiveComposition:
         ``serial`` identifies a row across calls: a row seen before reuses its factors.
         """
         key = tuple(r[0] for r in rows)
-        if self._batch is not None and key == self._batch.key:
+        if key == self.rows_key and self._factors is not None:
             return
         new = [r for r in rows if r[0] not in self._rows]
         if new:
@@ -337,10 +269,6 @@ class LiveComposition:
         modules = set()
         for s in key:
             modules.update(self._rows[s])
-        self._batch = _Batch(key, lambda: self._stack(key, modules), lambda: self._group(key) if self.grouped else {})
-        self._install(modules)
-
-    def _stack(self, key: tuple, modules: set) -> dict:
         factors = {}
         with torch.no_grad():
             for m in (m for m in self.pool.targets if m in modules):
@@ -355,36 +283,8 @@ class LiveComposition:
                                   p[1] if p[1].shape[0] == width else torch.nn.functional.pad(p[1], (0, 0, 0, width - p[1].shape[0]))
                                   for p in parts])
                 factors[m] = (At, Bt, _decode_factors(At, Bt))
-        return factors
-
-    def _group(self, key: tuple) -> dict:
-        """module -> (At [d_in, U*R], Bt [U*R, d_out], S [b, U*R]) for a one-token step, or {} where the batch has a
-        fusion row (module docstring). The distinct adapters' factors are kept while the set of distinct adapters
-        stays the same (rows joining and leaving with adapters already in the batch only change S)."""
-        plans = [self._plan[s] for s in key]
-        if any(fusion for _, _, fusion in plans):
-            return {}
-        distinct = tuple(dict.fromkeys(n for names, _, _ in plans for n in names))
-        b, k = len(plans), max(len(names) for names, _, _ in plans)
-        if not distinct or len(distinct) * max(1.0, b / GROUPED_ROWS) >= b * k:
-            return {}  # no adapter shared enough: each row's own factors cost no more (GROUPED_ROWS)
-        if self._distinct is None or self._distinct[0] != distinct:
-            per_module = {}
-            with torch.no_grad():
-                for m, _, A_sel, B_sel in self.pool.gather([[n] for n in distinct], 1):
-                    U, _, R, d_in = A_sel.shape
-                    At = A_sel.reshape(U * R, d_in).t()  # [d_in, U*R]: adapter u's A_u^T in columns u*R .. u*R+R-1
-                    Bt = B_sel[:, 0].transpose(1, 2).reshape(U * R, -1)  # [U*R, d_out]: s_u B_u^T in rows u*R ..
-                    dtype = torch.float32 if At.device.type == "cpu" and At.dtype in LOW_PRECISION else At.dtype
-                    per_module[m] = (At.to(dtype).contiguous(), Bt.to(dtype).contiguous(), R)
-            self._distinct = (distinct, per_module)
-        S_u = grouped_weights([p[0] for p in plans], [p[1] for p in plans], list(distinct))  # [b, U]
-        out, by_rank = {}, {}
-        for m, (At, Bt, R) in self._distinct[1].items():
-            if R not in by_rank:
-                by_rank[R] = S_u.repeat_interleave(R, dim=1).to(device=At.device, dtype=At.dtype)  # [b, U*R]
-            out[m] = (At, Bt, by_rank[R])
-        return out
+        self._install(factors)
+        self._factors, self.rows_key = factors, key
 
     def _build(self, new: list[tuple[int, list[str], list[float], str]]) -> None:
         k = max(max(len(r[1]) for r in new), 1)
@@ -397,13 +297,13 @@ class LiveComposition:
         rows = adapter_rows(self.pool, [r[1] for r in new])
         row_names = [list(dict.fromkeys(row)) for row in rows]
         acquired = []
-        fusion = torch.tensor([r[3] in ("fusion", True) for r in new], dtype=torch.bool)
         try:
             for rn in row_names:
                 self.pool.acquire(rn)
                 acquired.append(rn)
             per_row: list[dict] = [{} for _ in new]
             if any(rows):
+                fusion = torch.tensor([r[3] in ("fusion", True) for r in new], dtype=torch.bool)
                 with torch.no_grad():
                     for m, _, A_sel, B_sel in self.pool.gather(rows, k):
                         dev = A_sel.device
@@ -417,57 +317,45 @@ class LiveComposition:
         for i, r in enumerate(new):
             self._rows[r[0]] = per_row[i]
             self._pins[r[0]] = row_names[i]
-            self._plan[r[0]] = (rows[i], [float(x) for x in r[2]], bool(fusion[i]))  # fusion of one adapter: w^2 s B A
 
-    def _install(self, modules) -> None:
+    def _install(self, factors: dict) -> None:
         if not self.is_active:
             return
-        for m in modules:
+        for m in factors:
             if m not in self._handles:
                 self._handles[m] = self.pool.targets[m].register_forward_hook(self._hook(m), with_kwargs=True)
 
     def _hook(self, m: str):
         def hook(module, args, kwargs, output):
-            batch = self._batch
-            if batch is None:
-                return output
-            x = args[0] if args else kwargs["x"]
-            if x.shape[:-1].numel() == x.shape[0]:  # one token per row: a decoding step
-                g = batch.grouped(m)
-                if g is not None and g[2].shape[0] == x.shape[0]:
-                    return add_grouped_delta(x, output, *g)
-            f = batch.stacked(m)
+            f = self._factors.get(m) if self._factors is not None else None
             if f is None:
                 return output
             At, Bt, dec = f
-            return _add_delta(x, output, At, Bt, dec)
+            return _add_delta(args[0] if args else kwargs["x"], output, At, Bt, dec)
         return hook
 
     def set_base(self) -> None:
         """The next forwards add nothing (every row is a base row)."""
-        self._batch = None
+        self._factors, self.rows_key = None, None
 
     def forget(self, serials) -> None:
         """Drop the kept factors of rows that have left the batch, and unpin their adapters."""
         serials = list(serials)
         if self.rows_key is not None and set(serials) & set(self.rows_key):
-            self.set_base()  # the prepared factors hold a forgotten row: the next set_rows prepares again
+            self.set_base()  # the stacked factors hold a forgotten row: the next set_rows restacks
         for s in serials:
             self._rows.pop(s, None)
-            self._plan.pop(s, None)
             names = self._pins.pop(s, None)
             if names:
                 self.pool.release(names)
-        if not self._rows:
-            self._distinct = None  # nothing keeps those adapters pinned any more
 
     @contextmanager
     def active(self):
         """The base model with the live per-row deltas on (until exit)."""
         self.is_active = True
         try:
-            if self._batch is not None:
-                self._install({m for s in self._batch.key for m in self._rows[s]})
+            if self._factors:
+                self._install(self._factors)
             yield self.pool.model
         finally:
             self.is_active = False
