@@ -152,7 +152,7 @@ class Router:
             raise ValueError(f"{len(queries)} queries but {len(routes)} routes.")
         n = len(routes)
         out = Routing([[] for _ in range(n)], [[] for _ in range(n)], [None] * n, ["mixture"] * n, [{} for _ in range(n)])
-        embedded = [i for i, r in enumerate(routes) if r.method in EMBEDDED_METHODS]
+        embedded = [i for i, r in enumerate(routes) if self.embeds(r)]
         emb = None
         t0 = time.perf_counter()
         if embedded:

@@ -14,8 +14,9 @@ Pairs (row, adapter) of one task are batched together, each row composed with it
 candidates are scored on the first n0 rows, the better half (rounded up) is kept, n doubles, until one candidate is
 left or n reaches the task's rows; the survivors are scored on every row. With A adapters, R rows and n0 rows at the
 first rung, and every row scored once (the cache keeps rows, so a rung scores only the rows it adds), that costs
-about n0 * A * (1 + log2(min(A, R / n0)) / 2) row forwards against R * A for the full matrix (:func:`halving_cost`). An adapter's place in a task's ranking is decided by the last rung it reached, then by its score
-there; the rung (rows scored) is kept beside the score.
+about n0 * A * (1 + log2(min(A, R / n0)) / 2) row forwards against R * A for the full matrix (:func:`halving_cost`).
+An adapter's place in a task's ranking is decided by the last rung it reached, then by its score there; the rung
+(rows scored) is kept beside the score.
 
 **The cache** (a JSON file, written atomically) keeps each row's score (the loglik scorer) or greedy answer (the metric
 scorer), keyed by the scorer and its setting, the adapter's content (a hash of its config and weight files) and the

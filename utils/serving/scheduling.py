@@ -126,8 +126,7 @@ class RequestQueue:
         self.stopping = False
         self._thread: threading.Thread | None = None
         self.embed_ahead = embed_ahead
-        self._to_embed: collections.deque[Job] = collections.deque()
-        self._embed_cond = threading.Condition()
+        self._to_embed: collections.deque[Job] = collections.deque()  # under ``cond``, like the queue
         self._embed_thread: threading.Thread | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -145,8 +144,6 @@ class RequestQueue:
             self.cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-        with self._embed_cond:
-            self._embed_cond.notify_all()
         if self._embed_thread is not None:
             self._embed_thread.join(timeout)
 
@@ -164,20 +161,18 @@ class RequestQueue:
             ahead = self._embed_thread is not None and self.router.embeds(job.route) and self.router.embedder is not None
             job.embedding_pending = ahead
             self.waiting.append(job)
+            if ahead:
+                self._to_embed.append(job)
             self.gauge()
             self.cond.notify_all()
-        if ahead:
-            with self._embed_cond:
-                self._to_embed.append(job)
-                self._embed_cond.notify()
 
     def _embed_loop(self) -> None:
         """The embedding thread: embeds every query queued since its last call in one call, then lets them be routed.
         A failure leaves the embeddings to :meth:`resolve` (which embeds them again, and reports the error there)."""
         while True:
-            with self._embed_cond:
+            with self.cond:
                 while not self._to_embed and not self.stopping:
-                    self._embed_cond.wait()
+                    self.cond.wait()
                 if not self._to_embed:
                     return
                 jobs = list(self._to_embed)
@@ -187,8 +182,9 @@ class RequestQueue:
                 if todo:
                     t0 = time.perf_counter()
                     embeddings = self.router.embed([j.query for j in todo])
+                    seconds = time.perf_counter() - t0
                     for job, e in zip(todo, embeddings):
-                        job.embedding, job.embed_s = e, time.perf_counter() - t0
+                        job.embedding, job.embed_s = e, seconds
             except Exception as err:  # the scheduler embeds them again and reports the error to each request
                 logger.warning("Embedding %d queries ahead failed (%s: %s); they are embedded when routed", len(todo),
                                type(err).__name__, err)
