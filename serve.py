@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max_batch_size", type=int, default=32, help="rows decoded together at most")
     a("--max_wait_ms", type=float, default=10.0, help="when idle, how long the first request waits for others to prefill with it")
     a("--max_queue", type=int, default=256, help="requests waiting at most; more get 429 with Retry-After")
+    a("--embed_ahead", default="auto", choices=("auto", "on", "off"),
+      help="embed each routed request's query on a thread of its own as it arrives (on), or on the decoding thread when it is "
+           "routed (off); auto: off when the model decodes on the CPU, whose cores the two threads would share, on otherwise")
     a("--batching", default="continuous", choices=POLICIES,
       help="continuous: requests join and leave the running batch at every step; dynamic: a batch runs to its end before "
            "the next forms; same_adapters: a batch holds only requests with identical adapters (what one-adapter servers do)")

@@ -185,9 +185,19 @@ def test_batched_equals_alone(app, engine):
         assert t.json()["choices"][0]["text"] == a["choices"][0]["text"]
 
 
-def test_queries_are_embedded_ahead_off_the_decoding_thread(app, engine, monkeypatch):
-    """Retrieval's embeddings are computed on the queue's embedding thread, never on the scheduler's (which decodes);
-    the answers are those of requests sent alone. An embedding that fails ahead is computed again when routed."""
+@pytest.fixture(scope="module")
+def ahead_engine(tiny_base, tiny_loras, tmp_path_factory):
+    from tests.helpers import tiny_engine
+
+    eng = tiny_engine(tiny_base, tiny_loras, tmp_path_factory.mktemp("serve_pool_ahead"), "--embed_ahead", "on")
+    eng.scheduler.start()
+    yield eng
+    eng.scheduler.stop()
+
+
+def recorded_embedding_threads(engine, monkeypatch, fail_on: str | None = None) -> list[str]:
+    """The names of the threads that call the engine's sentence embedder from now on (``fail_on``: that thread's
+    calls raise)."""
     import threading
 
     embedder = engine.scheduler.router.embedder
@@ -195,24 +205,42 @@ def test_queries_are_embedded_ahead_off_the_decoding_thread(app, engine, monkeyp
 
     def recording(texts, *a, **k):
         threads.append(threading.current_thread().name)
+        if threads[-1] == fail_on:
+            raise RuntimeError("embedder busy")
         return real(texts, *a, **k)
 
     monkeypatch.setattr(embedder, "encode", recording)
+    return threads
+
+
+def test_queries_are_embedded_on_the_decoding_thread_on_cpu(app, engine, monkeypatch):
+    """A model decoding on the CPU embeds the queries on the scheduler's thread (``--embed_ahead auto``): a thread of
+    their own would share the cores with the step."""
+    assert not engine.scheduler.q.embed_ahead
+    threads = recorded_embedding_threads(engine, monkeypatch)
+    run(post_all(app, MIXES))
+    assert threads and set(threads) == {"lora-scheduler"}
+
+
+def test_queries_are_embedded_ahead_off_the_decoding_thread(app, ahead_engine, monkeypatch):
+    """With ``--embed_ahead on``, retrieval's embeddings are computed on the queue's embedding thread, never on the
+    scheduler's (which decodes); the answers are those of the other server's requests sent alone. An embedding that
+    fails ahead is computed again when routed."""
+    from utils.serving.http_api import create_app
+
+    ahead = create_app(ahead_engine, max_body_bytes=4096)
     alone = [post(app, body).json() for body in MIXES]
-    together = run(post_all(app, MIXES))
+    threads = recorded_embedding_threads(ahead_engine, monkeypatch)
+    together = run(post_all(ahead, MIXES))
     assert threads and set(threads) == {"lora-embedder"}
     for a, t in zip(alone, together):
         assert t.json()["choices"][0]["text"] == a["choices"][0]["text"]
         assert [x["name"] for x in t.json()["adapters"]] == [x["name"] for x in a["adapters"]]
     assert together[0].json()["timings"]["retrieval_ms"] > 0  # "auto": the embedding's time and the search's
 
-    def failing_ahead(texts, *a, **k):
-        if threading.current_thread().name == "lora-embedder":
-            raise RuntimeError("embedder busy")
-        return real(texts, *a, **k)
-
-    monkeypatch.setattr(embedder, "encode", failing_ahead)
-    again = post(app, MIXES[0]).json()
+    threads = recorded_embedding_threads(ahead_engine, monkeypatch, fail_on="lora-embedder")
+    again = post(ahead, MIXES[0]).json()
+    assert threads == ["lora-embedder", "lora-scheduler"]
     assert again["choices"][0]["text"] == alone[0]["choices"][0]["text"]
     assert [x["name"] for x in again["adapters"]] == [x["name"] for x in alone[0]["adapters"]]
 

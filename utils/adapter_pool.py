@@ -44,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from utils.adapter_files import LoraWeights, module_shape, read_adapter, targetable_modules
+from utils.cpu_threads import release_openmp_pool
 from utils.data import InputError, PoolEntry
 
 logger = logging.getLogger(__name__)
@@ -260,9 +261,17 @@ class AdapterPool:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-prefetch")
             for n in todo:
-                fut = self._executor.submit(self._read_from_disk, n, self.entries[n].path)
+                fut = self._executor.submit(self._prefetch_one, n, self.entries[n].path)
                 self._reading[n] = fut
                 fut.add_done_callback(lambda f, n=n: self._prefetched(n, f))
+
+    def _prefetch_one(self, name: str, path: str) -> LoraWeights:
+        """On the prefetch thread: read one adapter, then release that thread's OpenMP workers, if reading started any
+        (the decoding thread keeps the only pool, utils/cpu_threads.py)."""
+        try:
+            return self._read_from_disk(name, path)
+        finally:
+            release_openmp_pool()
 
     def _prefetched(self, name: str, fut: Future) -> None:
         with self._lock:

@@ -70,14 +70,16 @@ class Scheduler:
         pool: the :class:`AdapterPool` (None: base model only).
         router: the :class:`utils.routing.Router` over the pool, which answers each request's route.
         metrics: a :class:`ServerMetrics` or None.
+        embed_ahead: as :class:`utils.serving.scheduling.RequestQueue` (the server turns it off when the model decodes
+            on the CPU: ``--embed_ahead``).
     """
 
     def __init__(self, decoder: BatchDecoder, pool=None, router: Router | None = None, metrics=None,
                  max_batch_size: int = 32, max_wait_ms: float = 10.0, max_queue: int = 256, policy: str = "continuous",
-                 prefill_padding: float = 1.25, prompt_logprob_positions: int = 1024):
+                 prefill_padding: float = 1.25, prompt_logprob_positions: int = 1024, embed_ahead: bool = True):
         if policy not in POLICIES:
             raise ValueError(f"Unknown batching policy {policy!r}; use one of {', '.join(POLICIES)}.")
-        self.q = RequestQueue(pool, router, metrics, max_batch_size, max_wait_ms, max_queue)
+        self.q = RequestQueue(pool, router, metrics, max_batch_size, max_wait_ms, max_queue, embed_ahead)
         self.decoder = decoder
         self.policy = policy
         self.prefill_padding = prefill_padding

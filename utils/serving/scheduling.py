@@ -5,9 +5,14 @@ that does not depend on how it is generated:
   a pool change run on the scheduler thread between two steps;
 - :meth:`RequestQueue.gather_waiting`: when nothing runs, the first request waits up to ``max_wait_ms`` for others
   to arrive, so that requests sent together are routed (and prefilled) together;
-- embedding ahead: a request that retrieval or task routing will embed is embedded on a thread of its own as soon
-  as it arrives (the requests that arrive meanwhile together, in one call), so the decoding thread never waits for the
-  sentence embedder; a request is routed once its embedding is there;
+- embedding ahead (``embed_ahead``): a request that retrieval or task routing will embed is embedded on a thread of
+  its own as soon as it arrives (the requests that arrive meanwhile together, in one call), so the decoding thread
+  never waits for the sentence embedder; a request is routed once its embedding is there. Worth it where the two
+  threads do not share the cores (decoding on a GPU, or on vLLM's side); on a CPU that decodes, the step slows by
+  more than the embedding costs on the decoding thread, and the server embeds there (``--embed_ahead``);
+- the thread that starts the queue (the one that loaded the model) releases its OpenMP workers, and the embedding
+  thread releases its own after each call, so that the decoding thread keeps the process's only OpenMP pool
+  (:mod:`utils.cpu_threads`: a second pool costs a 2-core step about half its time again);
 - :meth:`RequestQueue.resolve`: one router call for every waiting request (one FAISS search), each job given its
   adapters, held in the pool until it leaves, and its ``meta`` event;
 - the ``done`` event (:meth:`RequestQueue.finish`) with plain data (:class:`Output`), failures, timings and metrics.
@@ -26,6 +31,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
+from utils.cpu_threads import release_openmp_pool
 from utils.routing import Route, Router
 from utils.decoding import Sampling, Sequence
 
@@ -131,6 +137,9 @@ class RequestQueue:
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def start(self, target: Callable[[], None]) -> None:
+        # The calling thread (the one that loaded the model) hands the computing over: its OpenMP workers would
+        # otherwise stay and slow every operator of the scheduler's thread (utils/cpu_threads.py).
+        release_openmp_pool()
         self._thread = threading.Thread(target=target, name="lora-scheduler", daemon=True)
         self._thread.start()
         if self.embed_ahead:
@@ -188,6 +197,7 @@ class RequestQueue:
             except Exception as err:  # the scheduler embeds them again and reports the error to each request
                 logger.warning("Embedding %d queries ahead failed (%s: %s); they are embedded when routed", len(todo),
                                type(err).__name__, err)
+            release_openmp_pool()  # the scheduler's thread keeps the only pool while this one waits
             with self.cond:
                 for job in jobs:
                     job.embedding_pending = False

@@ -188,8 +188,11 @@ def load_engine(args, session=None) -> Engine:
                                eos_ids=eos_ids(tokenizer, model), context_length=ctx, tokenizer_lock=lock)
         with decoder.composition.active() if decoder.composition is not None else nullcontext():
             decoder.check_model()
+        # Embedding ahead on a CPU that also decodes: the two threads share the cores, and the step waits on the
+        # embedding's operators (docs/serving.md, "Scheduling").
+        ahead = args.embed_ahead == "on" or (args.embed_ahead == "auto" and decoder.device.type != "cpu")
         scheduler = Scheduler(decoder, pool=pool, router=router, metrics=metrics, max_batch_size=args.max_batch_size,
-                              max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, policy=args.batching)
+                              max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, policy=args.batching, embed_ahead=ahead)
     defaults = Defaults(composition=args.eval_type, lora_num=args.lora_num, weighting=args.weighting, softmax_temperature=args.temperature,
                         max_tokens=args.max_new_tokens, max_tokens_cap=args.max_tokens_cap, max_logprobs=args.max_logprobs,
                         prompt_logprobs_refusal=refusal, chat_format=args.chat_format, prompt_format=args.prompt_format,
@@ -233,4 +236,4 @@ def vllm_scheduler(args, pool, router, metrics, eos):
     except EngineUnavailable as err:  # it may still be starting: requests get 503 until it answers
         logger.warning("%s Requests get 503 until it answers.", err.message)
     return VllmScheduler(replicas, eos_ids=eos, pool=pool, router=router, metrics=metrics, max_batch_size=args.max_batch_size,
-                         max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)
+                         max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, embed_ahead=args.embed_ahead != "off")

@@ -25,6 +25,8 @@ import queue
 import threading
 import time
 
+from utils.cpu_threads import release_openmp_pool
+
 logger = logging.getLogger(__name__)
 
 
@@ -100,6 +102,7 @@ class LiveScoring:
                 with self._lock:
                     self.current = None
                 self._gauge()
+                release_openmp_pool()  # the scheduler's thread keeps the only OpenMP pool (utils/cpu_threads.py)
 
     def _score(self, name: str, path: str) -> None:
         index = self.index

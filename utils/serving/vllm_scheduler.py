@@ -36,13 +36,13 @@ class VllmScheduler:
         replicas: the vLLM server(s) (:class:`utils.vllm_engine.Replicas`).
         eos_ids: token ids that end generation (vLLM returns the EOS token; without logprobs it is not reported, as
             the local engine does not).
-        pool, router, metrics, max_batch_size (requests in flight to vLLM), max_wait_ms, max_queue: as
+        pool, router, metrics, max_batch_size (requests in flight to vLLM), max_wait_ms, max_queue, embed_ahead: as
             :class:`utils.serving.scheduling.RequestQueue`.
     """
 
     def __init__(self, replicas: Replicas, eos_ids=(), pool=None, router=None, metrics=None, max_batch_size: int = 32,
-                 max_wait_ms: float = 10.0, max_queue: int = 256):
-        self.q = RequestQueue(pool, router, metrics, max_batch_size, max_wait_ms, max_queue)
+                 max_wait_ms: float = 10.0, max_queue: int = 256, embed_ahead: bool = True):
+        self.q = RequestQueue(pool, router, metrics, max_batch_size, max_wait_ms, max_queue, embed_ahead)
         self.replicas = replicas
         self.eos_ids = set(eos_ids)
         self._workers = ThreadPoolExecutor(max_workers=max_batch_size, thread_name_prefix="vllm-request")
