@@ -167,3 +167,45 @@ def test_the_slab_widens_in_place_and_moves_single_rows():
     assert layer._k is buffer and torch.equal(layer.keys[0], new[0]) and torch.equal(layer.keys[1, :, 2:], k[1])
     layer.trim(2)
     assert torch.equal(layer.keys[1], k[1]) and layer.get_seq_length() == 5
+
+
+def test_live_composition_rewrites_only_the_rows_that_changed(tiny_base, tiny_loras):
+    """Through joins, leaves, rows moved into emptied places, prefill groups in between, rows of other widths and
+    targets, and serials coming back after being forgotten, the factors the hooks use are each row's own factors,
+    exactly, zero-padded; a batch change that keeps most rows rewrites only the others."""
+    pool = make_pool(tiny_base, tiny_loras, ["alpha", "beta", "gamma"])
+    kinds = [(["alpha", "beta"], [0.5, 0.5], "mixture"), (["gamma"], [1.0], "mixture"), ([], [], "mixture"),
+             (["beta", "gamma", "alpha"], [0.2, 0.3, 0.5], "fusion"), (["beta"], [1.0], "mixture")]
+    spec = {s: kinds[s % len(kinds)] for s in range(12)}
+    live = LiveComposition(pool)
+
+    def check(key):
+        live.set_rows([(s, *spec[s]) for s in key])
+        kept = [live._rows[s] for s in key]  # each row's own factors, built once when it joined
+        assert set(live._factors) == {m for row in kept for m in row}
+        for m, (At, Bt, _) in live._factors.items():
+            for p, row in enumerate(kept):  # the stack as built afresh: each row zero-padded to the stack's width
+                r = row[m][0].shape[1] if m in row else 0
+                if r:
+                    assert torch.equal(At[p, :, :r], row[m][0]) and torch.equal(Bt[p, :r], row[m][1])
+                assert not At[p, :, r:].any() and not Bt[p, r:].any()
+
+    check((0, 1, 2, 3))
+    check((4, 5))  # a prefill group between two steps of the running batch
+    running = live._stacks[0] if live._stacks[0].serials[:4] == [0, 1, 2, 3] else live._stacks[1]
+    check((0, 1, 2, 3, 4, 5))
+    live.forget([1])
+    writes = []
+    real = running.assign
+    running.assign = lambda key, rows, modules: (writes.append(sum(1 for p, s in enumerate(key) if p >= len(running.serials) or running.serials[p] != s)), real(key, rows, modules))[1]
+    check((0, 5, 2, 3, 4))  # row 1 left; the last row took its place
+    assert writes == [1]
+    check((0, 5, 2, 3, 4, 6, 7, 8, 9))  # more rows than the buffers held: they grow
+    live.forget([0, 2, 3])
+    check((9, 5, 8, 4, 6, 7))
+    live.forget(list(range(12)))
+    spec[5] = kinds[3]  # a serial that comes back (a new decoder) with other adapters
+    check((5, 4))
+    assert not pool.pinned() or set(pool.pinned()) <= {"alpha", "beta", "gamma"}
+    live.forget([5, 4])
+    assert not pool.pinned()
