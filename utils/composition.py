@@ -234,7 +234,7 @@ class _Stack:
     :meth:`assign` rewrites only the positions whose row changed: a server's batch changes by a row or two at a time
     (one joins, one leaves and the last row takes its place, as the decoder's cache does): restacking every row's
     factors at each change cost 19.7 ms at 16 rows (top-3 mixtures, 60 modules; a step takes about 70), rewriting the
-    changed rows 1.9 ms (``bench/bench_batch_changes.py``). The buffers
+    changed rows 1.7 ms (``bench/bench_batch_changes.py``). The buffers
     grow (half as many rows again, the new widest R') when a batch does not fit them, copying the rows kept."""
 
     def __init__(self):
@@ -324,6 +324,13 @@ class LiveComposition:
         for s in key:
             present.update(self._rows[s])
         modules = [m for m in self.pool.targets if m in present]
+        if len(key) == 1:  # one row (a lone request's prefill): its own factors as they are, nothing stacked
+            row = self._rows[key[0]]
+            factors = {m: (row[m][0][None], row[m][1][None]) for m in modules}
+            factors = {m: (At, Bt, _decode_factors(At, Bt)) for m, (At, Bt) in factors.items()}
+            self._install(factors)
+            self._factors, self.rows_key = factors, key
+            return
         # The running batch's stack changes by the rows that joined or moved; a prefill's group (new rows only) takes
         # the other stack, so that the running batch's is not rewritten in between (:class:`_Stack`).
         stack = max(self._stacks, key=lambda st: (st.overlap(key), st.used))
@@ -356,11 +363,18 @@ class LiveComposition:
             if any(rows):
                 fusion = torch.tensor([r[3] in ("fusion", True) for r in new], dtype=torch.bool)
                 with torch.no_grad():
+                    # Modules whose factors have one shape are composed in one call (their rows side by side): the
+                    # same element-wise math, a few operators for all the q_proj of a model instead of a few each.
+                    groups: dict[tuple, list] = {}
                     for m, _, A_sel, B_sel in self.pool.gather(rows, k):
-                        dev = A_sel.device
-                        At, Bt = mixed_selected(A_sel, B_sel, w.to(dev), fusion.to(dev))
-                        for i in range(len(new)):
-                            per_row[i][m] = (At[i], Bt[i])
+                        groups.setdefault((A_sel.shape, B_sel.shape, A_sel.dtype, A_sel.device), []).append((m, A_sel, B_sel))
+                    b = len(new)
+                    for (_, _, _, dev), group in groups.items():
+                        At, Bt = mixed_selected(torch.cat([g[1] for g in group]), torch.cat([g[2] for g in group]),
+                                                w.to(dev).repeat(len(group), 1), fusion.to(dev).repeat(len(group)))
+                        for j, (m, _, _) in enumerate(group):
+                            for i in range(b):
+                                per_row[i][m] = (At[j * b + i], Bt[j * b + i])
         except BaseException:
             for rn in acquired:
                 self.pool.release(rn)
