@@ -58,7 +58,7 @@ class PackedLinear(nn.Linear):
 
     def _key(self) -> tuple:
         w = self.weight
-        return (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
+        return (w.data_ptr(), w._version, w.dtype, w.shape)
 
     def stale(self) -> bool:
         """Whether the packed copy is missing or no longer the weight's (replaced, or changed in place)."""
@@ -70,13 +70,17 @@ class PackedLinear(nn.Linear):
         self._packed_of = self._key()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Called ~200 times per decoding step: the checks are inlined and the operator is its resolved overload.
         w = self.weight
-        if (w.device.type != "cpu" or x.dtype != w.dtype
+        if (x.dtype != w.dtype or not w.is_cpu
                 or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
             return nn.functional.linear(x, w, self.bias)
-        if self.stale():
+        if self._packed is None or self._packed_of != (w.data_ptr(), w._version, w.dtype, w.shape):
             self.pack()
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+        return _LINEAR_POINTWISE(x, self._packed, self.bias, "none", [], "")
+
+
+_LINEAR_POINTWISE = torch.ops.mkldnn._linear_pointwise.default
 
 
 def _linears(model: nn.Module) -> list[nn.Linear]:
