@@ -104,6 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--max_num_seqs", type=int, default=32, help="vLLM's --max-num-seqs and serve.py's --max_batch_size")
     p.add_argument("--configs", nargs="+", default=["a", "e", "b", "c", "d"], choices=["a", "b", "c", "d", "e"])
     p.add_argument("--vllm_python", default=str(ROOT / ".venv-vllm" / "bin" / "python"))
+    p.add_argument("--serve_args", nargs="+", default=[], help="more flags for serve.py in (a) and (e), e.g. --serve_args=--embed_ahead=on")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="docs/bench_vs_vllm", help="writes OUT.json and OUT.md")
     args = p.parse_args(argv)
@@ -136,6 +137,7 @@ def main(argv=None) -> int:
                     "--max_tokens_cap", str(max(args.max_tokens, 64))]
     if args.settings:
         serve_common = ["--settings", args.settings] + serve_common
+    local_extra = list(args.serve_args)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     if Path(model_dir).is_dir():  # local models: nobody asks the Hub (hub ids on a GPU machine keep their download)
         env["HF_HUB_OFFLINE"] = "1"
@@ -147,7 +149,7 @@ def main(argv=None) -> int:
             continue
         port = free_port()
         log = work / f"serve_local_{tag}.log"
-        proc = subprocess.Popen([sys.executable, "serve.py", "--port", str(port), *serve_common, *extra], cwd=ROOT, env=env,
+        proc = subprocess.Popen([sys.executable, "serve.py", "--port", str(port), *serve_common, *extra, *local_extra], cwd=ROOT, env=env,
                                 stdout=open(log, "w"), stderr=subprocess.STDOUT)
         try:
             wait_for(f"http://127.0.0.1:{port}/health", proc, log)
