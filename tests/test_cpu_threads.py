@@ -69,3 +69,24 @@ def test_a_helper_thread_that_releases_leaves_no_workers_behind():
         assert threads_now() == before
     finally:
         torch.set_num_threads(old)
+
+
+def test_starting_a_request_queue_hands_the_callers_workers_over():
+    """The server's thread that loaded the model starts the scheduler: its OpenMP workers go, so that the scheduler's
+    thread (which decodes) keeps the only pool."""
+    from utils.serving.scheduling import RequestQueue
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        parallel_work()
+        with_pool = threads_now()
+        q = RequestQueue(embed_ahead=False)
+        q.start(lambda: None)  # a scheduler loop that ends at once
+        q.stop(10)
+        deadline = time.monotonic() + 5
+        while threads_now() != with_pool - 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert threads_now() == with_pool - 1
+    finally:
+        torch.set_num_threads(old)
