@@ -137,7 +137,6 @@ def main(argv=None) -> int:
                     "--max_tokens_cap", str(max(args.max_tokens, 64))]
     if args.settings:
         serve_common = ["--settings", args.settings] + serve_common
-    local_extra = list(args.serve_args)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     if Path(model_dir).is_dir():  # local models: nobody asks the Hub (hub ids on a GPU machine keep their download)
         env["HF_HUB_OFFLINE"] = "1"
@@ -149,7 +148,7 @@ def main(argv=None) -> int:
             continue
         port = free_port()
         log = work / f"serve_local_{tag}.log"
-        proc = subprocess.Popen([sys.executable, "serve.py", "--port", str(port), *serve_common, *extra, *local_extra], cwd=ROOT, env=env,
+        proc = subprocess.Popen([sys.executable, "serve.py", "--port", str(port), *serve_common, *extra, *args.serve_args], cwd=ROOT, env=env,
                                 stdout=open(log, "w"), stderr=subprocess.STDOUT)
         try:
             wait_for(f"http://127.0.0.1:{port}/health", proc, log)

@@ -326,20 +326,17 @@ class LiveComposition:
         modules = [m for m in self.pool.targets if m in present]
         if len(key) == 1:  # one row (a lone request's prefill): its own factors as they are, nothing stacked
             row = self._rows[key[0]]
-            factors = {m: (row[m][0][None], row[m][1][None]) for m in modules}
-            factors = {m: (At, Bt, _decode_factors(At, Bt)) for m, (At, Bt) in factors.items()}
-            self._install(factors)
-            self._factors, self.rows_key = factors, key
-            return
-        # The running batch's stack changes by the rows that joined or moved; a prefill's group (new rows only) takes
-        # the other stack, so that the running batch's is not rewritten in between (:class:`_Stack`).
-        stack = max(self._stacks, key=lambda st: (st.overlap(key), st.used))
-        if not stack.overlap(key):
-            stack = min(self._stacks, key=lambda st: st.used)
-        self._clock += 1
-        stack.used = self._clock
-        with torch.no_grad():
-            stacked = stack.assign(key, self._rows, modules)
+            stacked = {m: (row[m][0][None], row[m][1][None]) for m in modules}
+        else:
+            # The running batch's stack changes by the rows that joined or moved; a prefill's group (new rows only)
+            # takes the other stack, so that the running batch's is not rewritten in between (:class:`_Stack`).
+            overlap = [st.overlap(key) for st in self._stacks]
+            best = max(range(len(self._stacks)), key=lambda i: (overlap[i], self._stacks[i].used))
+            stack = self._stacks[best] if overlap[best] else min(self._stacks, key=lambda st: st.used)
+            self._clock += 1
+            stack.used = self._clock
+            with torch.no_grad():
+                stacked = stack.assign(key, self._rows, modules)
         factors = {m: (At, Bt, _decode_factors(At, Bt)) for m, (At, Bt) in stacked.items()}
         self._install(factors)
         self._factors, self.rows_key = factors, key
@@ -408,8 +405,9 @@ class LiveComposition:
         serials = list(serials)
         if self.rows_key is not None and set(serials) & set(self.rows_key):
             self.set_base()  # the stacked factors hold a forgotten row: the next set_rows restacks
+        gone = set(serials)
         for stack in self._stacks:  # a serial may come back with other factors (a new decoder counts from 0 again)
-            stack.forget(set(serials))
+            stack.forget(gone)
         for s in serials:
             self._rows.pop(s, None)
             names = self._pins.pop(s, None)
