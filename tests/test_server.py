@@ -135,6 +135,9 @@ def test_streaming_matches_non_streaming(app):
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert chunks[0]["adapters"][0]["name"] == "gamma"
+    # one chunk per generated token, the first one included (clients time the first chunk as the first token), and
+    # the finishing chunk
+    assert len([c for c in chunks if c["choices"]]) == full["usage"]["completion_tokens"] + 1
     assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == full["choices"][0]["text"]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == full["usage"]
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == full["choices"][0]["finish_reason"]

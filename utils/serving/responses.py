@@ -152,7 +152,13 @@ class Responder:
         obj = "chat.completion.chunk" if chat else "text_completion"
         k = len(ctx.jobs)
         metas, finished = [{} for _ in range(k)], [False] * k
-        generated, offsets = [0] * k, [0] * k
+        generated, offsets, pending = [0] * k, [0] * k, [False] * k
+
+        def first_text(i):  # what a choice's first chunk starts with: the prompt when echoed
+            return ctx.echo_texts[i] if ctx.echo_texts is not None else ""
+
+        def routing(i):
+            return {"adapters": metas[i]["adapters"], "composition": metas[i]["composition"]}
 
         def usage():
             n = sum(generated)
@@ -179,10 +185,11 @@ class Responder:
             while not all(finished):
                 i, kind, payload = await queue.get()
                 if kind == "meta":
+                    # Held until the first token: a stream's first chunk is what clients time as the first token
+                    # (vLLM's benchmark client, guidellm), so it carries the routing with the first token's text.
                     metas[i] = payload
-                    echo = ctx.echo_texts[i] if ctx.echo_texts is not None else ""
-                    offsets[i] = len(echo)
-                    yield chunk(i, echo, extra={"adapters": payload["adapters"], "composition": payload["composition"]}, role=True)
+                    pending[i] = True
+                    offsets[i] = len(ctx.echo_texts[i]) if ctx.echo_texts is not None else 0
                 elif kind == "delta":
                     generated[i] += len(payload["token_ids"])
                     lp = None
@@ -191,7 +198,11 @@ class Responder:
                         lp = (chat_logprobs(self.token_text, ids, lps, tops) if chat
                               else completion_logprobs(self.token_text, ids, lps, tops, offsets[i]))
                         offsets[i] += sum(len(self.token_text(t)) for t in ids)
-                    yield chunk(i, payload["text"], logprobs=lp)
+                    if pending[i]:
+                        pending[i] = False
+                        yield chunk(i, first_text(i) + payload["text"], logprobs=lp, extra=routing(i), role=True)
+                    else:
+                        yield chunk(i, payload["text"], logprobs=lp)
                 elif kind == "error":
                     for job in ctx.jobs:
                         self.engine.scheduler.cancel(job)
@@ -204,6 +215,9 @@ class Responder:
                     yield "data: [DONE]\n\n"
                     return
                 elif kind == "done":
+                    if pending[i]:  # nothing was generated (max_tokens 0, or the end of text at once)
+                        pending[i] = False
+                        yield chunk(i, first_text(i), extra=routing(i), role=True)
                     finished[i] = True
                     generated[i] = payload["usage"]["completion_tokens"]
                     extra = {"adapters": metas[i].get("adapters", []), "composition": metas[i].get("composition"), "timings": payload["timings"]}
