@@ -209,3 +209,52 @@ def test_live_composition_rewrites_only_the_rows_that_changed(tiny_base, tiny_lo
     assert not pool.pinned() or set(pool.pinned()) <= {"alpha", "beta", "gamma"}
     live.forget([5, 4])
     assert not pool.pinned()
+
+
+def test_a_mixed_step_prefills_joining_rows_inside_the_running_batchs_forward(tiny_base, tiny_loras, tok):
+    """Joining rows (shorter and longer than the running window, composed and base) are prefilled in the running
+    batch's decoding forward (one forward per step, no separate prefill) and every row, running or joining, gets the
+    greedy tokens it gets alone on its composed model; a group whose adapters cannot be composed fails alone."""
+    from utils.decoding import JoinFailed
+
+    pool = make_pool(tiny_base, tiny_loras, ["alpha", "beta", "gamma"])
+    prompts = PROMPTS + ["a much longer prompt than any of the others, so that the running window widens " * 3, "x y"]
+    comps = [(["alpha", "beta"], [0.5, 0.5], "mixture"), ([], [], "mixture"), (["gamma"], [1.0], "mixture"),
+             (["beta", "gamma", "alpha"], [0.2, 0.3, 0.5], "fusion"), ([], [], "mixture"), (["beta"], [1.0], "mixture")]
+    want = []
+    for prompt, (names, weights, mode) in zip(prompts, comps):
+        if names:
+            with compose(pool, [names], torch.tensor([weights]), mode) as composed:
+                want += reference(composed, tok, [prompt], 10)
+        else:
+            want += reference(pool.model, tok, [prompt], 10)
+    ids = tok(prompts).input_ids
+    seqs = [Sequence(prompt_ids=p, max_new_tokens=10, adapters=n, adapter_w=w, mode=m) for p, (n, w, m) in zip(ids, comps)]
+    live = LiveComposition(pool)
+    decoder = BatchDecoder(pool.model, tok, live, live_text=False)
+    assert decoder.mixed_steps  # transformers' SDPA attention: mixed steps are on
+    forwards = []
+    hook = pool.model.register_forward_pre_hook(lambda *a: forwards.append(1))
+
+    def run(steps, joining=()):
+        for i in range(steps):
+            decoder.step(joining if i == 0 else ())
+            decoder.drop([s for s in decoder.rows if s.finished])
+
+    with live.active():
+        decoder.check_model()
+        forwards.clear()
+        decoder.add(seqs[:2])
+        run(2, )
+        run(1, seqs[2:5])  # three rows join one step: one longer than the window, one base, one fused
+        assert len(decoder.rows) == 5 and len(forwards) == 4  # the prefill, two steps and one mixed step
+        bad = Sequence(prompt_ids=ids[0], max_new_tokens=4, adapters=["nobody"], adapter_w=[1.0])
+        with pytest.raises(JoinFailed):
+            decoder.step([bad])
+        assert bad not in decoder.rows and len(decoder.rows) == 5
+        run(3, [seqs[5]])
+        run(20)
+    hook.remove()
+    assert not decoder.rows and not pool.pinned()
+    for s, ref_row in zip(seqs, want):
+        assert s.generated == ref_row, s.prompt_ids

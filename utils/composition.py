@@ -306,6 +306,8 @@ class LiveComposition:
         self._clock = 0
         self._handles: dict[str, object] = {}
         self.rows_key = None
+        self._segments: list[tuple[int, int, int]] | None = None  # a mixed step's joining rows: (start, end, serial)
+        self._running = 0
         self.is_active = False
 
     def set_rows(self, rows: list[tuple[int, list[str], list[float], str]]) -> None:
@@ -314,6 +316,7 @@ class LiveComposition:
 
         ``serial`` identifies a row across calls: a row seen before reuses its factors.
         """
+        self._segments = None
         key = tuple(r[0] for r in rows)
         if key == self.rows_key and self._factors is not None:
             return
@@ -340,6 +343,28 @@ class LiveComposition:
         factors = {m: (At, Bt, _decode_factors(At, Bt)) for m, (At, Bt) in stacked.items()}
         self._install(factors)
         self._factors, self.rows_key = factors, key
+
+    def set_ragged(self, running: list[tuple[int, list[str], list[float], str]],
+                   joining: list[tuple[int, list[str], list[float], str]], offsets: list[int], lengths: list[int]) -> None:
+        """Factors for a mixed step (:class:`utils.decoding.RaggedStep`): the forward's tokens are packed in one
+        sequence x [1, N, d_in], the running rows' tokens first (token i is row i's, one each), then joining row j's
+        ``lengths[j]`` tokens from ``offsets[j]`` on. The hooks add the running rows' stacked factors to their tokens (as
+        :meth:`set_rows` does for a decoding step) and each joining row's own factors to its span:
+
+            h[0, i]         += (x[0, i] At_i) Bt_i                 i < len(running)
+            h[0, o_j:o_j+L] += (x[0, o_j:o_j+L] At_j) Bt_j           (nothing for a base row)
+        """
+        new = [r for r in joining if r[0] not in self._rows]
+        if new:
+            self._build(new)
+        if running and any(r[1] for r in running):
+            self.set_rows(running)
+        else:
+            self.set_base()
+        self._running = len(running)
+        self._segments = [(o, o + n, r[0]) for o, n, r in zip(offsets, lengths, joining) if r[1]]
+        present = {m for _, _, serial in self._segments for m in self._rows[serial]}
+        self._install(dict.fromkeys(m for m in self.pool.targets if m in present))
 
     def _build(self, new: list[tuple[int, list[str], list[float], str]]) -> None:
         k = max(max(len(r[1]) for r in new), 1)
@@ -390,15 +415,30 @@ class LiveComposition:
     def _hook(self, m: str):
         def hook(module, args, kwargs, output):
             f = self._factors.get(m) if self._factors is not None else None
+            if self._segments is not None:
+                return self._ragged_delta(m, args[0] if args else kwargs["x"], output, f)
             if f is None:
                 return output
             At, Bt, dec = f
             return _add_delta(args[0] if args else kwargs["x"], output, At, Bt, dec)
         return hook
 
+    def _ragged_delta(self, m: str, x: torch.Tensor, output: torch.Tensor, f) -> torch.Tensor:
+        """The deltas of a mixed step (:meth:`set_ragged`), added into ``output`` [1, N, d_out] in place."""
+        b = self._running
+        if f is not None:
+            At, Bt, dec = f
+            output[0, :b] = _add_delta(x[0, :b, None], output[0, :b, None], At, Bt, dec)[:, 0]
+        for o, end, serial in self._segments:
+            part = self._rows[serial].get(m)
+            if part is not None:
+                At_r, Bt_r = part
+                output[0, o:end] += ((x[0, o:end].to(At_r.dtype) @ At_r) @ Bt_r).to(output.dtype)
+        return output
+
     def set_base(self) -> None:
         """The next forwards add nothing (every row is a base row)."""
-        self._factors, self.rows_key = None, None
+        self._factors, self.rows_key, self._segments = None, None, None
 
     def forget(self, serials) -> None:
         """Drop the kept factors of rows that have left the batch, and unpin their adapters."""

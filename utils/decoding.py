@@ -39,11 +39,18 @@ is refused by :meth:`BatchDecoder.check_model` (and by the first prefill).
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 from dataclasses import dataclass, field
 
 import torch
+from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+logger = logging.getLogger(__name__)
+
+RAGGED = "lora_ragged"  # the attention implementation of a mixed step (:class:`RaggedStep`), registered below
 
 
 class SlabLayer(DynamicLayer):
@@ -152,6 +159,51 @@ class SlabLayer(DynamicLayer):
         raise NotImplementedError("SlabLayer is the decoder's own cache; its rows change through BatchDecoder only.")
 
 
+class RaggedStep:
+    """One forward that decodes the running rows and prefills joining sequences together (a mixed step).
+
+    The forward's tokens are packed in one sequence [1, N] with no padding: the b running rows' last tokens first
+    (token i is row i's), then each joining sequence's prompt (sequence j at ``offsets[j]``, ``lengths[j]`` tokens).
+    Every layer's linear maps, norms and LoRA deltas run once over the N tokens, so the step's weights are read once
+    for both kinds of rows (a separate prefill reads them again: 40 of a 66 ms step at 16 rows on the embedded
+    model). Attention is the only part that needs rows: :meth:`attend` (called by the model's attention layers through
+    the ``lora_ragged`` implementation, with this object as the ``ragged`` keyword) splits it:
+
+        running rows:  q [b, heads, 1, hd] against the cache's rows 0..b-1 after writing their new column, under
+                       the decoder's mask [b, T + 1]: what a decoding step computes;
+        sequence j:    q [1, heads, L_j, hd] against its own keys [1, kv_heads, L_j, hd], causal: what its prefill
+                       alone computes; its keys and values are then appended to the cache as new rows.
+
+    Both call transformers' own SDPA attention, so each row's attention is the same operation as in a separate step
+    or prefill (up to float rounding of the packed matmuls)."""
+
+    def __init__(self, cache, running: int, mask: torch.Tensor, offsets: list[int], lengths: list[int]):
+        self.cache, self.running, self.offsets, self.lengths = cache, running, offsets, lengths
+        self.mask = mask.bool()[:, None, None, :]  # [b, 1, 1, T + 1]: True where a running row attends
+
+    def attend(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None):
+        layer, b = self.cache.layers[module.layer_idx], self.running
+        out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])  # [1, N, heads, hd]
+        keys, values = layer.update(key[0, :, :b, None].transpose(0, 1), value[0, :, :b, None].transpose(0, 1))
+        out[0, :b] = sdpa_attention_forward(module, query[0, :, :b, None].transpose(0, 1), keys, values, self.mask,
+                                            scaling=scaling)[0][:, 0]
+        for o, n in zip(self.offsets, self.lengths):
+            k, v = key[:, :, o:o + n], value[:, :, o:o + n]
+            out[0, o:o + n] = sdpa_attention_forward(module, query[:, :, o:o + n], k, v, None, scaling=scaling,
+                                                     is_causal=True)[0][0]
+            layer.append_rows(k, v)
+        return out, None
+
+
+def _ragged_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, ragged=None, **kwargs):
+    if ragged is None:
+        raise RuntimeError("The lora_ragged attention runs only inside BatchDecoder's mixed step (it needs its rows).")
+    return ragged.attend(module, query, key, value, scaling)
+
+
+AttentionInterface.register(RAGGED, _ragged_attention)
+
+
 def kv_cache(model) -> DynamicCache:
     """An empty cache of :class:`SlabLayer` for ``model``, or a ValueError when a layer is not full attention."""
     cache = DynamicCache(config=model.config)
@@ -238,6 +290,10 @@ class Sequence:
         return text[: len(text) - hold]
 
 
+class JoinFailed(RuntimeError):
+    """Sequences joining a step could not be set up (their adapters' composition); the running rows are untouched."""
+
+
 class BatchDecoder:
     """The running batch of a server (module docstring). Not thread-safe: one thread drives it.
 
@@ -268,6 +324,10 @@ class BatchDecoder:
         self.mask: torch.Tensor | None = None  # [b, T]
         self.last: torch.Tensor | None = None  # [b] the last token of each row
         self._serials = itertools.count()
+        # Mixed steps (joining rows prefilled inside a decoding step, :class:`RaggedStep`) split attention through
+        # transformers' SDPA function, so they are used where the model attends with it; :meth:`check_model` tries one.
+        self.mixed_steps = getattr(model.config, "_attn_implementation", None) == "sdpa"
+        self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)  # a 4D mask: transformers builds none
 
     # -- composition of the rows of one forward -------------------------------------------------------------
     def _set_composition(self, seqs: list[Sequence]) -> None:
@@ -294,13 +354,11 @@ class BatchDecoder:
     @torch.inference_mode()
     def add(self, seqs: list[Sequence]) -> None:
         """Prefill ``seqs`` together, pick their first tokens and merge them into the running batch."""
-        if not seqs:
-            return
-        for s in seqs:
-            s.serial = next(self._serials)
-            if s.sampling.temperature > 0 and s.generator is None:
-                s.generator = torch.Generator(device="cpu")
-                s.generator.manual_seed(s.sampling.seed if s.sampling.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        if seqs:
+            self._begin(seqs)
+            self._prefill(seqs)
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
         length = max(len(s.prompt_ids) for s in seqs)
         ids = torch.full((len(seqs), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), length), dtype=torch.long)
@@ -324,16 +382,79 @@ class BatchDecoder:
         self._record(seqs, tokens, logits)
 
     @torch.inference_mode()
-    def step(self) -> None:
-        """One decoding step: every unfinished row gets its next token."""
-        if not self.rows:
-            return
+    def step(self, joining: list[Sequence] = ()) -> None:
+        """One decoding step: every unfinished row gets its next token, and the ``joining`` sequences (new ones) are
+        prefilled and get their first token (:meth:`add`'s result, in the same forward when :attr:`mixed_steps`
+        allows, :class:`RaggedStep`). Raises :class:`JoinFailed` when the joining rows' composition cannot be built
+        (the running batch is untouched then)."""
+        joining = list(joining)
+        if joining and self.rows and self.mixed_steps and not any(s.prompt_logprobs is not None for s in joining):
+            return self._mixed(joining)
+        if self.rows:
+            self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+            self._set_composition(self.rows)
+            logits, self.cache = self._forward(self.last[:, None], self.mask, self.cache)
+            tokens = self._pick(logits, self.rows)
+            self.last = tokens.to(self.device)
+            self._record(self.rows, tokens, logits)
+        if joining:
+            self._begin(joining)
+            try:
+                self._prefill(joining)
+            except Exception as err:
+                if any(s in self.rows for s in joining):  # failed after its merge: the running batch goes with it
+                    raise
+                self._forget(joining)
+                raise JoinFailed(str(err)) from err
+
+    def _mixed(self, joining: list[Sequence]) -> None:
+        """:meth:`step` with joining rows in one packed forward (:class:`RaggedStep`)."""
+        b = len(self.rows)
+        lengths = [len(s.prompt_ids) for s in joining]
+        offsets = list(itertools.accumulate([b] + lengths[:-1]))
+        try:
+            self._begin(joining)
+            if self.composition is not None:
+                if not self.composition.is_active:
+                    raise RuntimeError("BatchDecoder needs its LiveComposition active: run it inside `with decoder.composition.active():`.")
+                self.composition.set_ragged([(s.serial, s.adapters, s.adapter_w, s.mode) for s in self.rows],
+                                            [(s.serial, s.adapters, s.adapter_w, s.mode) for s in joining], offsets, lengths)
+            elif any(s.adapters for s in self.rows + joining):
+                raise RuntimeError("A sequence asks for adapters but this decoder has no adapter pool.")
+        except Exception as err:
+            self._forget(joining)
+            raise JoinFailed(str(err)) from err
+        ids = torch.cat([self.last.cpu(), torch.as_tensor([t for s in joining for t in s.prompt_ids], dtype=torch.long)])
+        pos = torch.cat([self.mask.sum(dim=1).cpu()] + [torch.arange(n) for n in lengths])  # a running row's next position
+        keep = torch.as_tensor(list(range(b)) + [o + n - 1 for o, n in zip(offsets, lengths)], dtype=torch.long)
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        self._set_composition(self.rows)
-        logits, self.cache = self._forward(self.last[:, None], self.mask, self.cache)
-        tokens = self._pick(logits, self.rows)
+        plan = RaggedStep(self.cache, b, self.mask, offsets, lengths)
+        config = self.model.config
+        usual = config._attn_implementation
+        config._attn_implementation = RAGGED
+        try:
+            out = self.model(input_ids=ids[None].to(self.device), position_ids=pos[None].to(self.device),
+                             attention_mask=self._no_mask, use_cache=False, logits_to_keep=keep.to(self.device),
+                             ragged=plan)
+        except Exception:
+            self._forget(joining)  # the running rows' cache may be half written: the caller fails them (reset)
+            raise
+        finally:
+            config._attn_implementation = usual
+        logits = out.logits[0].float()  # [b + len(joining), V]
+        tokens = self._pick(logits, self.rows + joining)
+        for s in joining:
+            if s.max_new_tokens == 0:
+                s.finish_reason = "length"
+        width = self.cache.layers[0].length
+        pad = torch.nn.functional.pad
+        self.mask = torch.cat([pad(self.mask, (width - self.mask.shape[1], 0))]
+                              + [pad(torch.ones(1, n, dtype=self.mask.dtype, device=self.device), (width - n, 0)) for n in lengths])
         self.last = tokens.to(self.device)
-        self._record(self.rows, tokens, logits)
+        running = self.rows
+        self.rows = running + joining
+        self._record(running, tokens[:b], logits[:b])
+        self._record(joining, tokens[b:], logits[b:])
 
     @torch.inference_mode()
     def drop(self, seqs) -> None:
@@ -373,6 +494,27 @@ class BatchDecoder:
         probe = Sequence(prompt_ids=[self.pad_id, self.pad_id], max_new_tokens=1)
         self.add([probe])
         self.reset()
+        if not self.mixed_steps:
+            return
+        # A mixed step needs the model's attention layers to call the attention function with the forward's keywords
+        # (all of transformers' own models do); a model that does not keeps separate prefills.
+        alone = Sequence(prompt_ids=[self.pad_id] * 3, max_new_tokens=1)
+        self.add([alone])
+        self.reset()
+        joined = Sequence(prompt_ids=[self.pad_id] * 3, max_new_tokens=1)
+        try:
+            self.add([Sequence(prompt_ids=[self.pad_id, self.pad_id], max_new_tokens=2)])
+            self.step([joined])
+            ok = joined.generated == alone.generated and all(layer.rows == 2 for layer in self.cache.layers)
+            problem = "its first token differs from a separate prefill's"
+        except Exception as err:  # noqa: BLE001 -- any failure means: no mixed steps for this model
+            ok, problem = False, f"{type(err).__name__}: {err}"
+        finally:
+            self.reset()
+        if not ok:
+            logger.warning("Mixed decoding steps are off for this model (a probe failed: %s); joining requests are "
+                           "prefilled apart from the running batch's step.", problem)
+            self.mixed_steps = False
 
     def generate(self, seqs: list[Sequence]) -> list[Sequence]:
         """Decode ``seqs`` as one batch until every row has finished (greedy rows: what ``model.generate`` gives
@@ -390,6 +532,18 @@ class BatchDecoder:
         return seqs
 
     # -- internals -----------------------------------------------------------------------------------------
+    def _forget(self, seqs: list[Sequence]) -> None:
+        if self.composition is not None:
+            self.composition.forget([s.serial for s in seqs])
+
+    def _begin(self, seqs: list[Sequence]) -> None:
+        """A serial (and a seeded generator for sampled rows) for sequences entering the batch."""
+        for s in seqs:
+            s.serial = next(self._serials)
+            if s.sampling.temperature > 0 and s.generator is None:
+                s.generator = torch.Generator(device="cpu")
+                s.generator.manual_seed(s.sampling.seed if s.sampling.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+
     def _merge(self, seqs, cache, mask, tokens) -> None:
         if not self.rows:
             self.rows, self.cache, self.mask, self.last = list(seqs), cache, mask, tokens.to(self.device)
