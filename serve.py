@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--embed_ahead", default="auto", choices=("auto", "on", "off"),
       help="embed each routed request's query on a thread of its own as it arrives (on), or on the decoding thread when it is "
            "routed (off); auto: off when the model decodes on the CPU, whose cores the two threads would share, on otherwise")
+    a("--prefill", default="mixed", choices=("mixed", "separate"),
+      help="mixed: requests joining a running batch are prefilled inside its next decoding step's forward (one read of the "
+           "weights for both); separate: in a forward of their own before the step")
     a("--batching", default="continuous", choices=POLICIES,
       help="continuous: requests join and leave the running batch at every step; dynamic: a batch runs to its end before "
            "the next forms; same_adapters: a batch holds only requests with identical adapters (what one-adapter servers do)")

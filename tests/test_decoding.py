@@ -32,6 +32,18 @@ def reference(model, tok, prompts, max_new_tokens):
     return rows
 
 
+def alone(pool, tok, prompts, comps, max_new_tokens):
+    """Each prompt's greedy tokens alone on its composed model (comps: (names, weights, mode); no names: the base)."""
+    want = []
+    for prompt, (names, weights, mode) in zip(prompts, comps):
+        if names:
+            with compose(pool, [names], torch.tensor([weights]), mode) as composed:
+                want += reference(composed, tok, [prompt], max_new_tokens)
+        else:
+            want += reference(pool.model, tok, [prompt], max_new_tokens)
+    return want
+
+
 def decoded(tok, rows):
     return [tok.decode(r, skip_special_tokens=True).strip() for r in rows]
 
@@ -48,13 +60,7 @@ def test_composed_rows_mixed_in_one_batch_get_each_rows_own_tokens(tiny_base, ti
     pool = make_pool(tiny_base, tiny_loras, ["alpha", "beta", "gamma"])
     rows = [(["alpha", "beta"], [0.5, 0.5], "mixture"), (["gamma"], [1.0], "mixture"),
             ([], [], "mixture"), (["beta", "gamma", "alpha"], [0.2, 0.3, 0.5], "fusion")]
-    want = []
-    for prompt, (names, weights, mode) in zip(PROMPTS, rows):
-        if names:
-            with compose(pool, [names], torch.tensor([weights]), mode) as composed:
-                want += reference(composed, tok, [prompt], 16)
-        else:
-            want += reference(pool.model, tok, [prompt], 16)
+    want = alone(pool, tok, PROMPTS, rows, 16)
     live = LiveComposition(pool)
     with live.active() as model:
         texts, counts = generate_batch(model, tok, PROMPTS, 16, composition=live, compositions=rows)
@@ -83,7 +89,7 @@ def test_rows_that_finish_early_leave_and_the_rest_keep_their_tokens(tiny_base, 
     decoder = BatchDecoder(model, tok, live_text=False)
     steps = []
     real_step = decoder.step
-    decoder.step = lambda: (steps.append(len(decoder.rows)), real_step())[1]
+    decoder.step = lambda joining=(): (steps.append(len(decoder.rows)), real_step(joining))[1]
     decoder.generate(seqs)
     for s, n, ref_row in zip(seqs, (20, 1, 7, 20), want):
         assert s.generated == ref_row[:n]
@@ -212,8 +218,8 @@ def test_live_composition_rewrites_only_the_rows_that_changed(tiny_base, tiny_lo
 
 
 def test_a_mixed_step_prefills_joining_rows_inside_the_running_batchs_forward(tiny_base, tiny_loras, tok):
-    """Joining rows (shorter and longer than the running window, composed and base) are prefilled in the running
-    batch's decoding forward (one forward per step, no separate prefill) and every row, running or joining, gets the
+    """Joining rows (shorter and longer than the running window, composed and base; at first with no running rows)
+    are prefilled in the running batch's decoding forward (one forward per step, no separate prefill) and every row, running or joining, gets the
     greedy tokens it gets alone on its composed model; a group whose adapters cannot be composed fails alone."""
     from utils.decoding import JoinFailed
 
@@ -221,13 +227,7 @@ def test_a_mixed_step_prefills_joining_rows_inside_the_running_batchs_forward(ti
     prompts = PROMPTS + ["a much longer prompt than any of the others, so that the running window widens " * 3, "x y"]
     comps = [(["alpha", "beta"], [0.5, 0.5], "mixture"), ([], [], "mixture"), (["gamma"], [1.0], "mixture"),
              (["beta", "gamma", "alpha"], [0.2, 0.3, 0.5], "fusion"), ([], [], "mixture"), (["beta"], [1.0], "mixture")]
-    want = []
-    for prompt, (names, weights, mode) in zip(prompts, comps):
-        if names:
-            with compose(pool, [names], torch.tensor([weights]), mode) as composed:
-                want += reference(composed, tok, [prompt], 10)
-        else:
-            want += reference(pool.model, tok, [prompt], 10)
+    want = alone(pool, tok, prompts, comps, 10)
     ids = tok(prompts).input_ids
     seqs = [Sequence(prompt_ids=p, max_new_tokens=10, adapters=n, adapter_w=w, mode=m) for p, (n, w, m) in zip(ids, comps)]
     live = LiveComposition(pool)
@@ -244,8 +244,9 @@ def test_a_mixed_step_prefills_joining_rows_inside_the_running_batchs_forward(ti
     with live.active():
         decoder.check_model()
         forwards.clear()
-        decoder.add(seqs[:2])
-        run(2, )
+        decoder.step(seqs[:2])  # no running rows: one unpadded prefill of the two
+        assert decoder.cache.layers[0].rows == 2 and len(forwards) == 1
+        run(2)
         run(1, seqs[2:5])  # three rows join one step: one longer than the window, one base, one fused
         assert len(decoder.rows) == 5 and len(forwards) == 4  # the prefill, two steps and one mixed step
         bad = Sequence(prompt_ids=ids[0], max_new_tokens=4, adapters=["nobody"], adapter_w=[1.0])

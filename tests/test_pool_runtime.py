@@ -88,10 +88,10 @@ def steps_wait_for_change(engine, rows: int, seen: dict):
     decoder = engine.scheduler.decoder
     step, deadline = decoder.step, time.monotonic() + 60
 
-    def step_after_change():
-        if len(engine.scheduler.running) == rows and "running" not in seen and time.monotonic() < deadline:
+    def step_after_change(joining=()):
+        if not joining and len(engine.scheduler.running) == rows and "running" not in seen and time.monotonic() < deadline:
             return None
-        return step()
+        return step(joining)
     decoder.step = step_after_change
     try:
         yield

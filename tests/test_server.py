@@ -180,9 +180,10 @@ def test_batched_equals_alone(app, engine):
     # Joining a running batch between steps: a long request first, the others arrive while it decodes.
     long_req = {"prompt": "the actors were wonderful", "max_tokens": 40, "stop": ["\x00never"]}
     alone_long = post(app, long_req).json()
-    sched.max_rows_seen = 0
+    sched.max_rows_seen = sched.steps_with_joins = 0
     staggered = run(post_staggered(app, sched, long_req, MIXES))
     assert sched.max_rows_seen >= 2
+    assert sched.steps_with_joins >= 1  # they were prefilled inside the running row's decoding steps (mixed steps)
     assert staggered[0].json()["choices"][0]["text"] == alone_long["choices"][0]["text"]
     for a, t in zip(alone, staggered[1:]):
         assert t.json()["choices"][0]["text"] == a["choices"][0]["text"]
@@ -192,7 +193,7 @@ def test_batched_equals_alone(app, engine):
 def ahead_engine(tiny_base, tiny_loras, tmp_path_factory):
     from tests.helpers import tiny_engine
 
-    eng = tiny_engine(tiny_base, tiny_loras, tmp_path_factory.mktemp("serve_pool_ahead"), "--embed_ahead", "on")
+    eng = tiny_engine(tiny_base, tiny_loras, tmp_path_factory.mktemp("serve_pool_ahead"), "--embed_ahead", "on", "--prefill", "separate")
     eng.scheduler.start()
     yield eng
     eng.scheduler.stop()

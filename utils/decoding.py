@@ -17,7 +17,10 @@ has finished (:meth:`BatchDecoder.generate`), its finished rows leaving the batc
   first token, and merges their cache into the running one: the shorter side is left-padded with zeros in the
   keys, values and mask, and the new rows are written after the running ones. Keys were rotated at their true
   positions (position ids are ``cumsum(mask) - 1``), so padding on the left changes no row's attention.
-- :meth:`BatchDecoder.step` feeds every row its last token, one forward for the whole batch.
+- :meth:`BatchDecoder.step` feeds every row its last token, one forward for the whole batch; new sequences can join
+  that forward (``step(joining)``, a mixed step: their prompts are packed after the running rows' tokens, unpadded,
+  and attention is split per row, :class:`RaggedStep`), so that a join costs its prompt's compute but not a second
+  read of the weights.
 - :meth:`BatchDecoder.drop` removes rows (the last rows fill the places left empty: batch order is not kept) and
   trims the columns that have become padding in every row.
 
@@ -179,14 +182,17 @@ class RaggedStep:
 
     def __init__(self, cache, running: int, mask: torch.Tensor, offsets: list[int], lengths: list[int]):
         self.cache, self.running, self.offsets, self.lengths = cache, running, offsets, lengths
-        self.mask = mask.bool()[:, None, None, :]  # [b, 1, 1, T + 1]: True where a running row attends
+        self.mask = None if mask is None else mask.bool()[:, None, None, :]  # [b, 1, 1, T + 1]: True where a row attends
 
     def attend(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None):
         layer, b = self.cache.layers[module.layer_idx], self.running
         out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])  # [1, N, heads, hd]
-        keys, values = layer.update(key[0, :, :b, None].transpose(0, 1), value[0, :, :b, None].transpose(0, 1))
-        out[0, :b] = sdpa_attention_forward(module, query[0, :, :b, None].transpose(0, 1), keys, values, self.mask,
-                                            scaling=scaling)[0][:, 0]
+        if b:
+            keys, values = layer.update(key[0, :, :b, None].transpose(0, 1), value[0, :, :b, None].transpose(0, 1))
+            out[0, :b] = sdpa_attention_forward(module, query[0, :, :b, None].transpose(0, 1), keys, values, self.mask,
+                                                scaling=scaling)[0][:, 0]
+        elif not layer.is_initialized:  # a cache of no rows yet (a prefill with no running rows)
+            layer.lazy_initialization(key, value)
         for o, n in zip(self.offsets, self.lengths):
             k, v = key[:, :, o:o + n], value[:, :, o:o + n]
             out[0, o:o + n] = sdpa_attention_forward(module, query[:, :, o:o + n], k, v, None, scaling=scaling,
@@ -385,10 +391,10 @@ class BatchDecoder:
     def step(self, joining: list[Sequence] = ()) -> None:
         """One decoding step: every unfinished row gets its next token, and the ``joining`` sequences (new ones) are
         prefilled and get their first token (:meth:`add`'s result, in the same forward when :attr:`mixed_steps`
-        allows, :class:`RaggedStep`). Raises :class:`JoinFailed` when the joining rows' composition cannot be built
-        (the running batch is untouched then)."""
+        allows, :class:`RaggedStep`; with no running rows, one unpadded prefill of them all). Raises
+        :class:`JoinFailed` when the joining rows' composition cannot be built (the running batch is untouched then)."""
         joining = list(joining)
-        if joining and self.rows and self.mixed_steps and not any(s.prompt_logprobs is not None for s in joining):
+        if joining and self.mixed_steps and not any(s.prompt_logprobs is not None for s in joining):
             return self._mixed(joining)
         if self.rows:
             self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
@@ -424,11 +430,15 @@ class BatchDecoder:
         except Exception as err:
             self._forget(joining)
             raise JoinFailed(str(err)) from err
-        ids = torch.cat([self.last.cpu(), torch.as_tensor([t for s in joining for t in s.prompt_ids], dtype=torch.long)])
-        pos = torch.cat([self.mask.sum(dim=1).cpu()] + [torch.arange(n) for n in lengths])  # a running row's next position
+        prompts = torch.as_tensor([t for s in joining for t in s.prompt_ids], dtype=torch.long)
+        ids = torch.cat([self.last.cpu(), prompts]) if b else prompts
+        arange = [torch.arange(n) for n in lengths]
+        pos = torch.cat([self.mask.sum(dim=1).cpu()] + arange) if b else torch.cat(arange)  # a running row's next position
         keep = torch.as_tensor(list(range(b)) + [o + n - 1 for o, n in zip(offsets, lengths)], dtype=torch.long)
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        plan = RaggedStep(self.cache, b, self.mask, offsets, lengths)
+        if b:
+            self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        cache = self.cache if b else kv_cache(self.model)  # no running rows: a prefill of the joining ones, unpadded
+        plan = RaggedStep(cache, b, self.mask if b else None, offsets, lengths)
         config = self.model.config
         usual = config._attn_implementation
         config._attn_implementation = RAGGED
@@ -446,10 +456,11 @@ class BatchDecoder:
         for s in joining:
             if s.max_new_tokens == 0:
                 s.finish_reason = "length"
-        width = self.cache.layers[0].length
+        self.cache = cache
+        width = cache.layers[0].length
         pad = torch.nn.functional.pad
-        self.mask = torch.cat([pad(self.mask, (width - self.mask.shape[1], 0))]
-                              + [pad(torch.ones(1, n, dtype=self.mask.dtype, device=self.device), (width - n, 0)) for n in lengths])
+        self.mask = torch.cat(([pad(self.mask, (width - self.mask.shape[1], 0))] if b else [])
+                              + [pad(torch.ones(1, n, dtype=torch.long, device=self.device), (width - n, 0)) for n in lengths])
         self.last = tokens.to(self.device)
         running = self.rows
         self.rows = running + joining

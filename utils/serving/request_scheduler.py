@@ -6,7 +6,10 @@ One background thread owns the model. Its loop:
 1. Waiting requests whose adapters are not known yet are resolved together: the ``auto`` ones, embedded ahead on
    the queue's embedding thread while the batch decodes, are searched in the FAISS index in one call (batched
    retrieval); named adapters and explicit mixes are looked up in the pool.
-2. Requests are admitted into the running batch, up to ``max_batch_size`` rows, and prefilled together
+2. Requests are admitted into the running batch, up to ``max_batch_size`` rows. The admitted ones join the next
+   decoding step: their prompts are prefilled in the same forward as the running rows' tokens, packed without
+   padding (:meth:`BatchDecoder.step` with ``joining``, a mixed step). Requests that keep their prompt's logprobs
+   (and all of them with ``--prefill separate``) are prefilled before the step, in groups of similar length
    (:meth:`BatchDecoder.add`). Admission depends on the policy:
 
    - ``continuous`` (default): a request joins the running batch at the next step, whatever its adapters; a
@@ -28,7 +31,7 @@ One background thread owns the model. Its loop:
    (:meth:`AdapterPool.hold`) until it leaves, even if one of them is unloaded meanwhile.
 
 A failure while prefilling fails the requests being prefilled; a failure in a decoding step fails the rows
-of that step. Either way the error goes to those requests (status 500) and the loop goes on serving.
+of that step (and the requests joining it; those alone when their adapters could not be composed). Either way the error goes to those requests (status 500) and the loop goes on serving.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import logging
 import time
 from contextlib import nullcontext
 
-from utils.decoding import BatchDecoder
+from utils.decoding import BatchDecoder, JoinFailed
 from utils.routing import Router
 from utils.serving.scheduling import Job, RequestQueue
 
@@ -86,6 +89,8 @@ class Scheduler:
         self.prompt_logprob_positions = prompt_logprob_positions
         self.max_rows_seen = 0  # the largest batch a decoding step has run (for tests and logs)
         self.steps = 0
+        self.steps_with_joins = 0  # steps that prefilled joining requests in their forward (mixed steps)
+        self.joining: list[Job] = []  # admitted requests that join the next step (a mixed step)
 
     # -- what the HTTP layer and the pool routes use -----------------------------------------------------------
     def start(self) -> None:
@@ -124,7 +129,7 @@ class Scheduler:
                 q.run_control()
                 self._drop([j for j in q.running if j.cancelled])
                 self._admit()
-                if q.running:
+                if q.running or self.joining:
                     self._step()
                 q.gauge()
         except Exception:  # a bug in the loop itself: fail everyone rather than hang their requests
@@ -154,9 +159,17 @@ class Scheduler:
         now = time.perf_counter()
         for job in admitted:
             q.admitted(job, now)
+        if self.decoder.mixed_steps:  # they join the next step's forward (or, with none running, one prefill), unpadded
+            self.joining = [j for j in admitted if j.prompt_logprobs is None]
+            admitted = [j for j in admitted if j.prompt_logprobs is not None]
+        self._prefill(admitted)
+
+    def _prefill(self, jobs: list[Job]) -> None:
+        """Prefill ``jobs`` apart from a decoding step and add them to the running batch."""
+        q = self.q
         # Prefill in groups of similar length: a left-padded prefill computes every padding position, and a random
         # mix of prompts padded to the longest one costs about twice its real tokens (bench/bench_serve.py rows).
-        for group in self._prefill_groups(admitted):
+        for group in self._prefill_groups(jobs):
             try:
                 self.decoder.add([j.seq for j in group])
             except Exception as err:
@@ -219,17 +232,27 @@ class Scheduler:
         return ok
 
     def _step(self) -> None:
-        n = len(self.q.running)
+        joining, self.joining = self.joining, []
+        n = len(self.q.running) + len(joining)
         self.max_rows_seen = max(self.max_rows_seen, n)
         self.steps += 1
         if self.metrics is not None:
             self.metrics.batch_size.observe(n)
         try:
-            self.decoder.step()
+            self.decoder.step([j.seq for j in joining])
+        except JoinFailed as err:  # the joining requests' adapters could not be composed: they fail alone
+            logger.error("Requests joining a step failed: %s", err)
+            self._fail_batch(joining, err.__cause__ or err)
+            if self.q.running:
+                self._step()
+            return
         except Exception as err:
             logger.exception("Decoding step of %d rows failed", n)
-            self._fail_batch([], err, with_running=True)
+            self._fail_batch(joining, err, with_running=True)
             return
+        if joining:
+            self.steps_with_joins += 1
+            self.q.running.extend(joining)
         self._emit_progress(self.q.running)
 
     def _emit_progress(self, jobs: list[Job]) -> None:

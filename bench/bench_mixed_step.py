@@ -1,0 +1,119 @@
+"""What a request joining a running batch costs the batch: its prefill in a forward of its own between two decoding
+steps (``serve.py --prefill separate``), against the same prefill inside the next step's forward (a mixed step,
+:class:`utils.decoding.RaggedStep`, the default).
+
+    python bench/bench_mixed_step.py --out docs/bench_mixed_step        # about 2 minutes on 2 CPU cores
+
+The embedded SmolLM2 in float32, ``--rows`` running rows (prompts of 60 tokens, two steps decoded first), then one
+step during which ``--joining`` rows of ``--prompt_tokens`` tokens join; the figure is the median over ``--reps``
+rounds of the time from the step's start until every row, running and joining, has its next token:
+
+    separate    decoder.step(), then decoder.add(joining): two forwards
+    mixed       decoder.step(joining): one forward
+
+Rows are base rows (``base``) or each a top-3 mixture of 13 random LoRAs of the embedded pool's shape (``mixture``,
+joining rows included). ``same tokens`` counts the rounds where both ways gave every row the same token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.bench_helpers import cpu_name, random_pool  # noqa: E402
+from utils.adapter_pool import AdapterPool  # noqa: E402
+from utils.composition import LiveComposition  # noqa: E402
+from utils.data import load_pool_config  # noqa: E402
+from utils.decoding import BatchDecoder, Sequence  # noqa: E402
+from utils.model_loading import load_base_model, load_tokenizer  # noqa: E402
+
+logger = logging.getLogger("bench")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="/tmp/lora_retriever_bench_pool")
+    p.add_argument("--rows", type=int, default=15)
+    p.add_argument("--cases", nargs="+", default=["1x16", "1x48", "1x100", "4x48"], help="JOININGxPROMPT_TOKENS")
+    p.add_argument("--reps", type=int, default=6)
+    p.add_argument("--out", default="docs/bench_mixed_step", help="writes OUT.json and OUT.md")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    base = "embedded:smollm2-135m-instruct"
+    tok = load_tokenizer(base)
+    model = load_base_model(base, dtype="float32", device="cpu")
+    entries = load_pool_config(str(random_pool(Path(args.work), base)))
+    pool = AdapterPool(model, entries, show_progress=False)
+    names = [e.name for e in entries]
+    live = LiveComposition(pool)
+    decoder = BatchDecoder(model, tok, live, context_length=4096, live_text=False)
+    gen = torch.Generator().manual_seed(0)
+
+    def seq(n_tokens: int, i: int, composed: bool) -> Sequence:
+        adapters = [names[(i + j) % len(names)] for j in range(3)] if composed else []
+        return Sequence(prompt_ids=torch.randint(100, 40000, (n_tokens,), generator=gen).tolist(), max_new_tokens=64,
+                        ignore_eos=True, adapters=adapters, adapter_w=[1 / 3] * len(adapters))
+
+    def clone(s: Sequence) -> Sequence:
+        return Sequence(prompt_ids=s.prompt_ids, max_new_tokens=s.max_new_tokens, ignore_eos=True, adapters=s.adapters,
+                        adapter_w=s.adapter_w)
+
+    def round_(running, joining, mixed: bool):
+        decoder.reset()
+        decoder.add(running)
+        decoder.step()
+        decoder.step()
+        t0 = time.perf_counter()
+        if mixed:
+            decoder.step(joining)
+        else:
+            decoder.step()
+            decoder.add(joining)
+        ms = 1000 * (time.perf_counter() - t0)
+        return ms, [s.generated[-1] for s in running + joining]
+
+    rows = []
+    with live.active():
+        decoder.check_model()
+        for kind in ("base", "mixture"):
+            for case in args.cases:
+                n_join, length = (int(x) for x in case.split("x"))
+                sep, mix, same = [], [], 0
+                for r in range(args.reps):
+                    running = [seq(60, i, kind == "mixture") for i in range(args.rows)]
+                    joining = [seq(length, args.rows + i + r, kind == "mixture") for i in range(n_join)]
+                    ms_s, tokens_s = round_([clone(s) for s in running], [clone(s) for s in joining], mixed=False)
+                    ms_m, tokens_m = round_([clone(s) for s in running], [clone(s) for s in joining], mixed=True)
+                    sep.append(ms_s)
+                    mix.append(ms_m)
+                    same += tokens_s == tokens_m
+                row = {"rows": kind, "running": args.rows, "joining": n_join, "prompt_tokens": length,
+                       "separate_ms": round(statistics.median(sep), 1), "mixed_ms": round(statistics.median(mix), 1),
+                       "same_tokens": f"{same}/{args.reps}"}
+                logger.info("%s", row)
+                rows.append(row)
+        decoder.reset()
+    result = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "model": base, "dtype": "float32", "rows": rows}
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    lines = ["| rows | running | joining x prompt tokens | separate prefill (ms) | mixed step (ms) | mixed / separate | same tokens |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['rows']} | {r['running']} | {r['joining']} x {r['prompt_tokens']} | {r['separate_ms']} | {r['mixed_ms']} | "
+              f"{r['mixed_ms'] / r['separate_ms']:.2f} | {r['same_tokens']} |" for r in rows]
+    lines += ["", f"Medians over {args.reps} rounds; {result['cpu']}, {result['threads']} threads."]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
