@@ -1,9 +1,10 @@
-"""What the benchmarks that start servers share: free ports, waiting for a server, stopping it, a pool of random LoRAs."""
+"""What the benchmarks share: free ports, waiting for a server, stopping it, a pool of random LoRAs, writing results."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -83,3 +84,11 @@ def random_pool(folder: Path, base_model: str) -> Path:
     config = folder / "pool.json"
     config.write_text(json.dumps([dict(e, path=str(folder / e["model_name"])) for e in suite], indent=1))
     return config
+
+
+def write_result(out: str | Path, result: dict, lines: list[str]) -> None:
+    """Write a benchmark's figures to OUT.json and its table (``lines``) to OUT.md and stdout."""
+    out = Path(out)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    sys.stdout.write("\n".join(lines) + "\n")

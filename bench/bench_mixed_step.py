@@ -18,7 +18,6 @@ joining rows included). ``same tokens`` counts the rounds where both ways gave e
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -29,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_helpers import cpu_name, random_pool  # noqa: E402
+from bench.bench_helpers import cpu_name, random_pool, write_result  # noqa: E402
 from utils.adapter_pool import AdapterPool  # noqa: E402
 from utils.composition import LiveComposition  # noqa: E402
 from utils.data import load_pool_config  # noqa: E402
@@ -103,15 +102,12 @@ def main(argv=None) -> int:
                 rows.append(row)
         decoder.reset()
     result = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "model": base, "dtype": "float32", "rows": rows}
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     lines = ["| rows | running | joining x prompt tokens | separate prefill (ms) | mixed step (ms) | mixed / separate | same tokens |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['rows']} | {r['running']} | {r['joining']} x {r['prompt_tokens']} | {r['separate_ms']} | {r['mixed_ms']} | "
               f"{r['mixed_ms'] / r['separate_ms']:.2f} | {r['same_tokens']} |" for r in rows]
     lines += ["", f"Medians over {args.reps} rounds; {result['cpu']}, {result['threads']} threads."]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    sys.stdout.write("\n".join(lines) + "\n")
+    write_result(args.out, result, lines)
     return 0
 
 

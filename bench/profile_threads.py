@@ -14,7 +14,6 @@ the main thread releases its pool and a new thread runs once more. Each new thre
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -26,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_helpers import cpu_name  # noqa: E402
+from bench.bench_helpers import cpu_name, write_result  # noqa: E402
 from utils.cpu_threads import release_openmp_pool  # noqa: E402
 from utils.decoding import BatchDecoder, Sequence  # noqa: E402
 from utils.model_loading import load_base_model, load_tokenizer  # noqa: E402
@@ -81,14 +80,11 @@ def main(argv=None) -> int:
         rows.append(r)
         step_ms(model, tok, 1, args)  # the main thread's pool back for the next batch size
     result = {"cpu": cpu_name(), "model": "embedded:smollm2-135m-instruct", "dtype": "float32", "rows": rows}
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     cols = ["loading thread", "other thread, two pools", "loading thread again", "other thread, loading thread's pool released"]
     lines = ["| rows | " + " | ".join(cols) + " |", "|---:|" + "---:|" * len(cols)]
     lines += [f"| {r['batch']} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " |" for r in rows]
     lines += ["", f"Milliseconds per decoding step (median of {args.steps}); {result['cpu']}, {rows[0]['threads']} threads."]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    sys.stdout.write("\n".join(lines) + "\n")
+    write_result(args.out, result, lines)
     return 0
 
 
