@@ -6,7 +6,8 @@ steps (``serve.py --prefill separate``), against the same prefill inside the nex
 
 The embedded SmolLM2 in float32, ``--rows`` running rows (prompts of 60 tokens, two steps decoded first), then one
 step during which ``--joining`` rows of ``--prompt_tokens`` tokens join; the figure is the median over ``--reps``
-rounds of the time from the step's start until every row, running and joining, has its next token:
+rounds (after one warm-up round of each) of the time from the step's start until every row, running and joining, has
+its next token:
 
     separate    decoder.step(), then decoder.add(joining): two forwards
     mixed       decoder.step(joining): one forward
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="/tmp/lora_retriever_bench_pool")
     p.add_argument("--rows", type=int, default=15)
-    p.add_argument("--cases", nargs="+", default=["1x16", "1x48", "1x100", "4x48"], help="JOININGxPROMPT_TOKENS")
+    p.add_argument("--cases", nargs="+", default=["1x16", "1x48", "1x100", "4x48", "16x48"], help="JOININGxPROMPT_TOKENS")
     p.add_argument("--reps", type=int, default=6)
     p.add_argument("--out", default="docs/bench_mixed_step", help="writes OUT.json and OUT.md")
     args = p.parse_args(argv)
@@ -83,6 +84,8 @@ def main(argv=None) -> int:
     rows = []
     with live.active():
         decoder.check_model()
+        for mixed in (False, True):  # warm-up: the first forwards of each shape pay oneDNN's set-up
+            round_([seq(60, i, True) for i in range(args.rows)], [seq(16, 0, True)], mixed)
         for kind in ("base", "mixture"):
             for case in args.cases:
                 n_join, length = (int(x) for x in case.split("x"))

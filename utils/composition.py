@@ -308,6 +308,7 @@ class LiveComposition:
         self.rows_key = None
         self._segments: list[tuple[int, int, int]] | None = None  # a mixed step's joining rows: (start, end, serial)
         self._running = 0
+        self._joined = None  # a mixed step's composed joining rows, gathered (set_ragged)
         self.is_active = False
 
     def set_rows(self, rows: list[tuple[int, list[str], list[float], str]]) -> None:
@@ -323,26 +324,28 @@ class LiveComposition:
         new = [r for r in rows if r[0] not in self._rows]
         if new:
             self._build(new)
+        factors = {m: (At, Bt, _decode_factors(At, Bt)) for m, (At, Bt) in self._stacked(key).items()}
+        self._install(factors)
+        self._factors, self.rows_key = factors, key
+
+    def _stacked(self, key: tuple) -> dict:
+        """module -> (At [b, d_in, W], Bt [b, W, d_out]) for the rows ``key`` (built), for the modules they target."""
         present = set()
         for s in key:
             present.update(self._rows[s])
         modules = [m for m in self.pool.targets if m in present]
         if len(key) == 1:  # one row (a lone request's prefill): its own factors as they are, nothing stacked
             row = self._rows[key[0]]
-            stacked = {m: (row[m][0][None], row[m][1][None]) for m in modules}
-        else:
-            # The running batch's stack changes by the rows that joined or moved; a prefill's group (new rows only)
-            # takes the other stack, so that the running batch's is not rewritten in between (:class:`_Stack`).
-            overlap = [st.overlap(key) for st in self._stacks]
-            best = max(range(len(self._stacks)), key=lambda i: (overlap[i], self._stacks[i].used))
-            stack = self._stacks[best] if overlap[best] else min(self._stacks, key=lambda st: st.used)
-            self._clock += 1
-            stack.used = self._clock
-            with torch.no_grad():
-                stacked = stack.assign(key, self._rows, modules)
-        factors = {m: (At, Bt, _decode_factors(At, Bt)) for m, (At, Bt) in stacked.items()}
-        self._install(factors)
-        self._factors, self.rows_key = factors, key
+            return {m: (row[m][0][None], row[m][1][None]) for m in modules}
+        # The running batch's stack changes by the rows that joined or moved; a prefill's group (new rows only)
+        # takes the other stack, so that the running batch's is not rewritten in between (:class:`_Stack`).
+        overlap = [st.overlap(key) for st in self._stacks]
+        best = max(range(len(self._stacks)), key=lambda i: (overlap[i], self._stacks[i].used))
+        stack = self._stacks[best] if overlap[best] else min(self._stacks, key=lambda st: st.used)
+        self._clock += 1
+        stack.used = self._clock
+        with torch.no_grad():
+            return stack.assign(key, self._rows, modules)
 
     def set_ragged(self, running: list[tuple[int, list[str], list[float], str]],
                    joining: list[tuple[int, list[str], list[float], str]], offsets: list[int], lengths: list[int]) -> None:
@@ -363,6 +366,18 @@ class LiveComposition:
             self.set_base()
         self._running = len(running)
         self._segments = [(o, o + n, r[0]) for o, n, r in zip(offsets, lengths, joining) if r[1]]
+        self._joined = None
+        if len(self._segments) > 1:
+            # Several composed joining rows: their spans gathered into one padded batch [J, L_max, d_in] (positions
+            # past a span's end repeat its last token; their products are dropped), so that a module's delta for
+            # them all is two batched products, as in a padded prefill, not two products per row.
+            longest = max(end - o for o, end, _ in self._segments)
+            gather = torch.tensor([min(o + i, end - 1) for o, end, _ in self._segments for i in range(longest)])
+            kept = torch.tensor([j * longest + i for j, (o, end, _) in enumerate(self._segments) for i in range(end - o)])
+            target = torch.cat([torch.arange(o, end) for o, end, _ in self._segments])
+            factors = self._stacked(tuple(serial for _, _, serial in self._segments))
+            dev = next(iter(factors.values()))[0].device if factors else gather.device
+            self._joined = (factors, gather.to(dev), kept.to(dev), target.to(dev), longest)
         present = {m for _, _, serial in self._segments for m in self._rows[serial]}
         self._install(dict.fromkeys(m for m in self.pool.targets if m in present))
 
@@ -429,6 +444,14 @@ class LiveComposition:
         if f is not None:
             At, Bt, dec = f
             output[0, :b] = _add_delta(x[0, :b, None], output[0, :b, None], At, Bt, dec)[:, 0]
+        if self._joined is not None:
+            factors, gather, kept, target, longest = self._joined
+            if m in factors:
+                At, Bt = factors[m]
+                xs = x[0].index_select(0, gather).view(len(self._segments), longest, -1).to(At.dtype)
+                delta = torch.bmm(torch.bmm(xs, At), Bt).view(-1, Bt.shape[2]).index_select(0, kept)
+                output[0].index_add_(0, target, delta.to(output.dtype))
+            return output
         for o, end, serial in self._segments:
             part = self._rows[serial].get(m)
             if part is not None:

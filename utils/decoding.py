@@ -134,6 +134,25 @@ class SlabLayer(DynamicLayer):
         self.rows += n
         self._views()
 
+    def append_spans(self, keys: torch.Tensor, values: torch.Tensor, spans: list[tuple[int, int]]) -> None:
+        """Add one row per span ``(offset, length)`` of packed keys/values [1, heads, N, head_dim] (a mixed step's
+        joining prompts), each ending at the same position as the running rows': :meth:`append_rows` for rows of
+        different lengths, with one reservation for them all."""
+        n, t = len(spans), max(length for _, length in spans)
+        wider = max(t - self.length, 0)
+        self._reserve(self.rows + n, wider, 0, keys)
+        if wider:
+            self._k[:self.rows, :, self.start - wider:self.start] = 0
+            self._v[:self.rows, :, self.start - wider:self.start] = 0
+            self.start -= wider
+        self._k[self.rows:self.rows + n, :, self.start:self.end] = 0  # left padding; stale rows may lie there
+        self._v[self.rows:self.rows + n, :, self.start:self.end] = 0
+        for i, (o, length) in enumerate(spans):
+            self._k[self.rows + i, :, self.end - length:self.end] = keys[0, :, o:o + length]
+            self._v[self.rows + i, :, self.end - length:self.end] = values[0, :, o:o + length]
+        self.rows += n
+        self._views()
+
     def move_rows(self, moves: list[tuple[int, int]], rows: int) -> None:
         """Copy row ``src`` over row ``dst`` for each (src, dst), then keep the first ``rows`` rows."""
         for src, dst in moves:
@@ -175,7 +194,8 @@ class RaggedStep:
         running rows:  q [b, heads, 1, hd] against the cache's rows 0..b-1 after writing their new column, under
                        the decoder's mask [b, T + 1]: what a decoding step computes;
         sequence j:    q [1, heads, L_j, hd] against its own keys [1, kv_heads, L_j, hd], causal: what its prefill
-                       alone computes; its keys and values are then appended to the cache as new rows.
+                       alone computes; the joining keys and values are then appended to the cache as new rows
+                       (:meth:`SlabLayer.append_spans`).
 
     Both call transformers' own SDPA attention, so each row's attention is the same operation as in a separate step
     or prefill (up to float rounding of the packed matmuls)."""
@@ -194,10 +214,9 @@ class RaggedStep:
         elif not layer.is_initialized:  # a cache of no rows yet (a prefill with no running rows)
             layer.lazy_initialization(key, value)
         for o, n in zip(self.offsets, self.lengths):
-            k, v = key[:, :, o:o + n], value[:, :, o:o + n]
-            out[0, o:o + n] = sdpa_attention_forward(module, query[:, :, o:o + n], k, v, None, scaling=scaling,
-                                                     is_causal=True)[0][0]
-            layer.append_rows(k, v)
+            out[0, o:o + n] = sdpa_attention_forward(module, query[:, :, o:o + n], key[:, :, o:o + n],
+                                                     value[:, :, o:o + n], None, scaling=scaling, is_causal=True)[0][0]
+        layer.append_spans(key, value, list(zip(self.offsets, self.lengths)))
         return out, None
 
 
