@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--prefill", default="mixed", choices=("mixed", "separate"),
       help="mixed: requests joining a running batch are prefilled inside its next decoding step's forward (one read of the "
            "weights for both); separate: in a forward of their own before the step")
+    a("--max_prefill_tokens", type=int, default=512,
+      help="with --prefill mixed, prompt tokens one step prefills at most: a longer prompt is prefilled over several steps "
+           "(chunked), so that the running requests wait at most about that many tokens' compute per step; 0: no cap")
     a("--batching", default="continuous", choices=POLICIES,
       help="continuous: requests join and leave the running batch at every step; dynamic: a batch runs to its end before "
            "the next forms; same_adapters: a batch holds only requests with identical adapters (what one-adapter servers do)")
@@ -102,7 +105,7 @@ def validate(args) -> None:
               ("--max_logprobs", args.max_logprobs, 0), ("--max_training_jobs", args.max_training_jobs, 1),
               ("--max_training_queue", args.max_training_queue, 1), ("--training_threads", args.training_threads, 1),
               ("--training_nice", args.training_nice, 0), ("--training_card_size", args.training_card_size, 1),
-              ("--max_train_body_bytes", args.max_train_body_bytes, 256)]
+              ("--max_train_body_bytes", args.max_train_body_bytes, 256), ("--max_prefill_tokens", args.max_prefill_tokens, 0)]
     for flag, value, low in checks:
         if value < low:
             raise InputError(f"{flag} must be at least {low} (got {value}).")

@@ -14,6 +14,10 @@ its next token:
 
 Rows are base rows (``base``) or each a top-3 mixture of 13 random LoRAs of the embedded pool's shape (``mixture``,
 joining rows included). ``same tokens`` counts the rounds where both ways gave every row the same token.
+
+Then a prompt of ``--long_prompt`` tokens joins the running base rows with each of ``--caps`` as the decoder's
+``max_prefill_tokens`` (serve.py's ``--max_prefill_tokens``; 0: the whole prompt in one step): the running rows'
+longest wait for a token while it is prefilled, and the time until it has its first token (medians).
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=15)
     p.add_argument("--cases", nargs="+", default=["1x16", "1x48", "1x100", "4x48", "16x48"], help="JOININGxPROMPT_TOKENS")
     p.add_argument("--reps", type=int, default=6)
+    p.add_argument("--long_prompt", type=int, default=1000, help="tokens of the prompt that joins in the chunked part")
+    p.add_argument("--caps", type=int, nargs="+", default=[0, 512, 256], help="max_prefill_tokens values (0: no cap)")
     p.add_argument("--out", default="docs/bench_mixed_step", help="writes OUT.json and OUT.md")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -103,13 +109,45 @@ def main(argv=None) -> int:
                        "same_tokens": f"{same}/{args.reps}"}
                 logger.info("%s", row)
                 rows.append(row)
+        # A long prompt joins 15 running base rows, whole or in chunks of at most ``cap`` tokens per step: the
+        # running rows' longest wait for a token, and the time until the joining row has its first token.
+        chunked = []
+        for cap in args.caps:
+            decoder.max_prefill_tokens = cap or None
+            gaps, firsts = [], []
+            for _ in range(max(2, args.reps // 2)):
+                decoder.reset()
+                running = [seq(60, i, False) for i in range(args.rows)]
+                decoder.add(running)
+                decoder.step()
+                joining = seq(args.long_prompt, 0, False)
+                t0 = last = time.perf_counter()
+                longest = 0.0
+                decoder.step([joining])
+                while not joining.generated:
+                    now = time.perf_counter()
+                    longest, last = max(longest, now - last), now
+                    decoder.step()
+                now = time.perf_counter()
+                gaps.append(1000 * max(longest, now - last))
+                firsts.append(1000 * (now - t0))
+            row = {"cap": cap, "running": args.rows, "prompt_tokens": args.long_prompt,
+                   "longest_gap_ms": round(statistics.median(gaps), 1), "first_token_ms": round(statistics.median(firsts), 1)}
+            logger.info("%s", row)
+            chunked.append(row)
+        decoder.max_prefill_tokens = None
         decoder.reset()
-    result = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "model": base, "dtype": "float32", "rows": rows}
+    result = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "model": base, "dtype": "float32", "rows": rows,
+              "chunked": chunked}
     lines = ["| rows | running | joining x prompt tokens | separate prefill (ms) | mixed step (ms) | mixed / separate | same tokens |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['rows']} | {r['running']} | {r['joining']} x {r['prompt_tokens']} | {r['separate_ms']} | {r['mixed_ms']} | "
               f"{r['mixed_ms'] / r['separate_ms']:.2f} | {r['same_tokens']} |" for r in rows]
-    lines += ["", f"Medians over {args.reps} rounds; {result['cpu']}, {result['threads']} threads."]
+    lines += ["", f"Medians over {args.reps} rounds; {result['cpu']}, {result['threads']} threads.", "",
+              f"| max_prefill_tokens | running rows | joining prompt | running rows' longest wait for a token (ms) | "
+              "joining row's first token (ms) |", "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['cap'] or 'no cap'} | {r['running']} | {r['prompt_tokens']} tokens | {r['longest_gap_ms']} | "
+              f"{r['first_token_ms']} |" for r in chunked]
     write_result(args.out, result, lines)
     return 0
 

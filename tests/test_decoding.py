@@ -259,3 +259,59 @@ def test_a_mixed_step_prefills_joining_rows_inside_the_running_batchs_forward(ti
     assert not decoder.rows and not pool.pinned()
     for s, ref_row in zip(seqs, want):
         assert s.generated == ref_row, s.prompt_ids
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_decodes(tiny_base, tiny_loras, tok):
+    """With ``max_prefill_tokens``, a prompt longer than the cap is prefilled over several steps (each chunk attends
+    to the prompt's earlier chunks), while the running rows get a token at every step; its row joins with its last
+    chunk and every row gets its own greedy tokens. A prompt cancelled while it is being prefilled leaves nothing."""
+    pool = make_pool(tiny_base, tiny_loras, ["alpha", "beta", "gamma"])
+    long_prompt = "a much longer prompt than any of the others, so that it takes several chunks " * 3
+    prompts = [PROMPTS[0], PROMPTS[2], long_prompt, PROMPTS[3], long_prompt]
+    comps = [(["alpha", "beta"], [0.5, 0.5], "mixture"), ([], [], "mixture"), (["gamma"], [1.0], "mixture"),
+             (["beta", "gamma", "alpha"], [0.2, 0.3, 0.5], "fusion"), (["beta"], [1.0], "mixture")]
+    want = alone(pool, tok, prompts, comps, 24)
+    ids = tok(prompts).input_ids
+    assert len(ids[2]) > 3 * 7
+    seqs = [Sequence(prompt_ids=p, max_new_tokens=24, adapters=n, adapter_w=w, mode=m) for p, (n, w, m) in zip(ids, comps)]
+    live = LiveComposition(pool)
+    decoder = BatchDecoder(pool.model, tok, live, live_text=False)
+    decoder.max_prefill_tokens = 7
+    with live.active():
+        decoder.step(seqs[:2])  # 2 prompts of more than 7 tokens together: chunked too
+        while len(decoder.rows) < 2:
+            decoder.step()
+        before = [len(s.generated) for s in seqs[:2]]
+        decoder.step(seqs[2:5])
+        steps = 1
+        while seqs[2] not in decoder.rows:
+            assert seqs[2] in decoder.prefilling and not seqs[2].generated
+            # the running rows decode meanwhile, a token per step until they finish
+            assert all(len(s.generated) == n + steps or s.finished for s, n in zip(seqs[:2], before))
+            assert not all(s.finished for s in seqs[:2])
+            if steps == 2:
+                decoder.drop([seqs[4]])  # cancelled while it waits for its chunks
+                assert seqs[4] not in decoder.prefilling and seqs[4].serial not in decoder._partial
+            decoder.step()
+            steps += 1
+        assert steps >= 3
+        while decoder.rows or decoder.prefilling:
+            decoder.step()
+            decoder.drop([s for s in decoder.rows if s.finished])
+    assert not pool.pinned()
+    for s, ref_row in zip(seqs[:4], want):
+        assert s.generated == ref_row, s.prompt_ids
+    assert not seqs[4].generated
+    # Every running row finishes and leaves while a prompt is still being prefilled: the prompt goes on.
+    short = Sequence(prompt_ids=ids[0], max_new_tokens=2, adapters=comps[0][0], adapter_w=comps[0][1])
+    longer = Sequence(prompt_ids=ids[2], max_new_tokens=3, adapters=comps[2][0], adapter_w=comps[2][1])
+    with live.active():
+        decoder.step([short])
+        decoder.step([longer])
+        for _ in range(40):
+            decoder.drop([s for s in decoder.rows if s.finished])
+            if not decoder.rows and not decoder.prefilling:
+                break
+            decoder.step()
+    assert short.generated == want[0][:2] and longer.generated == want[2][:3]
+    assert not pool.pinned()

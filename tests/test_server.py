@@ -187,6 +187,14 @@ def test_batched_equals_alone(app, engine):
     assert staggered[0].json()["choices"][0]["text"] == alone_long["choices"][0]["text"]
     for a, t in zip(alone, staggered[1:]):
         assert t.json()["choices"][0]["text"] == a["choices"][0]["text"]
+    # The same with prompts prefilled in chunks of 3 tokens (--max_prefill_tokens 3), over several steps each.
+    sched.decoder.max_prefill_tokens = 3
+    try:
+        chunked = run(post_staggered(app, sched, long_req, MIXES))
+    finally:
+        sched.decoder.max_prefill_tokens = None
+    assert [c.json()["choices"][0]["text"] for c in chunked] == [t.json()["choices"][0]["text"] for t in staggered]
+    assert [c.json()["usage"] for c in chunked] == [t.json()["usage"] for t in staggered]
 
 
 @pytest.fixture(scope="module")

@@ -347,6 +347,13 @@ class LiveComposition:
         with torch.no_grad():
             return stack.assign(key, self._rows, modules)
 
+    def prepare(self, rows: list[tuple[int, list[str], list[float], str]]) -> None:
+        """Build the factors of rows not seen yet (as :meth:`set_rows` would), without changing the current batch's:
+        a row whose adapters cannot be composed fails here, before it is in any forward."""
+        new = [r for r in rows if r[0] not in self._rows]
+        if new:
+            self._build(new)
+
     def set_ragged(self, running: list[tuple[int, list[str], list[float], str]],
                    joining: list[tuple[int, list[str], list[float], str]], offsets: list[int], lengths: list[int]) -> None:
         """Factors for a mixed step (:class:`utils.decoding.RaggedStep`): the forward's tokens are packed in one

@@ -95,7 +95,9 @@ class SlabLayer(DynamicLayer):
         spare_right = max(64, (t + right) // 2) + right
         r = max(rows, 4) if self._k is None else max(rows, self._k.shape[0] + self._k.shape[0] // 2)
         shape = (r, like.shape[1], spare_left + t + spare_right, like.shape[3])
-        k, v = like.new_zeros(shape), like.new_zeros(shape)
+        # Not zeroed: every column enters the window written (update, the appends) or zeroed (left padding), and
+        # zero-filling a long prompt's new buffers (first-touch page faults) cost 1.1 s for 1.3 GB.
+        k, v = like.new_empty(shape), like.new_empty(shape)
         if self._k is not None and self.rows and t:
             k[:self.rows, :, spare_left:spare_left + t] = self._k[:self.rows, :, self.start:self.end]
             v[:self.rows, :, spare_left:spare_left + t] = self._v[:self.rows, :, self.start:self.end]
@@ -134,22 +136,22 @@ class SlabLayer(DynamicLayer):
         self.rows += n
         self._views()
 
-    def append_spans(self, keys: torch.Tensor, values: torch.Tensor, spans: list[tuple[int, int]]) -> None:
-        """Add one row per span ``(offset, length)`` of packed keys/values [1, heads, N, head_dim] (a mixed step's
-        joining prompts), each ending at the same position as the running rows': :meth:`append_rows` for rows of
-        different lengths, with one reservation for them all."""
-        n, t = len(spans), max(length for _, length in spans)
+    def append_spans(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Add one row per prompt, keys/values [1, heads, L_i, head_dim] each (a mixed step's joining prompts), each
+        ending at the same position as the running rows': :meth:`append_rows` for rows of different lengths, with
+        one reservation for them all."""
+        n, t = len(keys), max(k.shape[2] for k in keys)
         wider = max(t - self.length, 0)
-        self._reserve(self.rows + n, wider, 0, keys)
+        self._reserve(self.rows + n, wider, 0, keys[0])
         if wider:
             self._k[:self.rows, :, self.start - wider:self.start] = 0
             self._v[:self.rows, :, self.start - wider:self.start] = 0
             self.start -= wider
         self._k[self.rows:self.rows + n, :, self.start:self.end] = 0  # left padding; stale rows may lie there
         self._v[self.rows:self.rows + n, :, self.start:self.end] = 0
-        for i, (o, length) in enumerate(spans):
-            self._k[self.rows + i, :, self.end - length:self.end] = keys[0, :, o:o + length]
-            self._v[self.rows + i, :, self.end - length:self.end] = values[0, :, o:o + length]
+        for j, (k, v) in enumerate(zip(keys, values)):
+            self._k[self.rows + j, :, self.end - k.shape[2]:self.end] = k[0]
+            self._v[self.rows + j, :, self.end - v.shape[2]:self.end] = v[0]
         self.rows += n
         self._views()
 
@@ -181,31 +183,50 @@ class SlabLayer(DynamicLayer):
         raise NotImplementedError("SlabLayer is the decoder's own cache; its rows change through BatchDecoder only.")
 
 
+@dataclass
+class Chunk:
+    """A joining prompt's tokens in a mixed step: ``length`` tokens from ``offset`` in the packed sequence.
+
+    ``past`` holds, per layer, the keys and values [1, kv_heads, P, hd] of the prompt's earlier chunks (None for its
+    first). A ``final`` chunk ends the prompt: its row's keys join the cache; any other chunk's keys so far are left
+    in ``kept`` (per layer) for the next one."""
+
+    offset: int
+    length: int
+    past: dict | None = None
+    final: bool = True
+    kept: dict = field(default_factory=dict)
+
+
 class RaggedStep:
     """One forward that decodes the running rows and prefills joining sequences together (a mixed step).
 
     The forward's tokens are packed in one sequence [1, N] with no padding: the b running rows' last tokens first
-    (token i is row i's), then each joining sequence's prompt (sequence j at ``offsets[j]``, ``lengths[j]`` tokens).
-    Every layer's linear maps, norms and LoRA deltas run once over the N tokens, so the step's weights are read once
-    for both kinds of rows (a separate prefill reads them again: 40 of a 66 ms step at 16 rows on the embedded
-    model). Attention is the only part that needs rows: :meth:`attend` (called by the model's attention layers through
-    the ``lora_ragged`` implementation, with this object as the ``ragged`` keyword) splits it:
+    (token i is row i's), then each joining prompt's tokens for this step (a :class:`Chunk`: the whole prompt, or a
+    part of a long one when the step's prompt tokens are capped). Every layer's linear maps, norms and LoRA deltas run
+    once over the N tokens, so the step's weights are read once for both kinds of rows (a separate prefill reads them
+    again: about 40 of a 66 ms step at 16 rows on the embedded model). Attention is the only part that needs rows:
+    :meth:`attend` (called by the model's attention layers through the ``lora_ragged`` implementation, with this
+    object as the ``ragged`` keyword) splits it:
 
         running rows:  q [b, heads, 1, hd] against the cache's rows 0..b-1 after writing their new column, under
                        the decoder's mask [b, T + 1]: what a decoding step computes;
-        sequence j:    q [1, heads, L_j, hd] against its own keys [1, kv_heads, L_j, hd], causal: what its prefill
-                       alone computes; the joining keys and values are then appended to the cache as new rows
+        chunk j:       q [1, heads, L_j, hd] against its prompt's keys so far [1, kv_heads, P_j + L_j, hd], causal
+                       (query i sees keys 0..P_j + i): what its prefill alone computes. The keys and values of the
+                       prompts that end here are then appended to the cache as new rows
                        (:meth:`SlabLayer.append_spans`).
 
     Both call transformers' own SDPA attention, so each row's attention is the same operation as in a separate step
-    or prefill (up to float rounding of the packed matmuls)."""
+    or prefill (up to float rounding of the packed matmuls). The decoding thread owns the model: the model's config
+    names the ``lora_ragged`` implementation for the length of this forward only."""
 
-    def __init__(self, cache, running: int, mask: torch.Tensor, offsets: list[int], lengths: list[int]):
-        self.cache, self.running, self.offsets, self.lengths = cache, running, offsets, lengths
+    def __init__(self, cache, running: int, mask: torch.Tensor | None, chunks: list[Chunk]):
+        self.cache, self.running, self.chunks = cache, running, chunks
         self.mask = None if mask is None else mask.bool()[:, None, None, :]  # [b, 1, 1, T + 1]: True where a row attends
 
     def attend(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None):
-        layer, b = self.cache.layers[module.layer_idx], self.running
+        i, b = module.layer_idx, self.running
+        layer = self.cache.layers[i]
         out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])  # [1, N, heads, hd]
         if b:
             keys, values = layer.update(key[0, :, :b, None].transpose(0, 1), value[0, :, :b, None].transpose(0, 1))
@@ -213,10 +234,26 @@ class RaggedStep:
                                                 scaling=scaling)[0][:, 0]
         elif not layer.is_initialized:  # a cache of no rows yet (a prefill with no running rows)
             layer.lazy_initialization(key, value)
-        for o, n in zip(self.offsets, self.lengths):
-            out[0, o:o + n] = sdpa_attention_forward(module, query[:, :, o:o + n], key[:, :, o:o + n],
-                                                     value[:, :, o:o + n], None, scaling=scaling, is_causal=True)[0][0]
-        layer.append_spans(key, value, list(zip(self.offsets, self.lengths)))
+        ending = []
+        for c in self.chunks:
+            o, n = c.offset, c.length
+            k, v = key[:, :, o:o + n], value[:, :, o:o + n]
+            if c.past is None:
+                mask, causal = None, True
+            else:  # the prompt's earlier chunks first: query i (position P + i) sees keys 0..P + i
+                pk, pv = c.past[i]
+                k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+                seen = torch.arange(k.shape[2], device=k.device)[None, :]
+                mask = (seen <= torch.arange(k.shape[2] - n, k.shape[2], device=k.device)[:, None])[None, None]
+                causal = False
+            out[0, o:o + n] = sdpa_attention_forward(module, query[:, :, o:o + n], k, v, mask, scaling=scaling,
+                                                     is_causal=causal)[0][0]
+            if c.final:
+                ending.append((k, v))
+            else:
+                c.kept[i] = (k, v)
+        if ending:
+            layer.append_spans([k for k, _ in ending], [v for _, v in ending])
         return out, None
 
 
@@ -353,6 +390,9 @@ class BatchDecoder:
         # transformers' SDPA function, so they are used where the model attends with it; :meth:`check_model` tries one.
         self.mixed_steps = getattr(model.config, "_attn_implementation", None) == "sdpa"
         self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)  # a 4D mask: transformers builds none
+        self.max_prefill_tokens: int | None = None  # prompt tokens per mixed step at most (None: whole prompts)
+        self.prefilling: list[Sequence] = []  # prompts prefilled over several steps, in order; not rows yet
+        self._partial: dict[int, tuple[int, dict]] = {}  # serial -> (prompt tokens done, per layer keys/values so far)
 
     # -- composition of the rows of one forward -------------------------------------------------------------
     def _set_composition(self, seqs: list[Sequence]) -> None:
@@ -409,55 +449,76 @@ class BatchDecoder:
     @torch.inference_mode()
     def step(self, joining: list[Sequence] = ()) -> None:
         """One decoding step: every unfinished row gets its next token, and the ``joining`` sequences (new ones) are
-        prefilled and get their first token (:meth:`add`'s result, in the same forward when :attr:`mixed_steps`
-        allows, :class:`RaggedStep`; with no running rows, one unpadded prefill of them all). Raises
-        :class:`JoinFailed` when the joining rows' composition cannot be built (the running batch is untouched then)."""
+        prefilled and get their first token (:meth:`add`'s result). Where :attr:`mixed_steps` allows, they are
+        prefilled in the same forward (:class:`RaggedStep`; with no running rows, one unpadded prefill of them all),
+        and with :attr:`max_prefill_tokens` a step takes at most that many prompt tokens: a longer prompt is prefilled
+        over several steps (chunks), in arrival order, and its row joins the batch with its last chunk (until then it
+        is in :attr:`prefilling`). Raises :class:`JoinFailed` when the joining rows' composition cannot be built (the
+        running batch is untouched then)."""
         joining = list(joining)
-        if joining and self.mixed_steps and not any(s.prompt_logprobs is not None for s in joining):
-            return self._mixed(joining)
-        if self.rows:
+        apart = [s for s in joining if s.prompt_logprobs is not None] if self.mixed_steps else joining
+        packed = [s for s in joining if s.prompt_logprobs is None] if self.mixed_steps else []
+        if packed or self.prefilling:
+            self._mixed(packed)
+        elif self.rows:
             self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
             self._set_composition(self.rows)
             logits, self.cache = self._forward(self.last[:, None], self.mask, self.cache)
             tokens = self._pick(logits, self.rows)
             self.last = tokens.to(self.device)
             self._record(self.rows, tokens, logits)
-        if joining:
-            self._begin(joining)
+        if apart:  # rows that keep every prompt position's logits: a prefill of their own
+            self._begin(apart)
             try:
-                self._prefill(joining)
+                self._prefill(apart)
             except Exception as err:
-                if any(s in self.rows for s in joining):  # failed after its merge: the running batch goes with it
+                if any(s in self.rows for s in apart):  # failed after its merge: the running batch goes with it
                     raise
-                self._forget(joining)
+                self._forget(apart)
                 raise JoinFailed(str(err)) from err
 
     def _mixed(self, joining: list[Sequence]) -> None:
-        """:meth:`step` with joining rows in one packed forward (:class:`RaggedStep`)."""
+        """:meth:`step` with joining rows (and the chunks of those still prefilling) in one packed forward."""
         b = len(self.rows)
-        lengths = [len(s.prompt_ids) for s in joining]
-        offsets = list(itertools.accumulate([b] + lengths[:-1]))
         try:
             self._begin(joining)
+            if self.composition is not None:
+                self.composition.prepare([(s.serial, s.adapters, s.adapter_w, s.mode) for s in joining])
+            self.prefilling.extend(joining)
+            budget = self.max_prefill_tokens or sum(len(s.prompt_ids) for s in self.prefilling)
+            taken: list[tuple[Sequence, int, int]] = []  # (sequence, prompt tokens done before, tokens now)
+            for s in self.prefilling:
+                done = self._partial[s.serial][0] if s.serial in self._partial else 0
+                n = min(len(s.prompt_ids) - done, budget)
+                if n <= 0:
+                    break
+                taken.append((s, done, n))
+                budget -= n
+            lengths = [n for _, _, n in taken]
+            offsets = list(itertools.accumulate([b] + lengths[:-1]))
             if self.composition is not None:
                 if not self.composition.is_active:
                     raise RuntimeError("BatchDecoder needs its LiveComposition active: run it inside `with decoder.composition.active():`.")
                 self.composition.set_ragged([(s.serial, s.adapters, s.adapter_w, s.mode) for s in self.rows],
-                                            [(s.serial, s.adapters, s.adapter_w, s.mode) for s in joining], offsets, lengths)
+                                            [(s.serial, s.adapters, s.adapter_w, s.mode) for s, _, _ in taken], offsets, lengths)
             elif any(s.adapters for s in self.rows + joining):
                 raise RuntimeError("A sequence asks for adapters but this decoder has no adapter pool.")
         except Exception as err:
             self._forget(joining)
+            self.prefilling = [s for s in self.prefilling if s not in joining]
             raise JoinFailed(str(err)) from err
-        prompts = torch.as_tensor([t for s in joining for t in s.prompt_ids], dtype=torch.long)
+        chunks = [Chunk(o, n, self._partial[s.serial][1] if done else None, done + n == len(s.prompt_ids))
+                  for o, (s, done, n) in zip(offsets, taken)]
+        prompts = torch.as_tensor([t for s, done, n in taken for t in s.prompt_ids[done:done + n]], dtype=torch.long)
         ids = torch.cat([self.last.cpu(), prompts]) if b else prompts
-        arange = [torch.arange(n) for n in lengths]
+        arange = [torch.arange(done, done + n) for _, done, n in taken]
         pos = torch.cat([self.mask.sum(dim=1).cpu()] + arange) if b else torch.cat(arange)  # a running row's next position
-        keep = torch.as_tensor(list(range(b)) + [o + n - 1 for o, n in zip(offsets, lengths)], dtype=torch.long)
+        ending = [(s, c) for (s, _, _), c in zip(taken, chunks) if c.final]
+        keep = torch.as_tensor(list(range(b)) + [c.offset + c.length - 1 for _, c in ending], dtype=torch.long)
         if b:
             self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         cache = self.cache if b else kv_cache(self.model)  # no running rows: a prefill of the joining ones, unpadded
-        plan = RaggedStep(cache, b, self.mask if b else None, offsets, lengths)
+        plan = RaggedStep(cache, b, self.mask if b else None, chunks)
         config = self.model.config
         usual = config._attn_implementation
         config._attn_implementation = RAGGED
@@ -465,26 +526,34 @@ class BatchDecoder:
             out = self.model(input_ids=ids[None].to(self.device), position_ids=pos[None].to(self.device),
                              attention_mask=self._no_mask, use_cache=False, logits_to_keep=keep.to(self.device),
                              ragged=plan)
-        except Exception:
-            self._forget(joining)  # the running rows' cache may be half written: the caller fails them (reset)
-            raise
         finally:
             config._attn_implementation = usual
-        logits = out.logits[0].float()  # [b + len(joining), V]
-        tokens = self._pick(logits, self.rows + joining)
-        for s in joining:
+        # (a failure above leaves the running rows' cache half written: the caller fails them, reset())
+        for (s, done, n), c in zip(taken, chunks):
+            if not c.final:
+                self._partial[s.serial] = (done + n, c.kept)
+        finished = [s for s, _ in ending]
+        for s in finished:
+            self._partial.pop(s.serial, None)
+        self.prefilling = [s for s in self.prefilling if all(s is not f for f in finished)]
+        if not b and not finished:  # only chunks of prompts that go on: no rows yet
+            return
+        logits = out.logits[0].float()  # [b + len(finished), V]
+        tokens = self._pick(logits, self.rows + finished)
+        for s in finished:
             if s.max_new_tokens == 0:
                 s.finish_reason = "length"
         self.cache = cache
         width = cache.layers[0].length
         pad = torch.nn.functional.pad
         self.mask = torch.cat(([pad(self.mask, (width - self.mask.shape[1], 0))] if b else [])
-                              + [pad(torch.ones(1, n, dtype=torch.long, device=self.device), (width - n, 0)) for n in lengths])
+                              + [pad(torch.ones(1, len(s.prompt_ids), dtype=torch.long, device=self.device),
+                                     (width - len(s.prompt_ids), 0)) for s in finished])
         self.last = tokens.to(self.device)
         running = self.rows
-        self.rows = running + joining
+        self.rows = running + finished
         self._record(running, tokens[:b], logits[:b])
-        self._record(joining, tokens[b:], logits[b:])
+        self._record(finished, tokens[b:], logits[b:])
 
     @torch.inference_mode()
     def drop(self, seqs) -> None:
@@ -495,11 +564,16 @@ class BatchDecoder:
         gone = {id(s) for s in seqs}
         if self.composition is not None:
             self.composition.forget([s.serial for s in seqs])
+        if self.prefilling:  # a prompt still being prefilled (a cancelled request): its chunks so far go
+            for s in self.prefilling:
+                if id(s) in gone:
+                    self._partial.pop(s.serial, None)
+            self.prefilling = [s for s in self.prefilling if id(s) not in gone]
         keep = [id(s) not in gone for s in self.rows]
         if all(keep):
             return
-        if not any(keep):
-            self.reset()
+        if not any(keep):  # the batch is empty (prompts still being prefilled stay)
+            self.rows, self.cache, self.mask, self.last = [], None, None, None
             return
         order, moves = compaction(keep)
         index = torch.as_tensor(order, dtype=torch.long, device=self.device)
@@ -516,8 +590,9 @@ class BatchDecoder:
     def reset(self) -> None:
         """Forget every row (after a failed forward the cache may be inconsistent)."""
         if self.composition is not None:
-            self.composition.forget([s.serial for s in self.rows])
+            self.composition.forget([s.serial for s in self.rows + self.prefilling])
         self.rows, self.cache, self.mask, self.last = [], None, None, None
+        self.prefilling, self._partial = [], {}
 
     def check_model(self) -> None:
         """Run a 2-token prefill and check that the model's cache can be merged (full attention)."""

@@ -253,6 +253,13 @@ class Scheduler:
         if joining:
             self.steps_with_joins += 1
             self.q.running.extend(joining)
+        known = {id(s) for s in self.decoder.rows} | {id(s) for s in self.decoder.prefilling}
+        lost = [j for j in self.q.running if id(j.seq) not in known]
+        if lost:  # a request the decoder no longer holds would wait for ever: it fails instead (a bug, if it happens)
+            logger.error("%d running requests are not in the decoder's batch; they fail", len(lost))
+            self.q.running = [j for j in self.q.running if id(j.seq) in known]
+            self.decoder.drop([j.seq for j in lost])  # their factors and pinned adapters
+            self._fail_batch(lost, RuntimeError("the request left the decoder's batch unfinished"))
         self._emit_progress(self.q.running)
 
     def _emit_progress(self, jobs: list[Job]) -> None:

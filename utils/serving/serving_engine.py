@@ -187,6 +187,7 @@ def load_engine(args, session=None) -> Engine:
         decoder = BatchDecoder(model, tokenizer, LiveComposition(pool) if pool is not None else None,
                                eos_ids=eos_ids(tokenizer, model), context_length=ctx, tokenizer_lock=lock)
         decoder.mixed_steps = decoder.mixed_steps and args.prefill == "mixed"
+        decoder.max_prefill_tokens = args.max_prefill_tokens or None
         with decoder.composition.active() if decoder.composition is not None else nullcontext():
             decoder.check_model()
         # Embedding ahead on a CPU that also decodes: the two threads share the cores, and the step waits on the
