@@ -20,7 +20,8 @@ has finished (:meth:`BatchDecoder.generate`), its finished rows leaving the batc
 - :meth:`BatchDecoder.step` feeds every row its last token, one forward for the whole batch; new sequences can join
   that forward (``step(joining)``, a mixed step: their prompts are packed after the running rows' tokens, unpadded,
   and attention is split per row, :class:`RaggedStep`), so that a join costs its prompt's compute but not a second
-  read of the weights.
+  read of the weights. With :attr:`BatchDecoder.max_prefill_tokens` a step takes at most that many prompt tokens,
+  and a longer prompt is prefilled over several steps (chunked prefill) while the running rows go on decoding.
 - :meth:`BatchDecoder.drop` removes rows (the last rows fill the places left empty: batch order is not kept) and
   trims the columns that have become padding in every row.
 
