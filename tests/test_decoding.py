@@ -276,6 +276,10 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_decodes(tiny_base,
     seqs = [Sequence(prompt_ids=p, max_new_tokens=24, adapters=n, adapter_w=w, mode=m) for p, (n, w, m) in zip(ids, comps)]
     live = LiveComposition(pool)
     decoder = BatchDecoder(pool.model, tok, live, live_text=False)
+    decoder.max_prefill_tokens = 1
+    with live.active():
+        decoder.check_model()  # its probe of a mixed step is not cut into chunks
+    assert decoder.mixed_steps and decoder.max_prefill_tokens == 1
     decoder.max_prefill_tokens = 7
     with live.active():
         decoder.step(seqs[:2])  # 2 prompts of more than 7 tokens together: chunked too

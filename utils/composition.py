@@ -364,9 +364,7 @@ class LiveComposition:
             h[0, i]         += (x[0, i] At_i) Bt_i                 i < len(running)
             h[0, o_j:o_j+L] += (x[0, o_j:o_j+L] At_j) Bt_j           (nothing for a base row)
         """
-        new = [r for r in joining if r[0] not in self._rows]
-        if new:
-            self._build(new)
+        self.prepare(joining)
         if running and any(r[1] for r in running):
             self.set_rows(running)
         else:

@@ -608,6 +608,7 @@ class BatchDecoder:
         self.add([alone])
         self.reset()
         joined = Sequence(prompt_ids=[self.pad_id] * 3, max_new_tokens=1)
+        cap, self.max_prefill_tokens = self.max_prefill_tokens, None
         try:
             self.add([Sequence(prompt_ids=[self.pad_id, self.pad_id], max_new_tokens=2)])
             self.step([joined])
@@ -617,6 +618,7 @@ class BatchDecoder:
             ok, problem = False, f"{type(err).__name__}: {err}"
         finally:
             self.reset()
+            self.max_prefill_tokens = cap
         if not ok:
             logger.warning("Mixed decoding steps are off for this model (a probe failed: %s); joining requests are "
                            "prefilled apart from the running batch's step.", problem)
