@@ -10,7 +10,8 @@ One background thread owns the model. Its loop:
    decoding step: their prompts are prefilled in the same forward as the running rows' tokens, packed without
    padding (:meth:`BatchDecoder.step` with ``joining``, a mixed step). Requests that keep their prompt's logprobs
    (and all of them with ``--prefill separate``) are prefilled before the step, in groups of similar length
-   (:meth:`BatchDecoder.add`). Admission depends on the policy:
+   (:meth:`BatchDecoder.add`). A prompt longer than the decoder's ``max_prefill_tokens`` is prefilled over several
+   steps; its request counts as running meanwhile. Admission depends on the policy:
 
    - ``continuous`` (default): a request joins the running batch at the next step, whatever its adapters; a
      finished row leaves at once, so a short request never waits for a long one to finish.
@@ -30,8 +31,9 @@ One background thread owns the model. Its loop:
    routing, composition and the pool never see a change half-made. A request keeps the adapters it was routed to
    (:meth:`AdapterPool.hold`) until it leaves, even if one of them is unloaded meanwhile.
 
-A failure while prefilling fails the requests being prefilled; a failure in a decoding step fails the rows
-of that step (and the requests joining it; those alone when their adapters could not be composed). Either way the error goes to those requests (status 500) and the loop goes on serving.
+A failure while prefilling fails the requests being prefilled; a failure in a decoding step fails the rows of that
+step and the requests joining it (those alone when their adapters could not be composed). Either way the error goes
+to those requests (status 500) and the loop goes on serving.
 """
 
 from __future__ import annotations
