@@ -321,9 +321,7 @@ class LiveComposition:
         key = tuple(r[0] for r in rows)
         if key == self.rows_key and self._factors is not None:
             return
-        new = [r for r in rows if r[0] not in self._rows]
-        if new:
-            self._build(new)
+        self.prepare(rows)
         factors = {m: (At, Bt, _decode_factors(At, Bt)) for m, (At, Bt) in self._stacked(key).items()}
         self._install(factors)
         self._factors, self.rows_key = factors, key
@@ -383,8 +381,7 @@ class LiveComposition:
             factors = self._stacked(tuple(serial for _, _, serial in self._segments))
             dev = next(iter(factors.values()))[0].device if factors else gather.device
             self._joined = (factors, gather.to(dev), kept.to(dev), target.to(dev), longest)
-        present = {m for _, _, serial in self._segments for m in self._rows[serial]}
-        self._install(dict.fromkeys(m for m in self.pool.targets if m in present))
+        self._install({m for _, _, serial in self._segments for m in self._rows[serial]})
 
     def _build(self, new: list[tuple[int, list[str], list[float], str]]) -> None:
         k = max(max(len(r[1]) for r in new), 1)
@@ -425,10 +422,11 @@ class LiveComposition:
             self._rows[r[0]] = per_row[i]
             self._pins[r[0]] = row_names[i]
 
-    def _install(self, factors: dict) -> None:
+    def _install(self, modules) -> None:
+        """A hook on each of ``modules`` (names; a dict's keys) that has none yet, while active."""
         if not self.is_active:
             return
-        for m in factors:
+        for m in modules:
             if m not in self._handles:
                 self._handles[m] = self.pool.targets[m].register_forward_hook(self._hook(m), with_kwargs=True)
 

@@ -120,20 +120,27 @@ class SlabLayer(DynamicLayer):
         self._views()
         return self.keys, self.values
 
-    def append_rows(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Add rows whose keys/values [n, heads, t, head_dim] end at the same position as the running rows'."""
-        n, t = keys.shape[0], keys.shape[-2]
-        wider = max(t - self.length, 0)
-        self._reserve(self.rows + n, wider, 0, keys)
+    def _open_rows(self, n: int, longest: int, shortest: int, like: torch.Tensor) -> int:
+        """Room for ``n`` new rows whose keys end at ``end``, the longest ``longest`` columns (the window widens to the
+        left for it, with zeros for the rows already there), their left padding zeroed up to the shortest's start;
+        returns the first new row (the caller writes the keys, then counts the rows)."""
+        wider = max(longest - self.length, 0)
+        self._reserve(self.rows + n, wider, 0, like)
         if wider:  # the running rows get zeros (masked) in the new leading columns
             self._k[:self.rows, :, self.start - wider:self.start] = 0
             self._v[:self.rows, :, self.start - wider:self.start] = 0
             self.start -= wider
         rows = slice(self.rows, self.rows + n)
-        self._k[rows, :, self.start:self.end - t] = 0  # the new rows' left padding; stale rows may lie there
-        self._v[rows, :, self.start:self.end - t] = 0
-        self._k[rows, :, self.end - t:self.end] = keys.to(self._k.device)
-        self._v[rows, :, self.end - t:self.end] = values.to(self._v.device)
+        self._k[rows, :, self.start:self.end - shortest] = 0  # the new rows' left padding; stale rows may lie there
+        self._v[rows, :, self.start:self.end - shortest] = 0
+        return self.rows
+
+    def append_rows(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Add rows whose keys/values [n, heads, t, head_dim] end at the same position as the running rows'."""
+        n, t = keys.shape[0], keys.shape[-2]
+        first = self._open_rows(n, t, t, keys)
+        self._k[first:first + n, :, self.end - t:self.end] = keys.to(self._k.device)
+        self._v[first:first + n, :, self.end - t:self.end] = values.to(self._v.device)
         self.rows += n
         self._views()
 
@@ -141,19 +148,12 @@ class SlabLayer(DynamicLayer):
         """Add one row per prompt, keys/values [1, heads, L_i, head_dim] each (a mixed step's joining prompts), each
         ending at the same position as the running rows': :meth:`append_rows` for rows of different lengths, with
         one reservation for them all."""
-        n, t = len(keys), max(k.shape[2] for k in keys)
-        wider = max(t - self.length, 0)
-        self._reserve(self.rows + n, wider, 0, keys[0])
-        if wider:
-            self._k[:self.rows, :, self.start - wider:self.start] = 0
-            self._v[:self.rows, :, self.start - wider:self.start] = 0
-            self.start -= wider
-        self._k[self.rows:self.rows + n, :, self.start:self.end] = 0  # left padding; stale rows may lie there
-        self._v[self.rows:self.rows + n, :, self.start:self.end] = 0
+        lengths = [k.shape[2] for k in keys]
+        first = self._open_rows(len(keys), max(lengths), min(lengths), keys[0])
         for j, (k, v) in enumerate(zip(keys, values)):
-            self._k[self.rows + j, :, self.end - k.shape[2]:self.end] = k[0]
-            self._v[self.rows + j, :, self.end - v.shape[2]:self.end] = v[0]
-        self.rows += n
+            self._k[first + j, :, self.end - k.shape[2]:self.end] = k[0]
+            self._v[first + j, :, self.end - v.shape[2]:self.end] = v[0]
+        self.rows += len(keys)
         self._views()
 
     def move_rows(self, moves: list[tuple[int, int]], rows: int) -> None:
@@ -396,13 +396,19 @@ class BatchDecoder:
         self._partial: dict[int, tuple[int, dict]] = {}  # serial -> (prompt tokens done, per layer keys/values so far)
 
     # -- composition of the rows of one forward -------------------------------------------------------------
-    def _set_composition(self, seqs: list[Sequence]) -> None:
+    def _live(self, seqs: list[Sequence]):
+        """The composition for a forward of ``seqs`` (None: a decoder without adapters), checked usable."""
         if self.composition is None:
             if any(s.adapters for s in seqs):
                 raise RuntimeError("A sequence asks for adapters but this decoder has no adapter pool.")
-            return
+            return None
         if not self.composition.is_active:
             raise RuntimeError("BatchDecoder needs its LiveComposition active: run it inside `with decoder.composition.active():`.")
+        return self.composition
+
+    def _set_composition(self, seqs: list[Sequence]) -> None:
+        if self._live(seqs) is None:
+            return
         if any(s.adapters for s in seqs):
             self.composition.set_rows([(s.serial, s.adapters, s.adapter_w, s.mode) for s in seqs])
         else:  # a forward of base rows only: no hooks' work at all
@@ -483,8 +489,9 @@ class BatchDecoder:
         b = len(self.rows)
         try:
             self._begin(joining)
-            if self.composition is not None:
-                self.composition.prepare([(s.serial, s.adapters, s.adapter_w, s.mode) for s in joining])
+            live = self._live(self.rows + joining)
+            if live is not None:
+                live.prepare([(s.serial, s.adapters, s.adapter_w, s.mode) for s in joining])
             self.prefilling.extend(joining)
             budget = self.max_prefill_tokens or sum(len(s.prompt_ids) for s in self.prefilling)
             taken: list[tuple[Sequence, int, int]] = []  # (sequence, prompt tokens done before, tokens now)
@@ -497,13 +504,9 @@ class BatchDecoder:
                 budget -= n
             lengths = [n for _, _, n in taken]
             offsets = list(itertools.accumulate([b] + lengths[:-1]))
-            if self.composition is not None:
-                if not self.composition.is_active:
-                    raise RuntimeError("BatchDecoder needs its LiveComposition active: run it inside `with decoder.composition.active():`.")
-                self.composition.set_ragged([(s.serial, s.adapters, s.adapter_w, s.mode) for s in self.rows],
-                                            [(s.serial, s.adapters, s.adapter_w, s.mode) for s, _, _ in taken], offsets, lengths)
-            elif any(s.adapters for s in self.rows + joining):
-                raise RuntimeError("A sequence asks for adapters but this decoder has no adapter pool.")
+            if live is not None:
+                live.set_ragged([(s.serial, s.adapters, s.adapter_w, s.mode) for s in self.rows],
+                                [(s.serial, s.adapters, s.adapter_w, s.mode) for s, _, _ in taken], offsets, lengths)
         except Exception as err:
             self._forget(joining)
             self.prefilling = [s for s in self.prefilling if s not in joining]
@@ -563,8 +566,7 @@ class BatchDecoder:
         The rows that stay keep the first places: each place left empty among them takes one of the last rows (its
         cache row copied once), so a row leaving costs one row's copy, not the whole cache's."""
         gone = {id(s) for s in seqs}
-        if self.composition is not None:
-            self.composition.forget([s.serial for s in seqs])
+        self._forget(seqs)
         if self.prefilling:  # a prompt still being prefilled (a cancelled request): its chunks so far go
             for s in self.prefilling:
                 if id(s) in gone:
@@ -590,8 +592,7 @@ class BatchDecoder:
 
     def reset(self) -> None:
         """Forget every row (after a failed forward the cache may be inconsistent)."""
-        if self.composition is not None:
-            self.composition.forget([s.serial for s in self.rows + self.prefilling])
+        self._forget(self.rows + self.prefilling)
         self.rows, self.cache, self.mask, self.last = [], None, None, None
         self.prefilling, self._partial = [], {}
 

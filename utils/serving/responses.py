@@ -189,7 +189,7 @@ class Responder:
                     # (vLLM's benchmark client, guidellm), so it carries the routing with the first token's text.
                     metas[i] = payload
                     pending[i] = True
-                    offsets[i] = len(ctx.echo_texts[i]) if ctx.echo_texts is not None else 0
+                    offsets[i] = len(first_text(i))
                 elif kind == "delta":
                     generated[i] += len(payload["token_ids"])
                     lp = None
