@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max_prefill_tokens", type=int, default=512,
       help="with --prefill mixed, prompt tokens one step prefills at most: a longer prompt is prefilled over several steps "
            "(chunked), so that the running requests wait at most about that many tokens' compute per step; 0: no cap")
+    a("--lora_kernel", default="grouped", choices=("grouped", "per_row"),
+      help="how a decoding step's LoRA products are computed: grouped: a batch of mixtures that shares few enough adapters "
+           "multiplies every row by its distinct adapters once per module, each row's weights as a mask (falling back to "
+           "per_row otherwise); per_row: each row by its own stacked factors")
     a("--batching", default="continuous", choices=POLICIES,
       help="continuous: requests join and leave the running batch at every step; dynamic: a batch runs to its end before "
            "the next forms; same_adapters: a batch holds only requests with identical adapters (what one-adapter servers do)")

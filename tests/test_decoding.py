@@ -56,21 +56,25 @@ def test_base_rows_get_model_generates_tokens(tiny_base, tok):
     assert texts == decoded(tok, want)
 
 
-def test_composed_rows_mixed_in_one_batch_get_each_rows_own_tokens(tiny_base, tiny_loras, tok):
+@pytest.mark.parametrize("grouped", [False, True], ids=["per_row", "grouped"])
+def test_composed_rows_mixed_in_one_batch_get_each_rows_own_tokens(tiny_base, tiny_loras, tok, grouped):
+    """Per-row kernel, and the grouped kernel (whose batches without a fused row share one product per module)."""
     pool = make_pool(tiny_base, tiny_loras, ["alpha", "beta", "gamma"])
     rows = [(["alpha", "beta"], [0.5, 0.5], "mixture"), (["gamma"], [1.0], "mixture"),
             ([], [], "mixture"), (["beta", "gamma", "alpha"], [0.2, 0.3, 0.5], "fusion")]
     want = alone(pool, tok, PROMPTS, rows, 16)
-    live = LiveComposition(pool)
+    live = LiveComposition(pool, grouped=grouped)
     with live.active() as model:
         texts, counts = generate_batch(model, tok, PROMPTS, 16, composition=live, compositions=rows)
     assert texts == decoded(tok, want)
     assert counts == [len(r) for r in want]
     assert not pool.pinned()  # the finished rows released their adapters
-    # the next batch on the same composition (an evaluation run's next batch) gets its own rows' factors
-    swapped = rows[::-1]
+    # the next batch on the same composition (an evaluation run's next batch) gets its own rows' factors; without a
+    # fused row of several adapters (a fusion of one is a selection), the grouped kernel shares one product per module
+    swapped = [rows[1], rows[0], rows[2], (["alpha"], [1.0], "fusion")]
     with live.active() as model:
         again, _ = generate_batch(model, tok, PROMPTS, 16, composition=live, compositions=swapped)
+    assert (live.shared_forwards > 0) == grouped
     for prompt, text, (names, weights, mode) in zip(PROMPTS, again, swapped):
         if names:
             with compose(pool, [names], torch.tensor([weights]), mode) as composed:
@@ -217,7 +221,8 @@ def test_live_composition_rewrites_only_the_rows_that_changed(tiny_base, tiny_lo
     assert not pool.pinned()
 
 
-def test_a_mixed_step_prefills_joining_rows_inside_the_running_batchs_forward(tiny_base, tiny_loras, tok):
+@pytest.mark.parametrize("grouped", [False, True], ids=["per_row", "grouped"])
+def test_a_mixed_step_prefills_joining_rows_inside_the_running_batchs_forward(tiny_base, tiny_loras, tok, grouped):
     """Joining rows (shorter and longer than the running window, composed and base; at first with no running rows)
     are prefilled in the running batch's decoding forward (one forward per step, no separate prefill) and every row, running or joining, gets the
     greedy tokens it gets alone on its composed model; a group whose adapters cannot be composed fails alone."""
@@ -230,7 +235,7 @@ def test_a_mixed_step_prefills_joining_rows_inside_the_running_batchs_forward(ti
     want = alone(pool, tok, prompts, comps, 10)
     ids = tok(prompts).input_ids
     seqs = [Sequence(prompt_ids=p, max_new_tokens=10, adapters=n, adapter_w=w, mode=m) for p, (n, w, m) in zip(ids, comps)]
-    live = LiveComposition(pool)
+    live = LiveComposition(pool, grouped=grouped)
     decoder = BatchDecoder(pool.model, tok, live, live_text=False)
     assert decoder.mixed_steps  # transformers' SDPA attention: mixed steps are on
     forwards = []
@@ -256,12 +261,14 @@ def test_a_mixed_step_prefills_joining_rows_inside_the_running_batchs_forward(ti
         run(3, [seqs[5]])
         run(20)
     hook.remove()
+    assert (live.shared_forwards > 0) == grouped
     assert not decoder.rows and not pool.pinned()
     for s, ref_row in zip(seqs, want):
         assert s.generated == ref_row, s.prompt_ids
 
 
-def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_decodes(tiny_base, tiny_loras, tok):
+@pytest.mark.parametrize("grouped", [False, True], ids=["per_row", "grouped"])
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_decodes(tiny_base, tiny_loras, tok, grouped):
     """With ``max_prefill_tokens``, a prompt longer than the cap is prefilled over several steps (each chunk attends
     to the prompt's earlier chunks), while the running rows get a token at every step; its row joins with its last
     chunk and every row gets its own greedy tokens. A prompt cancelled while it is being prefilled leaves nothing."""
@@ -274,7 +281,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_decodes(tiny_base,
     ids = tok(prompts).input_ids
     assert len(ids[2]) > 3 * 7
     seqs = [Sequence(prompt_ids=p, max_new_tokens=24, adapters=n, adapter_w=w, mode=m) for p, (n, w, m) in zip(ids, comps)]
-    live = LiveComposition(pool)
+    live = LiveComposition(pool, grouped=grouped)
     decoder = BatchDecoder(pool.model, tok, live, live_text=False)
     decoder.max_prefill_tokens = 1
     with live.active():
@@ -303,6 +310,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_decodes(tiny_base,
             decoder.step()
             decoder.drop([s for s in decoder.rows if s.finished])
     assert not pool.pinned()
+    assert (live.shared_forwards > 0) == grouped
     for s, ref_row in zip(seqs[:4], want):
         assert s.generated == ref_row, s.prompt_ids
     assert not seqs[4].generated

@@ -329,6 +329,18 @@ class AdapterPool:
         with self._lock:
             self._count_down(self._pins, names)
 
+    def pinned_weights(self, names) -> list[LoraWeights]:
+        """The device tier's factors of ``names`` (pinned: :meth:`acquire`), in order; the same object for an adapter
+        for as long as it stays on the device tier."""
+        with self._lock:
+            out = []
+            for n in names:
+                w = self._device.get(n)
+                if w is None or self._pins[n] == 0:
+                    raise RuntimeError(f"Adapter {n!r} is not pinned on the device tier; acquire it before composing.")
+                out.append(w)
+            return out
+
     def gather(self, rows: list[list[str]], k: int) -> list[tuple[str, torch.nn.Module, torch.Tensor, torch.Tensor]]:
         """Per module any adapter of ``rows`` targets: (name, module, A_sel [b, k, R, d_in], B_sel [b, k, d_out, R]).
 

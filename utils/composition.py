@@ -277,6 +277,80 @@ class _Stack:
         return {m: (self.buffers[m][0][:b], self.buffers[m][1][:b]) for m in modules}
 
 
+class _Shared:
+    """One module-by-module stack of distinct adapters, shared by every row of a forward (the grouped kernel).
+
+    Mixture (and selection, k = 1) is linear in the adapters, so a batch's rows can share one product per module
+    instead of one per row. With the stack's D adapters zero-padded to one rank r (C = D * r columns):
+
+        A_g = [A_1; ...; A_D]^T                  [d_in, C]
+        B_g = [B_1, ..., B_D]^T                  [C, d_out]        (B_j pre-scaled by s_j, as the pool keeps it)
+        M[t, j*r:(j+1)*r] = w_bj                 [T, C]            token t of row b; 0 for an adapter the row does not use
+
+        h = base(x) + ((x @ A_g) * M) @ B_g      x [T, d_in]: every token of the forward, rows side by side
+
+    which is each row's sum_j w_bj B_j A_j x (module docstring) with the other adapters' products multiplied by 0.
+    Each adapter's factors are read once per forward, not once per row that uses it, and a forward is three
+    operators per module, whatever its rows and their prompts' lengths. It costs b * C multiply-adds per module
+    and token against the per-row kernel's b * k * r, so it pays while the batch's adapters are few against its
+    rows (:meth:`LiveComposition._shared_for`). The stack holds copies: the adapters need no pins for it.
+    """
+
+    def __init__(self, members: list, pool: AdapterPool):
+        self.members = list(members)  # LoraWeights, by identity (held here, so that ids stay unique)
+        self.column = {id(w): j for j, w in enumerate(self.members)}
+        self.rank = max([a.shape[0] for w in self.members for a, _ in w.modules.values()] + [1])
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        present = {m for w in self.members for m in w.modules}
+        with torch.no_grad():
+            for m in (m for m in pool.targets if m in present):
+                parts = [w.modules.get(m) for w in self.members]
+                a0 = next(p for p in parts if p is not None)[0]
+                dtype = torch.float32 if a0.device.type == "cpu" and a0.dtype in LOW_PRECISION else a0.dtype
+                d_in, d_out = a0.shape[1], next(p for p in parts if p is not None)[1].shape[0]
+                A = a0.new_zeros(len(parts), self.rank, d_in, dtype=dtype)  # [D, r, d_in]
+                B = a0.new_zeros(len(parts), d_out, self.rank, dtype=dtype)  # [D, d_out, r]
+                for j, p in enumerate(parts):
+                    if p is not None:
+                        A[j, :p[0].shape[0]] = p[0]
+                        B[j, :, :p[1].shape[1]] = p[1]
+                self.factors[m] = (A.reshape(-1, d_in).T.contiguous(), B.permute(0, 2, 1).reshape(-1, d_out).contiguous())
+
+    def covers(self, weights) -> bool:
+        return all(id(w) in self.column for w in weights)
+
+    def mask(self, rows: list[tuple]) -> torch.Tensor:
+        """M [len(rows), C] for rows of (LoraWeights, weights) (a base row: no adapters, zeros)."""
+        at, cols, vals = [], [], []
+        for i, (ws, wts) in enumerate(rows):
+            for w, v in zip(ws, wts):
+                at.append(i)
+                cols.append(self.column[id(w)])
+                vals.append(float(v))
+        m = torch.zeros(len(rows), len(self.members), dtype=torch.float32)
+        if at:
+            m.index_put_((torch.tensor(at), torch.tensor(cols)), torch.tensor(vals, dtype=torch.float32), accumulate=True)
+        first = next(iter(self.factors.values()), None)
+        m = m.repeat_interleave(self.rank, dim=1)
+        return m if first is None else m.to(device=first[0].device, dtype=first[0].dtype)
+
+
+def _shared_delta(x: torch.Tensor, output: torch.Tensor, A: torch.Tensor, B: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """output + ((x @ A) * M) @ B in place (:class:`_Shared`), for x [..., d_in] of T tokens and M [T, C], or M [b, C]
+    for x [b, t, d_in] (a padded prefill: each row's mask on all its tokens)."""
+    u = x.reshape(-1, x.shape[-1]).to(A.dtype) @ A  # [T, C]
+    if mask.shape[0] == u.shape[0]:
+        u.mul_(mask)
+    else:
+        u.view(mask.shape[0], -1, u.shape[1]).mul_(mask[:, None])
+    flat = output.view(-1, output.shape[-1])
+    if flat.dtype == B.dtype:
+        flat.addmm_(u, B)
+    else:
+        flat.add_((u @ B).to(flat.dtype))
+    return output
+
+
 class LiveComposition:
     """Per-sample composition for a batch whose rows change between forwards (continuous batching).
 
@@ -295,12 +369,24 @@ class LiveComposition:
 
     Each row has its own adapters, weights and mode; a base row inside a composed batch has weights 0 and gets
     exactly the base output. Same math as :func:`compose` (module docstring).
+
+    ``grouped=True`` adds the grouped kernel (:class:`_Shared`): a forward whose rows are all mixtures (or one
+    adapter each) and share few enough adapters multiplies every token by the batch's distinct adapters once per
+    module, each row's weights as a mask, and a row's own factors are built only when a forward needs them. The
+    server uses it; evaluation keeps the per-row kernel, so that its tables do not move by float rounding.
     """
 
-    def __init__(self, pool: AdapterPool):
+    def __init__(self, pool: AdapterPool, grouped: bool = False):
         self.pool = pool
+        self.grouped = grouped
         self._rows: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # serial -> module -> (At_r, Bt_r)
         self._pins: dict[int, list[str]] = {}  # serial -> adapter names it pins
+        # serial -> (LoraWeights, weights) when the row can share a grouped product (mixture or one adapter), else None
+        self._linear: dict[int, tuple | None] = {}
+        self._spec: dict[int, tuple] = {}  # serial -> the row as prepared (names resolved)
+        self._shared: _Shared | None = None  # the grouped kernel's stack (kept while it covers the rows)
+        self._shared_now = None  # (factors, mask) when the next forwards use the grouped kernel
+        self.shared_forwards = 0  # forwards set up with the grouped kernel (a counter, for benchmarks)
         self._factors: dict[str, tuple[torch.Tensor, torch.Tensor, object]] | None = None
         self._stacks = [_Stack(), _Stack()]  # the running batch's and a prefill's
         self._clock = 0
@@ -311,20 +397,69 @@ class LiveComposition:
         self._joined = None  # a mixed step's composed joining rows, gathered (set_ragged)
         self.is_active = False
 
-    def set_rows(self, rows: list[tuple[int, list[str], list[float], str]]) -> None:
+    def set_rows(self, rows: list[tuple[int, list[str], list[float], str]], shared: bool = True) -> None:
         """Factors for a batch of rows ``(serial, adapter names, weights, mode)``, in batch order (mode: "mixture" or
         "fusion"; names may be the pool's ids, :func:`adapter_rows`, and mode a fusion flag).
 
-        ``serial`` identifies a row across calls: a row seen before reuses its factors.
+        ``serial`` identifies a row across calls: a row seen before reuses its factors. With ``grouped`` (and
+        ``shared``), a batch whose rows are all linear in their adapters may share one product per module instead
+        (:meth:`_shared_for`).
         """
         self._segments = None
         key = tuple(r[0] for r in rows)
-        if key == self.rows_key and self._factors is not None:
+        if key == self.rows_key and (self._factors is not None or (shared and self._shared_now is not None)):
             return
         self.prepare(rows)
+        shared = self._shared_for(key) if shared else None
+        if shared is not None:
+            self._use_shared(shared, shared.mask([self._linear[s] for s in key]))
+            self.rows_key = key
+            return
+        self._shared_now = None
+        self._ensure_factors(key)
         factors = {m: (At, Bt, _decode_factors(At, Bt)) for m, (At, Bt) in self._stacked(key).items()}
         self._install(factors)
         self._factors, self.rows_key = factors, key
+
+    def _shared_for(self, serials) -> _Shared | None:
+        """The grouped kernel's stack for a forward of rows ``serials`` (prepared), or None where the per-row kernel
+        is the one to use: a fusion row of several adapters (not linear in them), or too many distinct adapters.
+
+        The per-row kernel multiplies each of b rows by its own k * r columns; the grouped one every row by all C
+        columns of the batch's distinct adapters. It is used while 2 * C <= b * k * r: microbenchmarks of the two
+        on this project's 2-core CPUs put the break-even near C = b * k * r / 2 at 4 to 32 rows of top-3 mixtures, the
+        grouped kernel 2 to 7 times faster with a batch sharing adapters (docs/benchmarks.md, "Grouped LoRA products").
+        A stack that covers the rows is kept, its unused adapters included, while it stays under that bound.
+        """
+        if not self.grouped or len(serials) < 2:
+            return None
+        rows = [self._linear[s] for s in serials]
+        if any(r is None for r in rows):
+            return None
+        needed = list({id(w): w for ws, _ in rows for w in ws}.values())
+        if not needed:
+            return None
+        k = max(len(ws) for ws, _ in rows)
+        rank = max(a.shape[0] for w in needed for a, _ in w.modules.values())
+
+        def fits(count: int, r: int) -> bool:
+            return 2 * count * r <= len(serials) * k * rank
+
+        current = self._shared
+        if current is not None and current.covers(needed) and fits(len(current.members), current.rank):
+            return current
+        if not fits(len(needed), rank):
+            return None
+        kept = [] if current is None else [w for w in current.members if id(w) not in {id(n) for n in needed}]
+        members = kept + needed if fits(len(kept) + len(needed), max([rank] + ([current.rank] if current else []))) else needed
+        self._shared = _Shared(members, self.pool)
+        return self._shared
+
+    def _use_shared(self, shared: _Shared, mask: torch.Tensor) -> None:
+        self._factors = None
+        self._shared_now = (shared.factors, mask)
+        self.shared_forwards += 1
+        self._install(shared.factors)
 
     def _stacked(self, key: tuple) -> dict:
         """module -> (At [b, d_in, W], Bt [b, W, d_out]) for the rows ``key`` (built), for the modules they target."""
@@ -348,9 +483,17 @@ class LiveComposition:
     def prepare(self, rows: list[tuple[int, list[str], list[float], str]]) -> None:
         """Build the factors of rows not seen yet (as :meth:`set_rows` would), without changing the current batch's:
         a row whose adapters cannot be composed fails here, before it is in any forward."""
-        new = [r for r in rows if r[0] not in self._rows]
+        new = [r for r in rows if r[0] not in self._linear]
         if new:
-            self._build(new)
+            self._pin(new)
+            if not self.grouped:  # the grouped kernel builds per-row factors only for a forward that needs them
+                self._build(new)
+
+    def _ensure_factors(self, serials) -> None:
+        """Build the per-row factors of prepared rows that lack them (:meth:`prepare` with ``grouped``)."""
+        missing = [s for s in dict.fromkeys(serials) if s not in self._rows]
+        if missing:
+            self._build([self._spec[s] for s in missing])
 
     def set_ragged(self, running: list[tuple[int, list[str], list[float], str]],
                    joining: list[tuple[int, list[str], list[float], str]], offsets: list[int], lengths: list[int]) -> None:
@@ -361,10 +504,23 @@ class LiveComposition:
 
             h[0, i]         += (x[0, i] At_i) Bt_i                 i < len(running)
             h[0, o_j:o_j+L] += (x[0, o_j:o_j+L] At_j) Bt_j           (nothing for a base row)
+
+        With the grouped kernel (:class:`_Shared`), every token of the forward shares one product per module instead,
+        its row's mask picked per token.
         """
         self.prepare(joining)
+        serials = [r[0] for r in running] + [r[0] for r in joining]
+        shared = self._shared_for(serials) if any(r[1] for r in running + joining) else None
+        if shared is not None:
+            self._segments, self._joined, self.rows_key = None, None, None
+            token_row = torch.cat([torch.arange(len(running))] +
+                                  [torch.full((n,), len(running) + j) for j, n in enumerate(lengths)])
+            rows = shared.mask([self._linear[s] for s in serials])
+            self._use_shared(shared, rows.index_select(0, token_row.to(rows.device)))
+            return
+        self._ensure_factors(r[0] for r in joining if r[1])
         if running and any(r[1] for r in running):
-            self.set_rows(running)
+            self.set_rows(running, shared=False)
         else:
             self.set_base()
         self._running = len(running)
@@ -383,14 +539,11 @@ class LiveComposition:
             self._joined = (factors, gather.to(dev), kept.to(dev), target.to(dev), longest)
         self._install({m for _, _, serial in self._segments for m in self._rows[serial]})
 
-    def _build(self, new: list[tuple[int, list[str], list[float], str]]) -> None:
-        k = max(max(len(r[1]) for r in new), 1)
-        w = torch.zeros(len(new), k, dtype=torch.float32)
+    def _pin(self, new: list[tuple[int, list[str], list[float], str]]) -> None:
+        """Check and pin new rows' adapters (a row whose adapters cannot be composed fails here)."""
         for i, (_, ids, ws, _) in enumerate(new):
             if len(ids) != len(ws):
                 raise ValueError(f"Row {i}: {len(ids)} adapters but {len(ws)} weights.")
-            if ids:
-                w[i, :len(ws)] = torch.as_tensor(ws, dtype=torch.float32)
         rows = adapter_rows(self.pool, [r[1] for r in new])
         row_names = [list(dict.fromkeys(row)) for row in rows]
         acquired = []
@@ -398,29 +551,45 @@ class LiveComposition:
             for rn in row_names:
                 self.pool.acquire(rn)
                 acquired.append(rn)
-            per_row: list[dict] = [{} for _ in new]
-            if any(rows):
-                fusion = torch.tensor([r[3] in ("fusion", True) for r in new], dtype=torch.bool)
-                with torch.no_grad():
-                    # Modules whose factors have one shape are composed in one call (their rows side by side): the
-                    # same element-wise math, a few operators for all the q_proj of a model instead of a few each.
-                    groups: dict[tuple, list] = {}
-                    for m, _, A_sel, B_sel in self.pool.gather(rows, k):
-                        groups.setdefault((A_sel.shape, B_sel.shape, A_sel.dtype, A_sel.device), []).append((m, A_sel, B_sel))
-                    b = len(new)
-                    for (_, _, _, dev), group in groups.items():
-                        At, Bt = mixed_selected(torch.cat([g[1] for g in group]), torch.cat([g[2] for g in group]),
-                                                w.to(dev).repeat(len(group), 1), fusion.to(dev).repeat(len(group)))
-                        for j, (m, _, _) in enumerate(group):
-                            for i in range(b):
-                                per_row[i][m] = (At[j * b + i], Bt[j * b + i])
+            weights = [self.pool.pinned_weights(row) for row in rows]
         except BaseException:
             for rn in acquired:
                 self.pool.release(rn)
             raise
         for i, r in enumerate(new):
-            self._rows[r[0]] = per_row[i]
             self._pins[r[0]] = row_names[i]
+            self._spec[r[0]] = (r[0], rows[i], list(r[2]), r[3])
+            # Fusion of several adapters is not linear in them; fusion of one is (w B)(w A) = w^2 B A.
+            fusion = r[3] in ("fusion", True)
+            self._linear[r[0]] = (None if fusion and len(rows[i]) > 1 else
+                                  (weights[i], [float(w) ** 2 if fusion else float(w) for w in r[2]]))
+
+    def _build(self, new: list[tuple[int, list[str], list[float], str]]) -> None:
+        """Per-row factors of pinned rows (:meth:`_pin`)."""
+        k = max(max(len(r[1]) for r in new), 1)
+        w = torch.zeros(len(new), k, dtype=torch.float32)
+        for i, (_, ids, ws, _) in enumerate(new):
+            if ids:
+                w[i, :len(ws)] = torch.as_tensor(ws, dtype=torch.float32)
+        rows = adapter_rows(self.pool, [r[1] for r in new])
+        per_row: list[dict] = [{} for _ in new]
+        if any(rows):
+            fusion = torch.tensor([r[3] in ("fusion", True) for r in new], dtype=torch.bool)
+            with torch.no_grad():
+                # Modules whose factors have one shape are composed in one call (their rows side by side): the
+                # same element-wise math, a few operators for all the q_proj of a model instead of a few each.
+                groups: dict[tuple, list] = {}
+                for m, _, A_sel, B_sel in self.pool.gather(rows, k):
+                    groups.setdefault((A_sel.shape, B_sel.shape, A_sel.dtype, A_sel.device), []).append((m, A_sel, B_sel))
+                b = len(new)
+                for (_, _, _, dev), group in groups.items():
+                    At, Bt = mixed_selected(torch.cat([g[1] for g in group]), torch.cat([g[2] for g in group]),
+                                            w.to(dev).repeat(len(group), 1), fusion.to(dev).repeat(len(group)))
+                    for j, (m, _, _) in enumerate(group):
+                        for i in range(b):
+                            per_row[i][m] = (At[j * b + i], Bt[j * b + i])
+        for i, r in enumerate(new):
+            self._rows[r[0]] = per_row[i]
 
     def _install(self, modules) -> None:
         """A hook on each of ``modules`` (names; a dict's keys) that has none yet, while active."""
@@ -432,6 +601,10 @@ class LiveComposition:
 
     def _hook(self, m: str):
         def hook(module, args, kwargs, output):
+            if self._shared_now is not None:
+                factors, mask = self._shared_now
+                f = factors.get(m)
+                return output if f is None else _shared_delta(args[0] if args else kwargs["x"], output, *f, mask)
             f = self._factors.get(m) if self._factors is not None else None
             if self._segments is not None:
                 return self._ragged_delta(m, args[0] if args else kwargs["x"], output, f)
@@ -464,7 +637,7 @@ class LiveComposition:
 
     def set_base(self) -> None:
         """The next forwards add nothing (every row is a base row)."""
-        self._factors, self.rows_key, self._segments = None, None, None
+        self._factors, self.rows_key, self._segments, self._shared_now = None, None, None, None
 
     def forget(self, serials) -> None:
         """Drop the kept factors of rows that have left the batch, and unpin their adapters."""
@@ -476,6 +649,8 @@ class LiveComposition:
             stack.forget(gone)
         for s in serials:
             self._rows.pop(s, None)
+            self._linear.pop(s, None)
+            self._spec.pop(s, None)
             names = self._pins.pop(s, None)
             if names:
                 self.pool.release(names)
@@ -487,6 +662,8 @@ class LiveComposition:
         try:
             if self._factors:
                 self._install(self._factors)
+            if self._shared_now is not None:
+                self._install(self._shared_now[0])
             yield self.pool.model
         finally:
             self.is_active = False

@@ -184,7 +184,8 @@ def load_engine(args, session=None) -> Engine:
                        "kills its engine on such requests when LoRA is enabled. On a vLLM build that serves them, restart this "
                        "server with --vllm_logprobs.")
     else:
-        decoder = BatchDecoder(model, tokenizer, LiveComposition(pool) if pool is not None else None,
+        live = LiveComposition(pool, grouped=getattr(args, "lora_kernel", "grouped") == "grouped") if pool is not None else None
+        decoder = BatchDecoder(model, tokenizer, live,
                                eos_ids=eos_ids(tokenizer, model), context_length=ctx, tokenizer_lock=lock)
         decoder.mixed_steps = decoder.mixed_steps and args.prefill == "mixed"
         decoder.max_prefill_tokens = args.max_prefill_tokens or None
