@@ -425,11 +425,12 @@ class LiveComposition:
         """The grouped kernel's stack for a forward of rows ``serials`` (prepared), or None where the per-row kernel
         is the one to use: a fusion row of several adapters (not linear in them), or too many distinct adapters.
 
-        The per-row kernel multiplies each of b rows by its own k * r columns; the grouped one every row by all C
-        columns of the batch's distinct adapters. It is used while 2 * C <= b * k * r: microbenchmarks of the two
-        on this project's 2-core CPUs put the break-even near C = b * k * r / 2 at 4 to 32 rows of top-3 mixtures, the
-        grouped kernel 2 to 7 times faster with a batch sharing adapters (docs/benchmarks.md, "Grouped LoRA products").
-        A stack that covers the rows is kept, its unused adapters included, while it stays under that bound.
+        The per-row kernel reads b * W columns of factors per module (W = k * r, each row's own) and multiplies each
+        row by its W; the grouped one reads the C columns of the batch's distinct adapters once and multiplies every
+        row by all of them. A decoding step is bound by those reads, not by its few rows' arithmetic, so the grouped
+        kernel is used while it reads at most half as much: 2 * C <= b * W (``bench/bench_lora_kernels.py`` measures
+        both in the decoding step; docs/benchmarks.md, "Grouped LoRA products"). A stack that covers the rows is kept,
+        its unused adapters included, while it stays under that bound.
         """
         if not self.grouped or len(serials) < 2:
             return None
