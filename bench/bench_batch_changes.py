@@ -3,6 +3,7 @@ leaves and after one joins, the way the decoder changes its batch (the last row 
 left; a joining row's prefill sets its own group first, then the next step the whole batch).
 
     python bench/bench_batch_changes.py --out docs/bench_batch_changes        # about 20 seconds
+    python bench/bench_batch_changes.py --lora_kernel grouped --out docs/bench_batch_changes_grouped
 
 The embedded SmolLM2 in float32 with ``--pool`` (default: 13 random LoRAs of the embedded pool's shape, r 8 on
 q_proj/v_proj, built under ``--work`` when missing), a batch of ``--rows`` rows, each a top-3 mixture of different
@@ -10,6 +11,9 @@ adapters; ``--changes`` rounds of one row leaving (at a random place) and one jo
 
     step after a change     set_rows for the whole batch, after a row left or joined
     prefill of a joining row set_rows for the joining row alone (its factors are built there)
+
+With ``--lora_kernel grouped`` (the server's default), a batch that shares its adapters changes only its mask, and a
+joining row's own factors are built for its prefill alone (a row alone is not grouped).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="/tmp/lora_retriever_bench_pool")
     p.add_argument("--rows", type=int, default=16)
     p.add_argument("--changes", type=int, default=30)
+    p.add_argument("--lora_kernel", default="per_row", choices=("per_row", "grouped"))
     p.add_argument("--out", default="docs/bench_batch_changes", help="writes OUT.json and OUT.md")
     args = p.parse_args(argv)
     base = "embedded:smollm2-135m-instruct"
@@ -45,7 +50,7 @@ def main(argv=None) -> int:
     entries = load_pool_config(config)
     pool = AdapterPool(model, entries, show_progress=False)
     names = [e.name for e in entries]
-    live = LiveComposition(pool)
+    live = LiveComposition(pool, grouped=args.lora_kernel == "grouped")
 
     def row(serial: int):
         return (serial, [names[(serial + j) % len(names)] for j in range(3)], [1 / 3] * 3, "mixture")
@@ -70,14 +75,15 @@ def main(argv=None) -> int:
         serial += 1
         steps.append(timed([row(s) for s in key]))
     live.forget(key)
-    result = {"cpu": cpu_name(), "rows": args.rows, "changes": args.changes, "modules": len(live.pool.targets),
+    result = {"cpu": cpu_name(), "lora_kernel": args.lora_kernel, "grouped_batches": live.shared_forwards, "rows": args.rows, "changes": args.changes, "modules": len(live.pool.targets),
               "step_after_change_ms": round(statistics.median(steps), 2),
               "prefill_of_joining_row_ms": round(statistics.median(prefills), 2)}
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     lines = ["| rows | step after a change (ms) | prefill of a joining row (ms) |", "|---:|---:|---:|",
              f"| {args.rows} | {result['step_after_change_ms']} | {result['prefill_of_joining_row_ms']} |", "",
-             f"Medians over {args.changes} leave-and-join rounds; {result['cpu']}."]
+             f"Medians over {args.changes} leave-and-join rounds; {args.lora_kernel} kernel ({live.shared_forwards} batches "
+             f"set up grouped); {result['cpu']}."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0

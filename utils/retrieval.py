@@ -102,13 +102,13 @@ class Embedder:
             self._model = model
         return self._model
 
-    def encode(self, texts: list[str], show_progress: bool = False, cache: bool = True) -> np.ndarray:
+    def encode(self, texts: list[str], show_progress: bool = False, cache: bool = True, batch_size: int | None = None) -> np.ndarray:
         """Normalised float32 embeddings [len(texts), d], encoded in batches.
 
         With a ``cache_dir``, the embeddings of a whole list are stored under a hash of the model's identity
         (name, and the file times of a local model directory), the instruction, the pooling mode and the texts,
         so that the runs of a sweep embed the same pool and queries once. ``cache=False`` skips that (a server's
-        queries, which never repeat as a list).
+        queries, which never repeat as a list). ``batch_size`` overrides the embedder's for this call.
         """
         use_cache, cache = cache, None
         if self.cache_dir is not None and use_cache:
@@ -116,7 +116,7 @@ class Embedder:
             cache = self.cache_dir / f"{h.hexdigest()[:32]}.npy"
             if cache.is_file():
                 return np.load(cache)
-        emb = self._encode(texts, show_progress)
+        emb = self._encode(texts, show_progress, batch_size)
         if cache is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npy")
@@ -163,9 +163,9 @@ class Embedder:
         d = means[0].shape[0] if means else 0
         return np.stack(means).astype(np.float32) if means else np.zeros((0, d), dtype=np.float32)
 
-    def _encode(self, texts: list[str], show_progress: bool) -> np.ndarray:
+    def _encode(self, texts: list[str], show_progress: bool, batch_size: int | None = None) -> np.ndarray:
         with self._lock, torch.inference_mode():
-            emb = self.model.encode(list(texts), prompt=self.instruction or None, batch_size=self.batch_size,
+            emb = self.model.encode(list(texts), prompt=self.instruction or None, batch_size=batch_size or self.batch_size,
                                     convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=show_progress)
         return np.ascontiguousarray(emb, dtype=np.float32)
 
