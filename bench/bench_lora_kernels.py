@@ -1,6 +1,6 @@
 """The two kernels of a server's LoRA products, in its own decoding step: per-row factors against grouped.
 
-    python bench/bench_lora_kernels.py --out docs/bench_lora_kernels        # about 2 minutes
+    python bench/bench_lora_kernels.py --out docs/bench_lora_kernels        # about 3 minutes
 
 The embedded SmolLM2 in float32 with 13 random LoRAs of the embedded pool's shape (r 8 on q_proj / v_proj, built
 under ``--work`` when missing). For each batch of ``--batch_sizes`` rows, each a top-3 mixture of adapters drawn
@@ -45,8 +45,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="/tmp/lora_retriever_bench_pool")
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[4, 16, 32])
     p.add_argument("--adapters", type=int, nargs="+", default=[3, 13], help="adapters the rows draw from")
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prompt_tokens", type=int, default=60)
     p.add_argument("--out", default="docs/bench_lora_kernels", help="writes OUT.json and OUT.md")
     args = p.parse_args(argv)

@@ -244,6 +244,41 @@ def test_grouped_kernel_equals_per_row_composition(pool):
     assert not pool.pinned()
 
 
+def test_grouped_kernel_reuses_its_slots_as_the_batchs_adapters_change(pool):
+    """Batches whose adapters change: a new adapter is copied into a free slot, or into the slot of one no row uses any
+    more (the stack is not rebuilt); a stack much wider than its batch's ranks, or too narrow for a new rank, is rebuilt;
+    every batch's logits stay within 1e-5 of each row's own composition."""
+    from utils.composition import LiveComposition
+
+    live = LiveComposition(pool, grouped=True)
+    ids = batch_inputs(batch=8, length=5, seed=5)
+    # per batch: row i uses names[i % len]; ranks gamma 8, alpha 4, beta 2
+    batches = [["gamma"], ["gamma", "alpha"], ["alpha"], ["alpha", "beta"], ["beta"], ["gamma"]]
+    stacks, outputs = [], []
+    serial = 0
+    with torch.no_grad(), live.active() as m:
+        for names in batches:
+            rows = []
+            for i in range(8):
+                rows.append((serial, [names[i % len(names)]], [0.5 + 0.1 * i], "mixture"))
+                serial += 1
+            live.set_rows(rows)
+            stacks.append(live._shared)
+            outputs.append((rows, m(input_ids=ids).logits))
+            live.forget([r[0] for r in rows])
+    with torch.no_grad():
+        for rows, got in outputs:
+            for i, (_, n, w, mode) in enumerate(rows):
+                with compose(pool, [n], torch.tensor([w]), mode) as c:
+                    torch.testing.assert_close(got[i], c(input_ids=ids[i:i + 1]).logits[0], atol=1e-5, rtol=0)
+    assert live.shared_forwards == len(batches)
+    assert stacks[0] is stacks[1] is stacks[2] is stacks[3]  # alpha into a free slot, then beta into gamma's
+    assert [w.name for w in stacks[3].slots] == ["beta", "alpha"]
+    assert stacks[4] is not stacks[3] and stacks[4].rank == 2  # beta alone: rank 8 slots would read 4x its columns
+    assert stacks[5] is not stacks[4] and stacks[5].rank == 8  # gamma does not fit rank-2 slots
+    assert not pool.pinned()
+
+
 def test_batch_size_mismatch_is_refused(pool):
     ids = batch_inputs(batch=2)
     with compose(pool, pool.indices([["alpha"]] * 3), torch.ones(3, 1)) as m:
