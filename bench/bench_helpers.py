@@ -86,6 +86,19 @@ def random_pool(folder: Path, base_model: str) -> Path:
     return config
 
 
+def embedded_random_pool(work: Path):
+    """The embedded SmolLM2 (float32, CPU), its tokenizer and an :class:`AdapterPool` over :func:`random_pool`'s 13
+    LoRAs under ``work`` (built when missing): (tokenizer, pool, adapter names); the model is ``pool.model``."""
+    from utils.adapter_pool import AdapterPool
+    from utils.data import load_pool_config
+    from utils.model_loading import load_base_model, load_tokenizer
+
+    base = "embedded:smollm2-135m-instruct"
+    entries = load_pool_config(str(random_pool(Path(work), base)))
+    pool = AdapterPool(load_base_model(base, dtype="float32", device="cpu"), entries, show_progress=False)
+    return load_tokenizer(base), pool, [e.name for e in entries]
+
+
 def write_result(out: str | Path, result: dict, lines: list[str]) -> None:
     """Write a benchmark's figures to OUT.json and its table (``lines``) to OUT.md and stdout."""
     out = Path(out)

@@ -30,12 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_helpers import cpu_name, random_pool, write_result  # noqa: E402
-from utils.adapter_pool import AdapterPool  # noqa: E402
+from bench.bench_helpers import cpu_name, embedded_random_pool, write_result  # noqa: E402
 from utils.composition import LiveComposition  # noqa: E402
-from utils.data import load_pool_config  # noqa: E402
 from utils.decoding import BatchDecoder, Sequence  # noqa: E402
-from utils.model_loading import load_base_model, load_tokenizer  # noqa: E402
 
 logger = logging.getLogger("bench")
 
@@ -52,11 +49,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     base = "embedded:smollm2-135m-instruct"
-    tok = load_tokenizer(base)
-    model = load_base_model(base, dtype="float32", device="cpu")
-    entries = load_pool_config(str(random_pool(Path(args.work), base)))
-    pool = AdapterPool(model, entries, show_progress=False)
-    names = [e.name for e in entries]
+    tok, pool, names = embedded_random_pool(Path(args.work))
+    model = pool.model
     gen = torch.Generator().manual_seed(0)
     lives = {"per_row": LiveComposition(pool, grouped=False), "grouped": LiveComposition(pool, grouped=True)}
 

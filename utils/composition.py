@@ -70,6 +70,11 @@ def compose_selected(A_sel: torch.Tensor, B_sel: torch.Tensor, weights: torch.Te
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+def _is_fusion(mode) -> bool:
+    """A row's mode: "fusion" (or the flag True) against "mixture" (or False)."""
+    return mode in ("fusion", True)
+
+
 def _decode_factors(At: torch.Tensor, Bt: torch.Tensor):
     # On CPU, batched matmuls this small are several times slower in bf16/fp16 than in float32 (39.5 us
     # against 10.3 us for one decoding step of one row at k*r = 24, d = 576; bench/bench_forward.py), while over
@@ -321,7 +326,7 @@ class _Shared:
         """Whether ``needed``'s adapters missing here fit in free slots or in slots of adapters ``needed`` does not use."""
         keep = {id(w) for w in needed}
         missing = sum(1 for w in needed if id(w) not in self.column)
-        fits_rank = all(a.shape[0] <= self.rank for w in needed for a, _ in w.modules.values())
+        fits_rank = all(w.rank <= self.rank for w in needed)
         return fits_rank and missing <= sum(1 for w in self.slots if w is None or id(w) not in keep)
 
     def place(self, needed: list) -> None:
@@ -479,7 +484,7 @@ class LiveComposition:
         if not needed:
             return None
         k = max(len(ws) for ws, _ in rows)
-        rank = max(a.shape[0] for w in needed for a, _ in w.modules.values())
+        rank = max(w.rank for w in needed)
 
         def fits(count: int, r: int) -> bool:
             return 2 * count * r <= len(serials) * k * rank
@@ -530,7 +535,7 @@ class LiveComposition:
         if new:
             self._pin(new)
             if not self.grouped:  # the grouped kernel builds per-row factors only for a forward that needs them
-                self._build(new)
+                self._build([self._spec[r[0]] for r in new])
 
     def _ensure_factors(self, serials) -> None:
         """Build the per-row factors of prepared rows that lack them (:meth:`prepare` with ``grouped``)."""
@@ -603,21 +608,21 @@ class LiveComposition:
             self._pins[r[0]] = row_names[i]
             self._spec[r[0]] = (r[0], rows[i], list(r[2]), r[3])
             # Fusion of several adapters is not linear in them; fusion of one is (w B)(w A) = w^2 B A.
-            fusion = r[3] in ("fusion", True)
+            fusion = _is_fusion(r[3])
             self._linear[r[0]] = (None if fusion and len(rows[i]) > 1 else
                                   (weights[i], [float(w) ** 2 if fusion else float(w) for w in r[2]]))
 
     def _build(self, new: list[tuple[int, list[str], list[float], str]]) -> None:
-        """Per-row factors of pinned rows (:meth:`_pin`)."""
+        """Per-row factors of pinned rows, as :meth:`_pin` kept them (names resolved)."""
         k = max(max(len(r[1]) for r in new), 1)
         w = torch.zeros(len(new), k, dtype=torch.float32)
         for i, (_, ids, ws, _) in enumerate(new):
             if ids:
                 w[i, :len(ws)] = torch.as_tensor(ws, dtype=torch.float32)
-        rows = adapter_rows(self.pool, [r[1] for r in new])
+        rows = [r[1] for r in new]
         per_row: list[dict] = [{} for _ in new]
         if any(rows):
-            fusion = torch.tensor([r[3] in ("fusion", True) for r in new], dtype=torch.bool)
+            fusion = torch.tensor([_is_fusion(r[3]) for r in new], dtype=torch.bool)
             with torch.no_grad():
                 # Modules whose factors have one shape are composed in one call (their rows side by side): the
                 # same element-wise math, a few operators for all the q_proj of a model instead of a few each.
@@ -644,17 +649,18 @@ class LiveComposition:
 
     def _hook(self, m: str):
         def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs["x"]
             if self._shared_now is not None:
                 factors, mask = self._shared_now
                 f = factors.get(m)
-                return output if f is None else _shared_delta(args[0] if args else kwargs["x"], output, *f, mask)
+                return output if f is None else _shared_delta(x, output, *f, mask)
             f = self._factors.get(m) if self._factors is not None else None
             if self._segments is not None:
-                return self._ragged_delta(m, args[0] if args else kwargs["x"], output, f)
+                return self._ragged_delta(m, x, output, f)
             if f is None:
                 return output
             At, Bt, dec = f
-            return _add_delta(args[0] if args else kwargs["x"], output, At, Bt, dec)
+            return _add_delta(x, output, At, Bt, dec)
         return hook
 
     def _ragged_delta(self, m: str, x: torch.Tensor, output: torch.Tensor, f) -> torch.Tensor:
