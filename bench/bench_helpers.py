@@ -99,6 +99,30 @@ def embedded_random_pool(work: Path):
     return load_tokenizer(base), pool, [e.name for e in entries]
 
 
+def step_times(model, tok, live, rows: list[tuple[list[int], list[str]]], steps: int, warmup: int = 3):
+    """Decode ``rows`` (prompt ids, adapters of an equal-weight mixture; [] for a base row) together with the
+    decoder every entry shares (:class:`utils.decoding.BatchDecoder`, ``live`` a :class:`LiveComposition`):
+    (median milliseconds of ``steps`` steps after ``warmup`` more, each row's greedy tokens)."""
+    import statistics
+
+    from utils.decoding import BatchDecoder, Sequence
+
+    decoder = BatchDecoder(model, tok, live, context_length=4096, live_text=False)
+    seqs = [Sequence(prompt_ids=ids, max_new_tokens=steps + warmup + 5, ignore_eos=True, adapters=list(names),
+                     adapter_w=[1 / len(names)] * len(names) if names else []) for ids, names in rows]
+    with live.active():
+        decoder.add(seqs)
+        for _ in range(warmup):
+            decoder.step()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            decoder.step()
+            times.append(1000 * (time.perf_counter() - t0))
+        decoder.reset()
+    return statistics.median(times), [s.generated for s in seqs]
+
+
 def write_result(out: str | Path, result: dict, lines: list[str]) -> None:
     """Write a benchmark's figures to OUT.json and its table (``lines``) to OUT.md and stdout."""
     out = Path(out)

@@ -21,18 +21,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_helpers import cpu_name, embedded_random_pool, write_result  # noqa: E402
+from bench.bench_helpers import cpu_name, embedded_random_pool, step_times, write_result  # noqa: E402
 from utils.composition import LiveComposition  # noqa: E402
-from utils.decoding import BatchDecoder, Sequence  # noqa: E402
 
 logger = logging.getLogger("bench")
 
@@ -56,23 +53,10 @@ def main(argv=None) -> int:
 
     def run(kind: str, b: int, count: int, prompts: list[list[int]]):
         live = lives.get(kind, lives["per_row"])
-        decoder = BatchDecoder(model, tok, live, context_length=4096, live_text=False)
-        seqs = [Sequence(prompt_ids=prompts[i], max_new_tokens=args.steps + 8, ignore_eos=True,
-                         adapters=[] if kind == "base" else [names[(i + j) % count] for j in range(3)],
-                         adapter_w=[] if kind == "base" else [1 / 3] * 3) for i in range(b)]
-        with live.active():
-            before = live.shared_forwards
-            decoder.add(seqs)
-            for _ in range(3):
-                decoder.step()
-            times = []
-            for _ in range(args.steps):
-                t0 = time.perf_counter()
-                decoder.step()
-                times.append(1000 * (time.perf_counter() - t0))
-            used = live.shared_forwards > before
-            decoder.reset()
-        return statistics.median(times), [s.generated for s in seqs], used
+        before = live.shared_forwards
+        ms, tokens = step_times(model, tok, live, [(prompts[i], [] if kind == "base" else [names[(i + j) % count] for j in range(3)])
+                                                   for i in range(b)], args.steps)
+        return ms, tokens, live.shared_forwards > before
 
     rows = []
     for b in args.batch_sizes:

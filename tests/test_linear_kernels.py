@@ -93,3 +93,82 @@ def test_where_packing_cannot_run(tiny_base, monkeypatch):
     model = load_base(tiny_base)
     assert use_linear_kernels(model, "auto") == "torch"
     assert use_linear_kernels(model, "onednn") == "onednn"  # asked for explicitly
+
+
+def test_sibling_projections_are_multiplied_as_one_with_the_same_logits(tiny_base):
+    from utils.linear_kernels import FusedProjections
+
+    separate, fused = load_base(tiny_base), load_base(tiny_base)
+    use_linear_kernels(separate, "onednn", fuse=False)
+    use_linear_kernels(fused, "onednn")
+    layer = fused.model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    assert isinstance(attn.q_proj._fused, FusedProjections) and attn.q_proj._fused is attn.v_proj._fused
+    assert mlp.gate_proj._fused is mlp.up_proj._fused and mlp.down_proj._fused is None
+    assert attn.o_proj._fused is None and separate.model.layers[0].self_attn.q_proj._fused is None
+    group = attn.q_proj._fused
+    use_linear_kernels(fused, "onednn")
+    assert attn.q_proj._fused is group and group._packed is not None  # asked again: the same group, not packed again
+    ids = torch.randint(0, fused.config.vocab_size, (3, 11))
+    with torch.no_grad():
+        want, got = separate(input_ids=ids).logits, fused(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-6, rtol=1e-6)
+    assert group._last is None  # every member took its columns: nothing is held between forwards
+    use_linear_kernels(fused, "onednn", fuse=False)
+    assert attn.q_proj._fused is None
+    with torch.no_grad():
+        assert torch.allclose(fused(input_ids=ids).logits, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_a_fused_member_gives_its_own_product_whatever_the_order_of_the_calls(tiny_base, mode):
+    model = load_base(tiny_base)
+    use_linear_kernels(model, "onednn")
+    attn = model.model.layers[0].self_attn
+    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+    d = q.in_features
+    x1, x2 = torch.randn(2, 5, d), torch.randn(1, 3, d)
+
+    def want(m, x):
+        return nn.functional.linear(x, m.weight, m.bias)
+
+    bumped = q.register_forward_hook(lambda module, args, output: output.add_(1.0))  # a hook that writes in place
+    with torch.inference_mode() if mode == "inference_mode" else torch.no_grad():
+        calls = [(k, x1), (q, x2), (q, x2), (v, x1), (q, x1), (k, x2), (k, x2), (v, x2)]
+        for m, x in calls:
+            got = m(x)
+            extra = 1.0 if m is q else 0.0
+            assert got.shape == (*x.shape[:-1], m.out_features)
+            assert torch.allclose(got, want(m, x) + extra, atol=1e-6), (m, x.shape)
+        if mode == "no_grad":
+            x = torch.randn(4, d)
+            k(x)
+            x.mul_(2.0)  # the input changed in place between two members' calls: multiplied again
+            assert torch.allclose(v(x), want(v, x), atol=1e-6)
+        q.weight.mul_(3.0)  # a member's weight changed in place: the group is packed again
+        assert torch.allclose(k(x1), want(k, x1), atol=1e-6)
+        assert torch.allclose(q(x1), want(q, x1) + 1.0, atol=1e-5)
+    bumped.remove()
+
+
+def test_projections_are_not_fused_where_they_cannot_be():
+    class Attention(nn.Module):
+        def __init__(self, k_in: int, bias: bool):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 4, bias=bias), nn.Linear(k_in, 4), nn.Linear(8, 4, bias=bias)
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj = nn.Linear(8, 6)  # no up_proj: nothing to fuse with
+
+    for module in (Attention(6, True), Attention(8, False), MLP()):
+        use_linear_kernels(module, "onednn")
+        assert all(m._fused is None for m in module.modules() if isinstance(m, nn.Linear))
+    same = Attention(8, True)
+    use_linear_kernels(same, "onednn")
+    assert same.q_proj._fused is not None and same.q_proj._fused.members == [same.q_proj, same.k_proj, same.v_proj]
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        for m in (same.q_proj, same.k_proj, same.v_proj):
+            assert torch.allclose(m(x), nn.functional.linear(x, m.weight, m.bias), atol=1e-6)

@@ -83,9 +83,10 @@ def add_model_flags(p: argparse.ArgumentParser, device_default: str | None = Non
     p.add_argument("--device", default=device_default, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--linear_kernels", default="auto", choices=LINEAR_KERNEL_CHOICES,
-                   help="CPU kernel of the linear layers: onednn multiplies from weights packed once at load (faster; as "
-                        "much memory again as the linears' weights), torch is PyTorch's F.linear; auto: onednn where it "
-                        "fits in a quarter of the available memory (docs/benchmarks.md)")
+                   help="CPU kernel of the linear layers: onednn multiplies from weights packed once at load, q/k/v and "
+                        "gate/up each as one product (faster; as much memory again as the linears' weights), torch is "
+                        "PyTorch's F.linear; auto: onednn where it fits in a quarter of the available memory "
+                        "(docs/benchmarks.md)")
 
 
 def add_pool_flags(p: argparse.ArgumentParser) -> None:

@@ -22,6 +22,18 @@ packed copies cost as much memory again as the linears' weights; ``auto`` packs 
   at the next call without gradients. A write through ``weight.data`` bypasses the version counter: code that does
   that must call :func:`use_linear_kernels` again;
 - the weight is not on the CPU, or the input's dtype differs from the weight's.
+
+Sibling projections that read the same input are multiplied as one (:class:`FusedProjections`, as vLLM's
+``QKVParallelLinear`` and ``MergedColumnParallelLinear`` do): an attention's ``q_proj``, ``k_proj`` and ``v_proj``, and
+an MLP's ``gate_proj`` and ``up_proj``. Their weights are packed once, stacked along the output dimension,
+
+    Y = x @ [W_q; W_k; W_v].T           [..., d_q + d_k + d_v]      q_proj(x) = Y[..., :d_q], and so on
+
+so that a layer makes 4 oneDNN calls instead of 7. The modules stay where they are, each still an ``nn.Linear`` with
+its own weight, hooks and name: the first of a group called with an input computes ``Y`` and each member returns its
+columns of it (a view). A member called again with the same input, or with another input, computes ``Y`` again, so
+results never depend on the order of the calls. Each output element is the same dot product as its own module's
+(bit for bit on the CPUs measured, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -55,6 +67,7 @@ class PackedLinear(nn.Linear):
 
     _packed: torch.Tensor | None
     _packed_of: tuple | None
+    _fused: "FusedProjections | None" = None
 
     def _key(self) -> tuple:
         w = self.weight
@@ -75,9 +88,99 @@ class PackedLinear(nn.Linear):
         if (x.dtype != w.dtype or not w.is_cpu
                 or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
             return nn.functional.linear(x, w, self.bias)
+        if self._fused is not None:
+            return self._fused.output(self, x)
         if self.stale():
             self.pack()
         return _LINEAR_POINTWISE(x, self._packed, self.bias, "none", [], "")
+
+
+class FusedProjections:
+    """Sibling :class:`PackedLinear` modules that read one input, multiplied by one packed weight (module docstring).
+
+    ``members`` share ``in_features``, dtype and device, and all or none have a bias. The stacked weight is packed
+    from the members' weights and packed again when any of them is replaced or changed in place (as
+    :meth:`PackedLinear.stale`). The last product is kept with the input it was computed from (held, so that an
+    identity test is sound), the input's version (an input changed in place is multiplied again; under
+    ``torch.inference_mode`` tensors keep no version, so there only a new input object is noticed) and which members
+    have taken their columns; it is one tuple, replaced whole, so that two
+    threads calling the same layer each get their own input's product.
+    """
+
+    def __init__(self, members: list[PackedLinear]):
+        self.members = members
+        ends = torch.tensor([m.out_features for m in members]).cumsum(0).tolist()
+        self.columns = {id(m): (end - m.out_features, m.out_features) for m, end in zip(members, ends)}  # (start, width)
+        self._packed: torch.Tensor | None = None
+        self._bias: torch.Tensor | None = None
+        self._packed_of: tuple | None = None
+        self._last: tuple | None = None  # (x, x._version, Y, ids of the members that took their columns)
+
+    def _key(self) -> tuple:
+        return tuple(m._key() for m in self.members)
+
+    def pack(self) -> None:
+        with torch.no_grad():
+            weight = torch.cat([m.weight.detach() for m in self.members])
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+            self._bias = None if self.members[0].bias is None else torch.cat([m.bias.detach() for m in self.members])
+        self._packed_of = self._key()
+
+    def output(self, member: PackedLinear, x: torch.Tensor) -> torch.Tensor:
+        """``member(x)``: its columns of the group's product for ``x``, computed unless this input's is at hand."""
+        last = self._last
+        version = None if x.is_inference() else x._version  # inference tensors keep no version counter
+        if last is None or last[0] is not x or last[1] != version or id(member) in last[3]:
+            if self._packed_of != self._key():
+                self.pack()
+            last = (x, version, _LINEAR_POINTWISE(x, self._packed, self._bias, "none", [], ""), set())
+            self._last = last
+        last[3].add(id(member))
+        if len(last[3]) == len(self.members):
+            self._last = None  # every member has its columns: the input and the product are not held any longer
+        start, width = self.columns[id(member)]
+        return last[2].narrow(-1, start, width)
+
+
+# Sibling projections that read the same input in Llama-style blocks (Llama, Mistral, Qwen2, Gemma, SmolLM, ...)
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Give the sibling projections of every block of ``model`` one :class:`FusedProjections`; returns the groups made.
+
+    A group is made of the children of one module named as in :data:`FUSED_GROUPS`, where all are
+    :class:`PackedLinear` with the same ``in_features``, dtype and device and all or none have a bias; any other
+    set of siblings (a missing member, one wrapped by peft, mixed shapes) is left as separate modules.
+    """
+    made = 0
+    for parent in model.modules():
+        for names in FUSED_GROUPS:
+            members = [getattr(parent, n, None) for n in names]
+            if not all(type(m) is PackedLinear for m in members):
+                continue
+            w = members[0].weight
+            if any(m.in_features != members[0].in_features or m.weight.dtype != w.dtype or m.weight.device != w.device
+                   or (m.bias is None) != (members[0].bias is None) for m in members):
+                continue
+            if members[0]._fused is not None and all(m._fused is members[0]._fused for m in members):
+                made += 1  # fused already (use_linear_kernels called again): packed again only if a weight changed
+                continue
+            group = FusedProjections(members)
+            group.pack()
+            for m in members:
+                m._fused = group
+                m._packed, m._packed_of = None, None  # the group's copy serves them: no second copy
+            made += 1
+    return made
+
+
+def unfuse_projections(model: nn.Module) -> None:
+    """Every :class:`PackedLinear` of ``model`` multiplies from its own packed weight again."""
+    for m in _linears(model):
+        if type(m) is PackedLinear and m._fused is not None:
+            m._fused = None
+            m._packed, m._packed_of = None, None  # packed again at its next call, or by use_linear_kernels
 
 
 _LINEAR_POINTWISE = torch.ops.mkldnn._linear_pointwise.default
@@ -98,10 +201,11 @@ def available_memory() -> int:
     return int(psutil.virtual_memory().available)
 
 
-def use_linear_kernels(model: nn.Module, choice: str = "auto") -> str:
+def use_linear_kernels(model: nn.Module, choice: str = "auto", fuse: bool = True) -> str:
     """Put the kernel ``choice`` behind every ``nn.Linear`` of ``model``; returns what was used: "onednn" or "torch".
 
-    ``onednn`` packs every linear weight (an error where this CPU or build cannot, for this dtype); ``torch`` restores
+    ``onednn`` packs every linear weight (an error where this CPU or build cannot, for this dtype), with sibling
+    projections fused (:func:`fuse_projections`) unless ``fuse`` is False; ``torch`` restores
     plain ``nn.Linear``; ``auto`` is ``onednn`` for a CPU model of float32 (or bfloat16 where the CPU has bf16
     instructions) whose packed copies fit in a quarter of the memory available now, and ``torch`` otherwise.
     """
@@ -130,14 +234,21 @@ def use_linear_kernels(model: nn.Module, choice: str = "auto") -> str:
         for m in linears:
             if type(m) is PackedLinear:
                 m.__class__ = nn.Linear
+                m.__dict__.pop("_fused", None)
                 del m._packed, m._packed_of
         return "torch"
     for m in linears:  # packed once: a module packed already is packed again only if its weight changed
         if type(m) is nn.Linear:
             m.__class__ = PackedLinear
-            m._packed = None
-        if m.stale():
+            m._packed, m._packed_of = None, None
+    if fuse:
+        groups = fuse_projections(model)
+    else:
+        unfuse_projections(model)
+        groups = 0
+    for m in linears:
+        if m._fused is None and m.stale():
             m.pack()
-    logger.info("Linear layers multiply from oneDNN-packed weights (%d layers, %.0f MiB packed)", len(linears),
-                linear_bytes(model) / 2**20)
+    logger.info("Linear layers multiply from oneDNN-packed weights (%d layers, %.0f MiB packed; %d groups of sibling "
+                "projections fused)", len(linears), linear_bytes(model) / 2**20, groups)
     return "onednn"
