@@ -57,7 +57,8 @@ def test_gradients_flow_through_f_linear():
     assert torch.equal(x1.grad, x2.grad) and torch.equal(packed.weight.grad, plain.weight.grad)
 
 
-def test_composed_decoding_on_packed_weights_matches_the_plain_model(tiny_base, tiny_loras):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_composed_decoding_on_packed_weights_matches_the_plain_model(tiny_base, tiny_loras, grouped):
     from transformers import AutoTokenizer
 
     from tests.test_composition import make_pool
@@ -66,14 +67,16 @@ def test_composed_decoding_on_packed_weights_matches_the_plain_model(tiny_base, 
 
     tok = AutoTokenizer.from_pretrained(tiny_base)
     prompts = ["the cat sat on the mat", "one two three four", "a"]
-    rows = [(["alpha", "beta"], [0.5, 0.5], "mixture"), (["gamma", "alpha"], [0.3, 0.7], "fusion"), ([], [], "mixture")]
+    second = "mixture" if grouped else "fusion"  # the grouped kernel serves mixtures (a fused row sends a batch per row)
+    rows = [(["alpha", "beta"], [0.5, 0.5], "mixture"), (["gamma", "alpha"], [0.3, 0.7], second), ([], [], "mixture")]
     texts = {}
-    for kernels in ("torch", "onednn"):
+    for kernels in ("torch", "onednn"):  # onednn: packed weights, q/k/v and gate/up fused
         pool = make_pool(tiny_base, tiny_loras, ["alpha", "beta", "gamma"])
         use_linear_kernels(pool.model, kernels)
-        live = LiveComposition(pool)
+        live = LiveComposition(pool, grouped=grouped)
         with live.active() as model:
             texts[kernels] = generate_batch(model, tok, prompts, 24, composition=live, compositions=rows)
+        assert (live.shared_forwards > 0) == grouped
     assert texts["onednn"] == texts["torch"]
 
 
