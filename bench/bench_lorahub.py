@@ -8,8 +8,9 @@ labelled samples per task, 13 adapters, fusion). Measured:
 - one loss evaluation split into building the fused factors, the model's forwards and the cross-entropy, with the
   prompt tokens actually computed against the padded ones;
 - one evaluation in float32 against bfloat16 autocast (on a CPU without bf16 instructions autocast is emulated);
-- one evaluation with each kernel of the linear layers (``utils/linear_kernels.py``: PyTorch's F.linear against
-  oneDNN-packed weights), fastest of 3 interleaved;
+- one evaluation with each kernel of the linear layers (``utils/linear_kernels.py``: PyTorch's F.linear, oneDNN-packed
+  weights each projection on its own, and packed with q/k/v and gate/up fused, the default), fastest of 3
+  interleaved, and the loss each gives;
 - the loss at ``--vectors`` random weight vectors with 1 and with 2 intra-op threads, and in bfloat16: the largest
   difference to the float32 two-thread value, and whether the values are bit-identical;
 - with ``--search``: the whole search (``learn_weights``, the profile's budget) with 1 and 2 threads, and whether
@@ -101,13 +102,17 @@ def main(argv: list[str] | None = None) -> int:
     loss.autocast_dtype = None
     used = model.linear_kernels
     by_kernels: dict[str, float] = {}
-    for kernels in ["torch", "onednn"] * 3:
-        name = use_linear_kernels(model, kernels)
+    loss_by_kernels: dict[str, float] = {}
+    for kernels in ["torch", "onednn_separate", "onednn"] * 3:
+        name = use_linear_kernels(model, kernels.split("_")[0], fuse=kernels == "onednn")
+        if kernels == "onednn_separate" and name == "onednn":
+            name = kernels
         t0 = time.perf_counter()
-        loss(idx, vectors[1])
+        loss_by_kernels[name] = loss(idx, vectors[1])
         by_kernels[name] = round(min(by_kernels.get(name, float("inf")), time.perf_counter() - t0), 3)
     use_linear_kernels(model, used)
     out["evaluation_s_by_linear_kernels"] = by_kernels
+    out["loss_by_linear_kernels"] = loss_by_kernels
     out["linear_kernels"] = used
     logger.info("One evaluation by linear kernels: %s (the rest of this run: %s)", by_kernels, used)
 
