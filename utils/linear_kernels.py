@@ -33,7 +33,7 @@ so that a layer makes 4 oneDNN calls instead of 7. The modules stay where they a
 its own weight, hooks and name: the first of a group called with an input computes ``Y`` and each member returns its
 columns of it (a view). A member called again with the same input, or with another input, computes ``Y`` again, so
 results never depend on the order of the calls. Each output element is the same dot product as its own module's
-(bit for bit on the CPUs measured, docs/benchmarks.md).
+(bit for bit on the CPU measured, an AVX-512 Xeon: docs/benchmarks.md).
 """
 
 from __future__ import annotations
