@@ -185,6 +185,37 @@ def test_build_composed_shapes():
         build_composed(A, B, idx, w, "average")
 
 
+def test_live_rows_factors_are_compose_selecteds_bit_for_bit(pool):
+    """The live composition's per-row factors (one pass per stack, :func:`_mixture_factors`) are the values of
+    :func:`compose_selected`'s mixture exactly, rows of fewer adapters than k (zero slots) included; a batch with a
+    fused row takes :func:`mixed_selected`."""
+    from utils.composition import LiveComposition, _mixture_factors, compose_selected, mixed_selected
+
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(3, 2, 4, 6, generator=g), torch.randn(3, 2, 5, 4, generator=g)
+    A[2, 1], B[2, 1] = 0, 0  # a row with one adapter: its second slot is zeros
+    w = torch.tensor([[0.5, 0.5], [1 / 3, 2 / 3], [0.7, 0.0]])
+    for got, want in zip(_mixture_factors(A, B, w), compose_selected(A, B, w, "mixture")):
+        assert got.shape == want.shape and torch.equal(got, want) and got.is_contiguous()
+
+    rows = [(0, ["alpha", "beta"], [0.5, 0.5], "mixture"), (1, ["gamma"], [1.0], "mixture"),
+            (2, ["beta", "gamma"], [0.2, 0.8], "mixture")]
+    for fused_row in (False, True):
+        if fused_row:
+            rows[2] = (2, ["beta", "gamma"], [0.2, 0.8], "fusion")
+        live = LiveComposition(pool)
+        live._pin(rows)
+        live._build(rows)
+        names = [r[1] for r in rows]
+        weights = torch.tensor([r[2] + [0.0] * (2 - len(r[2])) for r in rows])
+        fusion = torch.tensor([r[3] == "fusion" for r in rows])
+        for m, _, A_sel, B_sel in pool.gather(names, 2):
+            want = mixed_selected(A_sel, B_sel, weights, fusion)
+            for i in range(3):
+                assert torch.equal(live._rows[i][m][0], want[0][i]) and torch.equal(live._rows[i][m][1], want[1][i]), (m, i)
+        live.forget([0, 1, 2])
+
+
 def test_mixed_batch_equals_rows_alone(tiny_base, pool):
     """Rows of one left-padded batch using different adapters give what each row gives alone."""
     from tests.helpers import make_tokenizer

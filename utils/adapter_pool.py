@@ -348,6 +348,17 @@ class AdapterPool:
         among the batch's adapters; a slot past the row's adapters, or of an adapter that does not target the module,
         holds zeros. The adapters must be pinned (:meth:`acquire`). Modules come in the base model's order.
         """
+        out = []
+        for m, module, slots, rank in self.slots(rows, k):
+            d_in, d_out = module_shape(module)
+            A_sel = torch.stack([a for a, _ in slots]).reshape(len(rows), k, rank, d_in)
+            B_sel = torch.stack([b for _, b in slots]).reshape(len(rows), k, d_out, rank)
+            out.append((m, module, A_sel, B_sel))
+        return out
+
+    def slots(self, rows: list[list[str]], k: int) -> list[tuple[str, torch.nn.Module, list, int]]:
+        """:meth:`gather`'s slots before they are stacked: per module, (name, module, [(A [R, d_in], B [d_out, R])]
+        for row 0's k slots, then row 1's, ..., R), so that a caller can stack several modules' slots at once."""
         with self._lock:
             weights = {}
             for n in {n for row in rows for n in row}:
@@ -363,10 +374,8 @@ class AdapterPool:
             rank = max(a.shape[0] for a, _ in present)
             d_in, d_out = module_shape(self.targets[m])
             zeros = (torch.zeros(rank, d_in, device=a0.device, dtype=a0.dtype), torch.zeros(d_out, rank, device=a0.device, dtype=a0.dtype))
-            slots = [_slot(weights[row[j]].modules.get(m) if j < len(row) else None, rank, zeros) for row in rows for j in range(k)]
-            A_sel = torch.stack([a for a, _ in slots]).reshape(len(rows), k, rank, d_in)
-            B_sel = torch.stack([b for _, b in slots]).reshape(len(rows), k, d_out, rank)
-            out.append((m, self.targets[m], A_sel, B_sel))
+            out.append((m, self.targets[m], [_slot(weights[row[j]].modules.get(m) if j < len(row) else None, rank, zeros)
+                                             for row in rows for j in range(k)], rank))
         return out
 
     def tier_counts(self) -> dict[str, int]:

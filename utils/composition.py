@@ -231,6 +231,20 @@ def mixed_selected(A_sel: torch.Tensor, B_sel: torch.Tensor, weights: torch.Tens
     return At.contiguous(), Bt.contiguous()
 
 
+def _mixture_factors(A_sel: torch.Tensor, B_sel: torch.Tensor, weights: torch.Tensor):
+    """:func:`compose_selected`'s mixture for float32 factors, in one pass over each: the same values bit for bit
+    (At[b, :, j*R + p] = A_bj[p, :], Bt[b, j*R + p, :] = w_bj * B_bj[:, p]), written straight into their layouts.
+
+    A_sel [b, k, R, d_in], B_sel [b, k, d_out, R], weights [b, k] -> At [b, d_in, k*R], Bt [b, k*R, d_out].
+    """
+    b, k, R, d_in = A_sel.shape
+    d_out = B_sel.shape[2]
+    At = A_sel.reshape(b, k * R, d_in).transpose(1, 2).contiguous()
+    Bt = torch.empty(b, k, R, d_out, dtype=B_sel.dtype, device=B_sel.device)
+    torch.mul(B_sel.transpose(2, 3), weights.to(device=B_sel.device, dtype=torch.float32)[:, :, None, None], out=Bt)
+    return At, Bt.view(b, k * R, d_out)
+
+
 class _Stack:
     """The stacked factors of one batch's rows, in buffers with spare rows: per module At [cap, d_in, W] and
     Bt [cap, W, d_out], of which the batch uses rows 0..b-1 (position p holds the factors of ``serials[p]``, zero-padded
@@ -623,17 +637,25 @@ class LiveComposition:
         per_row: list[dict] = [{} for _ in new]
         if any(rows):
             fusion = torch.tensor([_is_fusion(r[3]) for r in new], dtype=torch.bool)
+            b = len(new)
             with torch.no_grad():
                 # Modules whose factors have one shape are composed in one call (their rows side by side): the
                 # same element-wise math, a few operators for all the q_proj of a model instead of a few each.
                 groups: dict[tuple, list] = {}
-                for m, _, A_sel, B_sel in self.pool.gather(rows, k):
-                    groups.setdefault((A_sel.shape, B_sel.shape, A_sel.dtype, A_sel.device), []).append((m, A_sel, B_sel))
-                b = len(new)
-                for (_, _, _, dev), group in groups.items():
-                    At, Bt = mixed_selected(torch.cat([g[1] for g in group]), torch.cat([g[2] for g in group]),
-                                            w.to(dev).repeat(len(group), 1), fusion.to(dev).repeat(len(group)))
-                    for j, (m, _, _) in enumerate(group):
+                for m, _, slots, rank in self.pool.slots(rows, k):
+                    a, bb = slots[0]
+                    groups.setdefault((rank, a.shape[1], bb.shape[0], a.dtype, a.device), []).append((m, slots))
+                for (rank, d_in, d_out, dtype, dev), group in groups.items():
+                    # A: [n * b * k, R, d_in], every module's slots (row-major) stacked once, n modules of the group
+                    A = torch.stack([a for _, slots in group for a, _ in slots])
+                    B = torch.stack([bb for _, slots in group for _, bb in slots])  # [n * b * k, d_out, R]
+                    wn = w.to(dev).repeat(len(group), 1)  # [n * b, k], module-major as the stacks
+                    if dtype == torch.float32 and not bool(fusion.any()):
+                        At, Bt = _mixture_factors(A.view(-1, k, rank, d_in), B.view(-1, k, d_out, rank), wn)
+                    else:
+                        At, Bt = mixed_selected(A.view(-1, k, rank, d_in), B.view(-1, k, d_out, rank), wn,
+                                                fusion.to(dev).repeat(len(group)))
+                    for j, (m, _) in enumerate(group):
                         for i in range(b):
                             per_row[i][m] = (At[j * b + i], Bt[j * b + i])
         for i, r in enumerate(new):
