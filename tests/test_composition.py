@@ -186,16 +186,20 @@ def test_build_composed_shapes():
 
 
 def test_live_rows_factors_are_compose_selecteds_bit_for_bit(pool):
-    """The live composition's per-row factors (one pass per stack, :func:`_mixture_factors`) are the values of
-    :func:`compose_selected`'s mixture exactly, rows of fewer adapters than k (zero slots) included; a batch with a
-    fused row takes :func:`mixed_selected`."""
-    from utils.composition import LiveComposition, _mixture_factors, compose_selected, mixed_selected
+    """:func:`compose_selected`'s mixture, written in one pass into each layout, is the layout's definition bit for bit
+    (the slots side by side, the weights folded into B; rows of fewer adapters than k, zero slots, included), and the
+    live composition's per-row factors (one stack per module shape) are :func:`mixed_selected`'s exactly, with and
+    without a fused row."""
+    from utils.composition import LiveComposition, compose_selected, mixed_selected
 
     g = torch.Generator().manual_seed(0)
     A, B = torch.randn(3, 2, 4, 6, generator=g), torch.randn(3, 2, 5, 4, generator=g)
     A[2, 1], B[2, 1] = 0, 0  # a row with one adapter: its second slot is zeros
     w = torch.tensor([[0.5, 0.5], [1 / 3, 2 / 3], [0.7, 0.0]])
-    for got, want in zip(_mixture_factors(A, B, w), compose_selected(A, B, w, "mixture")):
+    b, k, R, d_in = A.shape
+    want_At = A.reshape(b, k * R, d_in).transpose(1, 2)  # At[b, :, j*R + p] = A_bj[p, :]
+    want_Bt = (B * w[:, :, None, None]).permute(0, 1, 3, 2).reshape(b, k * R, -1)  # Bt[b, j*R + p, :] = w_bj B_bj[:, p]
+    for got, want in zip(compose_selected(A, B, w, "mixture"), (want_At, want_Bt)):
         assert got.shape == want.shape and torch.equal(got, want) and got.is_contiguous()
 
     rows = [(0, ["alpha", "beta"], [0.5, 0.5], "mixture"), (1, ["gamma"], [1.0], "mixture"),

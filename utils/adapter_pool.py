@@ -359,13 +359,8 @@ class AdapterPool:
     def slots(self, rows: list[list[str]], k: int) -> list[tuple[str, torch.nn.Module, list, int]]:
         """:meth:`gather`'s slots before they are stacked: per module, (name, module, [(A [R, d_in], B [d_out, R])]
         for row 0's k slots, then row 1's, ..., R), so that a caller can stack several modules' slots at once."""
-        with self._lock:
-            weights = {}
-            for n in {n for row in rows for n in row}:
-                w = self._device.get(n)
-                if w is None or self._pins[n] == 0:
-                    raise RuntimeError(f"Adapter {n!r} is not pinned on the device tier; acquire it before composing.")
-                weights[n] = w
+        names = list({n for row in rows for n in row})
+        weights = dict(zip(names, self.pinned_weights(names)))
         modules = {m for w in weights.values() for m in w.modules}
         out = []
         for m in (m for m in self.targets if m in modules):

@@ -55,15 +55,17 @@ def compose_selected(A_sel: torch.Tensor, B_sel: torch.Tensor, weights: torch.Te
     b, k, R, d_in = A_sel.shape
     d_out = B_sel.shape[2]
     A32 = A_sel.float()  # [b, k, R, d_in]
-    B32 = B_sel.float() * w[:, :, None, None]  # [b, k, d_out, R]
     if mode == "mixture":
-        A_b = A32.reshape(b, k * R, d_in)  # [b, k*R, d_in]
-        B_b = B32.permute(0, 2, 1, 3).reshape(b, d_out, k * R)  # [b, d_out, k*R]
-    elif mode == "fusion":
-        A_b = (A32 * w[:, :, None, None]).sum(1)  # [b, R, d_in]
-        B_b = B32.sum(1)  # [b, d_out, R]
-    else:
+        # Each factor written once, straight into its layout: At[b, :, j*R + p] = A_bj[p, :],
+        # Bt[b, j*R + p, :] = w_bj * B_bj[:, p] (a row's slots side by side, the weights folded into B).
+        At = A32.reshape(b, k * R, d_in).transpose(1, 2).contiguous()  # [b, d_in, k*R]
+        Bt = torch.empty(b, k, R, d_out, dtype=torch.float32, device=B_sel.device)
+        torch.mul(B_sel.float().transpose(2, 3), w[:, :, None, None], out=Bt)
+        return At.to(A_sel.dtype), Bt.view(b, k * R, d_out).to(A_sel.dtype)  # Bt [b, k*R, d_out]
+    if mode != "fusion":
         raise ValueError(f"Unknown composition mode {mode!r}; use one of {MODES}.")
+    A_b = (A32 * w[:, :, None, None]).sum(1)  # [b, R, d_in]
+    B_b = (B_sel.float() * w[:, :, None, None]).sum(1)  # [b, d_out, R]
     return A_b.transpose(1, 2).contiguous().to(A_sel.dtype), B_b.transpose(1, 2).contiguous().to(A_sel.dtype)
 
 
@@ -229,20 +231,6 @@ def mixed_selected(A_sel: torch.Tensor, B_sel: torch.Tensor, weights: torch.Tens
         sel = fusion_rows.to(At.device)[:, None, None]
         At, Bt = torch.where(sel, Af, At), torch.where(sel, Bf, Bt)
     return At.contiguous(), Bt.contiguous()
-
-
-def _mixture_factors(A_sel: torch.Tensor, B_sel: torch.Tensor, weights: torch.Tensor):
-    """:func:`compose_selected`'s mixture for float32 factors, in one pass over each: the same values bit for bit
-    (At[b, :, j*R + p] = A_bj[p, :], Bt[b, j*R + p, :] = w_bj * B_bj[:, p]), written straight into their layouts.
-
-    A_sel [b, k, R, d_in], B_sel [b, k, d_out, R], weights [b, k] -> At [b, d_in, k*R], Bt [b, k*R, d_out].
-    """
-    b, k, R, d_in = A_sel.shape
-    d_out = B_sel.shape[2]
-    At = A_sel.reshape(b, k * R, d_in).transpose(1, 2).contiguous()
-    Bt = torch.empty(b, k, R, d_out, dtype=B_sel.dtype, device=B_sel.device)
-    torch.mul(B_sel.transpose(2, 3), weights.to(device=B_sel.device, dtype=torch.float32)[:, :, None, None], out=Bt)
-    return At, Bt.view(b, k * R, d_out)
 
 
 class _Stack:
@@ -645,16 +633,12 @@ class LiveComposition:
                 for m, _, slots, rank in self.pool.slots(rows, k):
                     a, bb = slots[0]
                     groups.setdefault((rank, a.shape[1], bb.shape[0], a.dtype, a.device), []).append((m, slots))
-                for (rank, d_in, d_out, dtype, dev), group in groups.items():
+                for (rank, d_in, d_out, _, dev), group in groups.items():
                     # A: [n * b * k, R, d_in], every module's slots (row-major) stacked once, n modules of the group
                     A = torch.stack([a for _, slots in group for a, _ in slots])
                     B = torch.stack([bb for _, slots in group for _, bb in slots])  # [n * b * k, d_out, R]
-                    wn = w.to(dev).repeat(len(group), 1)  # [n * b, k], module-major as the stacks
-                    if dtype == torch.float32 and not bool(fusion.any()):
-                        At, Bt = _mixture_factors(A.view(-1, k, rank, d_in), B.view(-1, k, d_out, rank), wn)
-                    else:
-                        At, Bt = mixed_selected(A.view(-1, k, rank, d_in), B.view(-1, k, d_out, rank), wn,
-                                                fusion.to(dev).repeat(len(group)))
+                    At, Bt = mixed_selected(A.view(-1, k, rank, d_in), B.view(-1, k, d_out, rank),
+                                            w.to(dev).repeat(len(group), 1), fusion.to(dev).repeat(len(group)))
                     for j, (m, _) in enumerate(group):
                         for i in range(b):
                             per_row[i][m] = (At[j * b + i], Bt[j * b + i])
