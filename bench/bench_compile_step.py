@@ -39,7 +39,7 @@ logger = logging.getLogger("bench")
 MODES = ("eager", "eager_packed", "compiled", "compiled_dynamic", "ours")
 
 
-def measure(mode: str, batch: int, prompt_tokens: int, steps: int) -> dict:
+def measure(mode: str, batch: int, prompt_tokens: int, steps: int, work: str) -> dict:
     """One configuration in this process: its first step, median step and greedy tokens."""
     from transformers import StaticCache
 
@@ -50,7 +50,7 @@ def measure(mode: str, batch: int, prompt_tokens: int, steps: int) -> dict:
         from bench.bench_helpers import embedded_random_pool, step_times
         from utils.composition import LiveComposition
 
-        tok, pool, _ = embedded_random_pool(Path("/tmp/lora_retriever_bench_pool"))
+        tok, pool, _ = embedded_random_pool(Path(work))
         half = steps // 2
         ms, generated = step_times(pool.model, tok, LiveComposition(pool, grouped=True), [(row, []) for row in ids.tolist()],
                                    steps - half, warmup=half)
@@ -83,6 +83,7 @@ def measure(mode: str, batch: int, prompt_tokens: int, steps: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="/tmp/lora_retriever_bench_pool", help="the random pool ``ours`` decodes with (built when missing)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--prompt_tokens", type=int, default=60)
     p.add_argument("--steps", type=int, default=32)
@@ -92,13 +93,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.one:
-        sys.stdout.write(json.dumps(measure(args.one, args.batch, args.prompt_tokens, args.steps)) + "\n")
+        sys.stdout.write(json.dumps(measure(args.one, args.batch, args.prompt_tokens, args.steps, args.work)) + "\n")
         return 0
     best: dict[str, dict] = {}
     for _ in range(args.repeats):
         for mode in MODES:
             out = subprocess.run([sys.executable, __file__, "--one", mode, "--batch", str(args.batch), "--prompt_tokens",
-                                  str(args.prompt_tokens), "--steps", str(args.steps)], check=True, capture_output=True, text=True)
+                                  str(args.prompt_tokens), "--steps", str(args.steps), "--work", args.work], check=True, capture_output=True, text=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
             logger.info("%s: first step %s ms, step %s ms", mode, row["first_step_ms"], row["step_ms"])
             if mode not in best or row["step_ms"] < best[mode]["step_ms"]:
